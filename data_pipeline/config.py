@@ -1,0 +1,79 @@
+"""Configuration of the data pipeline: the ``data:`` section of a training YAML.
+
+Plain dataclasses with simple-typed fields, so the trainer's YAML loader can build them from nested dicts.
+``validate()`` raises ``ValueError`` with a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+BUILTIN_SOURCE = "builtin:stdlib"
+BUILTIN_TOKENIZER = "builtin"
+CACHE_ENV_VAR = "MIMO_TRAIN_CACHE"
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    path: str  # a directory (local or fsspec URL) holding shards + manifest.json, or the literal "builtin:stdlib"
+    weight: float = 1.0
+
+    def validate(self, where: str = "data.sources[0]") -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"{where}.name: must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"{where}.path: must be a non-empty string, got {self.path!r}")
+        check_weight(f"{where}.weight", self.weight)
+
+
+def _default_sources() -> list[SourceConfig]:
+    return [SourceConfig("stdlib", BUILTIN_SOURCE, 1.0)]
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=_default_sources)
+    tokenizer: str = BUILTIN_TOKENIZER  # "builtin" (byte-level BPE trained on the stdlib) or a path to a tokenizer.json
+    vocab_size: int = 4096  # size for the builtin tokenizer
+    cache_dir: str = ".cache/mimo-train"  # builtin tokenizer and shards; env var MIMO_TRAIN_CACHE overrides
+    seed: int = 1234
+    num_workers: int = 1  # DataLoader workers for prefetch (0: read in the calling process)
+    prefetch_factor: int = 2
+
+    def validate(self) -> None:
+        if not isinstance(self.sources, list) or not self.sources:
+            raise ValueError(f"data.sources: must be a non-empty list of sources, got {self.sources!r}")
+        seen: set[str] = set()
+        for i, source in enumerate(self.sources):
+            if not isinstance(source, SourceConfig):
+                raise ValueError(f"data.sources[{i}]: must be a SourceConfig, got {type(source).__name__}")
+            source.validate(f"data.sources[{i}]")
+            if source.name in seen:
+                raise ValueError(f"data.sources[{i}].name: duplicate source name {source.name!r}")
+            seen.add(source.name)
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(f"data.tokenizer: must be 'builtin' or a path to a tokenizer.json, got {self.tokenizer!r}")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 260:
+            # a byte-level BPE needs the 256 byte symbols plus the special tokens
+            raise ValueError(f"data.vocab_size: must be an integer >= 260, got {self.vocab_size!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"data.seed: must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
+        if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor: must be an integer >= 1, got {self.prefetch_factor!r}")
+
+    def resolved_cache_dir(self) -> str:
+        """The cache directory: $MIMO_TRAIN_CACHE if set, else ``cache_dir`` (relative to the CWD)."""
+        return os.path.abspath(os.environ.get(CACHE_ENV_VAR) or self.cache_dir)
+
+
+def check_weight(where: str, weight: object) -> None:
+    """A mixture weight must be a finite number > 0 (a zero weight would make a source silently vanish)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"{where}: must be a number > 0, got {weight!r}")
+    if not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{where}: must be > 0, got {weight!r}")

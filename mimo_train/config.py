@@ -1,0 +1,397 @@
+"""Typed configuration: dataclass schema, YAML loading, dotted command-line overrides and validation.
+
+Every section is a plain dataclass. Loading walks the YAML tree against the dataclass fields, so an unknown
+key or a value of the wrong type fails before any work starts, with the dotted field name in the message.
+Cross-field rules (heads divisible by KV heads, top-k <= experts, ...) live in each section's `validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_pipeline.config import DataConfig
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field and the rule it breaks."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MTPConfig:
+    num_blocks: int = 1
+    # Which trunk hidden state feeds the MTP block: "final_norm" is the post-final-norm output that the
+    # inference engines (vLLM, SGLang) feed; "pre_norm" is the raw last-layer output (spec section 6, item 12).
+    hidden_input: str = "final_norm"
+    # SGLang's MTP layer does not apply the value scale, vLLM and Megatron-Bridge do (spec section 6, item 8).
+    apply_value_scale: bool = True
+
+    def validate(self, prefix: str) -> None:
+        _require(self.num_blocks >= 0, f"{prefix}.num_blocks", "must be >= 0", self.num_blocks)
+        _require(self.hidden_input in ("final_norm", "pre_norm"), f"{prefix}.hidden_input",
+                 "must be 'final_norm' or 'pre_norm'", self.hidden_input)
+
+
+@dataclass
+class ModelConfig:
+    """The MiMo-V2-Flash architecture. Defaults are the released model (spec section 1)."""
+
+    vocab_size: int = 152576
+    hidden_size: int = 4096
+    num_layers: int = 48
+    num_attention_heads: int = 64
+    # KV heads of the global-attention (GA) layers; sliding-window (SWA) layers have `swa_kv_head_factor` times more.
+    num_key_value_heads: int = 4
+    swa_kv_head_factor: int = 2
+    head_dim: int = 192
+    v_head_dim: int = 128
+    partial_rotary_factor: float = 0.334
+    rope_theta: float = 5_000_000.0  # GA layers; 640k in the 32k pre-training stages
+    swa_rope_theta: float = 10_000.0
+    # Sliding window, as the Hub's `sliding_window_size`. transformers reads it as `sliding_window_size + 1` keys
+    # including the query (the query and the 128 tokens before it), so `sliding_window_includes_query` is false.
+    # With true, the window holds `sliding_window` keys including the query (TE window_size=(W-1, 0)).
+    sliding_window: int = 128
+    sliding_window_includes_query: bool = False
+    # Layer pattern: GA at i == 0 or (i + 1) % global_attention_every == 0, SWA elsewhere.
+    global_attention_every: int = 6
+    # The first `first_dense_layers` layers use a dense SwiGLU FFN; all later layers are MoE.
+    first_dense_layers: int = 1
+    intermediate_size: int = 16384
+    moe_intermediate_size: int = 2048
+    num_experts: int = 256
+    num_experts_per_tok: int = 8
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    attention_value_scale: float = 0.707
+    rms_norm_eps: float = 1e-5
+    init_std: float = 0.006
+    max_position_embeddings: int = 262144
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = None
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+
+    # ---- derived ------------------------------------------------------------------------------------------
+    @property
+    def swa_num_key_value_heads(self) -> int:
+        return self.num_key_value_heads * self.swa_kv_head_factor
+
+    def is_global_layer(self, i: int) -> bool:
+        return i == 0 or (i + 1) % self.global_attention_every == 0
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_dense_layers
+
+    @property
+    def layer_types(self) -> list[str]:
+        return ["full_attention" if self.is_global_layer(i) else "sliding_attention" for i in range(self.num_layers)]
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def window_keys(self) -> int:
+        """How many keys (the query included) a sliding-window query attends to."""
+        return self.sliding_window if self.sliding_window_includes_query else self.sliding_window + 1
+
+    def validate(self, prefix: str = "model") -> None:
+        p = prefix
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
+                     "swa_kv_head_factor", "head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size",
+                     "num_experts", "num_experts_per_tok", "global_attention_every", "n_group", "topk_group"):
+            _require(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1", getattr(self, name))
+        _require(self.sliding_window >= 1, f"{p}.sliding_window", "window must be >= 1", self.sliding_window)
+        for kv_name, kv in (("num_key_value_heads", self.num_key_value_heads),
+                            ("num_key_value_heads x swa_kv_head_factor", self.swa_num_key_value_heads)):
+            _require(self.num_attention_heads % kv == 0, f"{p}.num_attention_heads",
+                     f"must be divisible by {kv_name} ({kv})", self.num_attention_heads)
+        _require(self.num_experts_per_tok <= self.num_experts, f"{p}.num_experts_per_tok",
+                 f"top-k must be <= num_experts ({self.num_experts})", self.num_experts_per_tok)
+        _require(self.num_experts % self.n_group == 0, f"{p}.n_group",
+                 f"must divide num_experts ({self.num_experts})", self.n_group)
+        _require(self.topk_group <= self.n_group, f"{p}.topk_group", f"must be <= n_group ({self.n_group})",
+                 self.topk_group)
+        _require(0 < self.partial_rotary_factor <= 1, f"{p}.partial_rotary_factor", "must be in (0, 1]",
+                 self.partial_rotary_factor)
+        _require(self.rotary_dim % 2 == 0 and self.rotary_dim >= 2, f"{p}.partial_rotary_factor",
+                 "int(head_dim x factor) must be an even number >= 2", self.rotary_dim)
+        _require(0 <= self.first_dense_layers <= self.num_layers, f"{p}.first_dense_layers",
+                 f"must be in [0, num_layers={self.num_layers}]", self.first_dense_layers)
+        _require(self.rms_norm_eps > 0, f"{p}.rms_norm_eps", "must be > 0", self.rms_norm_eps)
+        _require(self.init_std > 0, f"{p}.init_std", "must be > 0", self.init_std)
+        _require(self.rope_theta > 0 and self.swa_rope_theta > 0, f"{p}.rope_theta",
+                 "RoPE bases must be > 0", (self.rope_theta, self.swa_rope_theta))
+        self.mtp.validate(f"{p}.mtp")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    sequence_parallel: bool = True
+    backend: str = "torch"  # kernel backend: "torch" (runs everywhere) or "te" (Transformer Engine on GPUs)
+
+    def validate(self, prefix: str = "parallel") -> None:
+        for name in ("tp", "pp", "dp", "cp", "ep", "etp"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
+        _require(self.backend in ("torch", "te"), f"{prefix}.backend", "must be 'torch' or 'te'", self.backend)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    seq_len: int = 256
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    lr: float = 3.2e-4
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    # Steps of cosine decay after warm-up and the constant phase; 0 means "decay until train.steps".
+    constant_steps: int = 0
+    decay_steps: int = 0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    mtp_loss_weight: float = 0.3
+    aux_loss_coeff: float = 1e-5
+    expert_bias_update_rate: float = 1e-3
+    bf16: bool = False
+    log_interval: int = 1
+
+    def validate(self, prefix: str = "train") -> None:
+        p = prefix
+        for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval"):
+            _require(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1", getattr(self, name))
+        _require(self.global_batch_size % self.micro_batch_size == 0, f"{p}.global_batch_size",
+                 f"must be a multiple of micro_batch_size ({self.micro_batch_size})", self.global_batch_size)
+        _require(self.lr > 0, f"{p}.lr", "must be > 0", self.lr)
+        _require(0 <= self.min_lr <= self.lr, f"{p}.min_lr", f"must be in [0, lr={self.lr}]", self.min_lr)
+        for name in ("warmup_steps", "constant_steps", "decay_steps"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{p}.adam_beta1",
+                 "Adam betas must be in [0, 1)", (self.adam_beta1, self.adam_beta2))
+        _require(self.clip_grad >= 0, f"{p}.clip_grad", "must be >= 0 (0 disables clipping)", self.clip_grad)
+        for name in ("mtp_loss_weight", "aux_loss_coeff", "expert_bias_update_rate", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = ""
+    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_project: str = "mimo-train"
+
+    def validate(self, prefix: str = "run") -> None:
+        _require(bool(self.dir), f"{prefix}.dir", "must be a non-empty path", self.dir)
+        _require(self.wandb_mode in ("online", "offline", "disabled"), f"{prefix}.wandb_mode",
+                 "must be online, offline or disabled", self.wandb_mode)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate("model")
+        self.train.validate("train")
+        self.parallel.validate("parallel")
+        self.run.validate("run")
+        try:
+            self.data.validate()
+        except ValueError as e:  # the data section raises plain ValueErrors naming its fields
+            raise ConfigError(str(e)) from None
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {rule} (got {value!r})")
+
+
+def _strip_optional(tp: Any) -> Any:
+    """`int | None` -> int (None is accepted separately)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML value into the declared field type, or fail naming the field."""
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    tp = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: must not be null")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, name)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
+        _, val_tp = typing.get_args(tp)
+        return {k: _coerce(v, val_tp, f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{_join(prefix, unknown[0])}: unknown key (valid keys: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _resolve_model_section(value: Any, base_dir: Path) -> dict[str, Any]:
+    """`model:` may name a model file (`mimo_tiny`, `model/mimo_tiny.yaml` or a path), or be a mapping that
+    names one under `from:` and overrides some fields."""
+    if isinstance(value, str):
+        value = {"from": value}
+    if not isinstance(value, dict):
+        raise ConfigError("model: must be a mapping or the name of a model config")
+    value = dict(value)
+    ref = value.pop("from", None)
+    if ref is None:
+        return value
+    candidates = [base_dir / ref, CONFIG_ROOT / ref, CONFIG_ROOT / "model" / f"{ref}.yaml", Path(ref)]
+    for c in candidates:
+        if c.is_file():
+            return _merge(_read_yaml(c), value)
+    raise ConfigError(f"model.from: no model config named {ref!r} (looked in {base_dir} and {CONFIG_ROOT / 'model'})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.steps=10` -> (['train', 'steps'], 10). The value is parsed as YAML, so 1e-4, true and [1, 2] work."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=10")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a training config (or a model-only config, which becomes the `model` section) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml(path)
+        if set(raw) & {f.name for f in dataclasses.fields(Config)}:
+            tree = raw
+            if "model" in tree:
+                tree["model"] = _resolve_model_section(tree["model"], path.parent)
+        else:  # a model-only file such as configs/model/mimo_v2_flash.yaml
+            tree = {"model": raw}
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return _build(Config, tree, "").validate()
+
+
+def load_model_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    return load_config(path, overrides).model
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,209 @@
+"""MiMo-V2-Flash: the decoder trunk, the multi-token-prediction (MTP) blocks and the causal-LM head with losses.
+
+The trunk has one layer type per index: global attention (GA) at i == 0 or (i + 1) % 6 == 0, sliding-window
+attention (SWA, with a learnable sink and twice the KV heads) elsewhere; layer 0 has a dense SwiGLU FFN and
+all others an MoE. The MTP blocks follow DeepSeek-V3: block d sees the hidden state of position i and the
+embedding of token i + d and predicts token i + d + 1, sharing the embedding and the LM head with the trunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mimo_train.config import ModelConfig
+from mimo_train.model.layers import Attention, DenseMLP, MoE, RMSNorm, RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+    # Loss terms are sums over tokens (or sequences, for aux) so the trainer can normalise by global counts,
+    # which keeps gradient accumulation and data parallelism exactly equal to one big batch.
+    lm_loss_sum: torch.Tensor | None = None
+    lm_tokens: torch.Tensor | None = None
+    mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)
+    mtp_tokens: list[torch.Tensor] = field(default_factory=list)
+    aux_loss_sum: torch.Tensor | None = None  # summed over MoE layers and sequences, before the coefficient
+    expert_counts: torch.Tensor | None = None  # [num_moe_layers, E] tokens routed to each expert
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """Mean next-token cross-entropy (convenience for evaluation; training uses the sums)."""
+        if self.lm_loss_sum is None:
+            return None
+        return self.lm_loss_sum / self.lm_tokens.clamp(min=1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "torch") -> None:
+        super().__init__()
+        self.sliding = not cfg.is_global_layer(layer_idx)
+        self.layer_type = "sliding_attention" if self.sliding else "full_attention"
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, self.sliding, backend=backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, backend) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, doc_ids):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, aux, counts = self.mlp(h)
+            return x + y, aux, counts
+        return x + self.mlp(h), None, None
+
+
+class MTPBlock(nn.Module):
+    """One MTP depth: [enorm(emb(x_{i+d})); hnorm(h_i)] -> eh_proj -> an SWA layer with a dense FFN -> final norm."""
+
+    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, sliding=True, apply_value_scale=cfg.mtp.apply_value_scale, backend=backend)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, hidden, token_embeds, cos, sin, doc_ids):
+        x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden)], dim=-1))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+        x = x + self.mlp(self.pre_mlp_layernorm(x))
+        # The un-normed x feeds the next depth; the normed one feeds the shared LM head.
+        return x, self.final_layernorm(x)
+
+
+class MTP(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([MTPBlock(cfg, backend) for _ in range(cfg.mtp.num_blocks)])
+
+
+class MiMoModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF name: `model`)."""
+
+    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            cfg.rotary_dim, {"full_attention": cfg.rope_theta, "sliding_attention": cfg.swa_rope_theta}
+        )
+        self.mtp = MTP(cfg, backend) if cfg.mtp.num_blocks > 0 else None
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed documents restart their positions at 0; number the documents of each row from there."""
+    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
+
+
+def shift_within_documents(t: torch.Tensor, doc_ids: torch.Tensor, d: int, fill: int) -> torch.Tensor:
+    """out[:, i] = t[:, i + d] when position i + d exists and lies in the same document as i, else `fill`."""
+    out = torch.full_like(t, fill)
+    if d < t.shape[1]:
+        same = doc_ids[:, d:] == doc_ids[:, :-d]
+        out[:, :-d] = torch.where(same, t[:, d:], torch.full_like(t[:, d:], fill))
+    return out
+
+
+class MiMoForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = MiMoModel(cfg, backend)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    # ---- initialisation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """N(0, init_std) for every weight matrix, embedding, router and sink (spec section 2.3); norms at 1;
+        expert correction bias at 0."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    # ---- stage switches ---------------------------------------------------------------------------------------
+    def set_global_rope_theta(self, theta: float) -> None:
+        self.cfg.rope_theta = theta
+        self.model.rotary_emb.set_base("full_attention", theta)
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> ModelOutput:
+        """input_ids [B, S]; position_ids [B, S] restart at 0 per packed document (default: 0..S-1);
+        labels [B, S] are the next tokens (IGNORE_INDEX where no loss is taken)."""
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+            doc_ids = None
+        else:
+            doc_ids = document_ids(position_ids)
+            if bool((doc_ids == doc_ids[:, :1]).all()):
+                doc_ids = None  # one document per row: plain causal masks are cheaper
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        rope = {t: m.rotary_emb(position_ids, t, x.dtype) for t in ("full_attention", "sliding_attention")}
+
+        aux_terms, counts = [], []
+        for layer in m.layers:
+            x, aux, cnt = layer(x, *rope[layer.layer_type], doc_ids)
+            if aux is not None:
+                aux_terms.append(aux)
+                counts.append(cnt)
+        trunk_out = x
+        hidden = m.norm(x)
+        logits = self.lm_head(hidden)
+
+        out = ModelOutput(logits=logits if return_logits else None, hidden_states=hidden)
+        out.aux_loss_sum = torch.stack(aux_terms).sum() if aux_terms else hidden.new_zeros(())
+        out.expert_counts = torch.stack(counts) if counts else None
+        if labels is None:
+            return out
+
+        out.lm_loss_sum, out.lm_tokens = _cross_entropy_sum(logits, labels)
+        if m.mtp is not None:
+            docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
+            h = hidden if self.cfg.mtp.hidden_input == "final_norm" else trunk_out
+            for d, block in enumerate(m.mtp.layers, start=1):
+                # Depth d at position i reads token i + d and predicts token i + d + 1 (= labels[i + d]);
+                # nothing crosses the end of a packed document.
+                tokens = shift_within_documents(input_ids, docs, d, fill=0)
+                targets = shift_within_documents(labels, docs, d, fill=IGNORE_INDEX)
+                h, normed = block(h, m.embed_tokens(tokens), *rope["sliding_attention"], doc_ids)
+                loss_sum, n = _cross_entropy_sum(self.lm_head(normed), targets)
+                out.mtp_loss_sums.append(loss_sum)
+                out.mtp_tokens.append(n)
+        return out
+
+
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, (labels != IGNORE_INDEX).sum()
