@@ -184,6 +184,7 @@ class TrainConfig:
     expert_bias_update_rate: float = 1e-3
     bf16: bool = False
     log_interval: int = 1
+    save_interval: int = 0  # checkpoint every N steps (0: only when the run ends)
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix
@@ -197,6 +198,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
         _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{p}.adam_beta1",
                  "Adam betas must be in [0, 1)", (self.adam_beta1, self.adam_beta2))
+        _require(self.save_interval >= 0, f"{p}.save_interval", "must be >= 0", self.save_interval)
         _require(self.clip_grad >= 0, f"{p}.clip_grad", "must be >= 0 (0 disables clipping)", self.clip_grad)
         for name in ("mtp_loss_weight", "aux_loss_coeff", "expert_bias_update_rate", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))

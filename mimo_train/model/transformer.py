@@ -148,6 +148,16 @@ class MiMoForCausalLM(nn.Module):
         self.cfg.rope_theta = theta
         self.model.rotary_emb.set_base("full_attention", theta)
 
+    # ---- loss bookkeeping -------------------------------------------------------------------------------------
+    def count_targets(self, labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Tokens that carry a loss: [LM, MTP depth 1, ..., MTP depth K] for this batch. The trainer sums these over
+        micro-batches (and ranks) first, so every loss term is a mean over the whole global batch."""
+        docs = document_ids(position_ids)
+        counts = [(labels != IGNORE_INDEX).sum()]
+        for d in range(1, self.cfg.mtp.num_blocks + 1):
+            counts.append((shift_within_documents(labels, docs, d, fill=IGNORE_INDEX) != IGNORE_INDEX).sum())
+        return torch.stack(counts)
+
     # ---- forward ----------------------------------------------------------------------------------------------
     def forward(
         self,
