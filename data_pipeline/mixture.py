@@ -3,8 +3,9 @@
 Sample ``i`` of a stage (counted from the stage start) is drawn from one source, and it is that source's
 ``k``-th sample of the stage. The stage is cut into blocks of ``block_size`` samples. The number of samples of
 each source among the first ``n`` (for ``n`` a multiple of the block size) is the largest-remainder rounding of
-``n * weight``, so every prefix of the stage is within one sample per source of the exact proportion. Inside a
-block, the order of the sources' slots is a seeded shuffle. Locating a sample therefore costs one block
+``n * weight``, so the counts at block boundaries are within one sample of the exact proportion. Inside a
+block each source's slots are spread evenly, with a seeded phase, so any stretch of consecutive samples (a
+global batch) is close to the target proportions too (within about two samples per source). Locating a sample therefore costs one block
 (O(block_size)), whatever its index, and reads no data.
 """
 
@@ -71,14 +72,16 @@ class MixtureSchedule:
             return self._blocks[block]
         before = self._rounded_counts(block * self.block_size)
         in_block = self._rounded_counts((block + 1) * self.block_size) - before
-        sources = np.repeat(np.arange(len(self.fractions)), in_block)
-        seeded_rng(*self.seed_keys, block).shuffle(sources)
-        # ordinal of each slot among the slots of the same source in this block (a stable sort keeps slot order)
-        order = np.argsort(sources, kind="stable")
-        group_starts = np.concatenate([[0], np.cumsum(in_block)[:-1]])
-        rank = np.empty(len(sources), dtype=np.int64)
-        rank[order] = np.arange(len(sources)) - np.repeat(group_starts, in_block)
-        result = (sources, before[sources] + rank)
+        # Spread each source's slots evenly over the block, with a seeded phase per source: slot k of source s
+        # sits at (k + phase_s) / count_s. Sorting all slots by position interleaves the sources smoothly, so
+        # any run of consecutive samples (a global batch) has close to the target proportions.
+        phases = seeded_rng(*self.seed_keys, block).random(len(in_block))
+        slot_sources = np.repeat(np.arange(len(in_block)), in_block)
+        slot_ordinals = np.concatenate([np.arange(count) for count in in_block])
+        positions = (slot_ordinals + phases[slot_sources]) / in_block[slot_sources]
+        order = np.argsort(positions, kind="stable")
+        sources = slot_sources[order]
+        result = (sources, before[sources] + slot_ordinals[order])
         self._blocks[block] = result
         if len(self._blocks) > 4:
             self._blocks.popitem(last=False)

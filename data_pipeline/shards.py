@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 import numpy as np
 import webdataset as wds
-import wids
+from wids.wids import IndexedTarSamples
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mimo-train/tokenized-documents/v1"
@@ -151,7 +151,7 @@ class TokenShard:
     """
 
     def __init__(self, path: str, expected_documents: int):
-        self._samples = wids.IndexedTarSamples(path=path, expected_size=expected_documents)
+        self._samples = IndexedTarSamples(path=path, expected_size=expected_documents)
         tar = self._samples.reader
         members = []
         for member_indices in self._samples.samples:

@@ -98,7 +98,8 @@ class TokenSource:
             except (FileNotFoundError, ValueError):
                 ledger = {}
             urls = [join_url(self.directory, s.url) for s in self.shards]
-            fingerprints = list(ThreadPoolExecutor(8).map(_file_fingerprint, urls))
+            with ThreadPoolExecutor(8) as pool:
+                fingerprints = list(pool.map(_file_fingerprint, urls))
 
             def verdict(i: int) -> str | None:
                 entry = ledger.get(urls[i])
@@ -106,7 +107,8 @@ class TokenSource:
                     return entry["problem"]
                 return shard_problem(urls[i], self.shards[i])
 
-            verdicts = list(ThreadPoolExecutor(min(8, len(urls))).map(verdict, range(len(urls))))
+            with ThreadPoolExecutor(8) as pool:  # hashing releases the GIL: shards are checked in parallel
+                verdicts = list(pool.map(verdict, range(len(urls))))
             for url, fingerprint, info, problem in zip(urls, fingerprints, self.shards, verdicts):
                 if fingerprint is not None:
                     ledger[url] = {"fingerprint": [*fingerprint, info.sha256], "problem": problem}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
@@ -70,9 +71,9 @@ class Trainer:
 
         self.data = GlobalSampleStream(cfg.data, dp_rank=0, dp_size=1)
         self.data.set_stage(cfg.train.seq_len)
-        if cfg.model.vocab_size < self.data.vocab_size:
+        if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
             raise ConfigError(
-                f"model.vocab_size: must be >= the tokenizer's vocabulary ({self.data.vocab_size}), "
+                f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size ({cfg.data.vocab_size}), "
                 f"got {cfg.model.vocab_size}"
             )
 
@@ -86,7 +87,10 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _tensor_state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        # get_state_dict keys the optimizer state by parameter names (not positions) and creates it when empty,
+        # so a fresh optimizer can be loaded into, and a checkpoint maps onto any later layout by name.
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state}
 
     def save(self) -> Path:
         meta = {
@@ -102,8 +106,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = self._tensor_state()
         meta = ckpt.load_checkpoint(path, state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.step = meta["trainer"]["step"]
         self.tokens = meta["trainer"]["tokens"]
         self.skipped_steps = meta["trainer"]["skipped_steps"]

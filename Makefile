@@ -1,0 +1,27 @@
+# Two entry points that work on a fresh machine: `make train` (the CPU demo) and `make test` (the test suite).
+# Both create .venv on first use. torch is installed first and pinned, so the CPU build on local disk is used and
+# no resolver pulls a CUDA build into a CPU environment.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup train test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+train: setup
+	$(VENV)/bin/mimo-train train --config configs/train/tiny_cpu.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .cache

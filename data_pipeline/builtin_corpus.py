@@ -1,0 +1,65 @@
+"""The builtin corpus: the Python standard library's source files, real text present on every machine.
+
+The first use trains the builtin byte-level BPE on it and prepares it as shards in the cache directory; later
+uses (and the other ranks, which wait on a file lock meanwhile) find them there. The corpus is capped to the
+first ``CORPUS_BYTES`` of the sorted ``.py`` files so that preparing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+
+from .config import BUILTIN_TOKENIZER
+from .locking import file_lock
+from .shards import MANIFEST_NAME
+
+CORPUS_BYTES = 8 << 20
+SHARD_DOCUMENTS = 48  # ~16 shards: enough for shard shuffling and per-shard tests to mean something
+CORPUS_TAG = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{CORPUS_BYTES >> 20}mb"
+
+
+def stdlib_source_files(max_bytes: int = CORPUS_BYTES) -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    paths = sorted(
+        os.path.join(directory, name)
+        for directory, subdirs, names in os.walk(root)
+        if "site-packages" not in directory and "dist-packages" not in directory
+        for name in names if name.endswith(".py")
+    )
+    chosen, total = [], 0
+    for path in paths:
+        if total >= max_bytes:
+            break
+        chosen.append(path)
+        total += os.path.getsize(path)
+    return chosen
+
+
+def ensure_builtin_tokenizer(cache_dir: str, vocab_size: int) -> str:
+    """Path of the builtin tokenizer (a byte-level BPE of ``vocab_size`` trained on the corpus), cached."""
+    from .shards import write_atomically
+    from .tokenizer import train_byte_level_bpe
+
+    path = os.path.join(cache_dir, "tokenizers", f"bpe-{vocab_size}-{CORPUS_TAG}.json")
+    with file_lock(os.path.join(cache_dir, "builtin.lock")):
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            texts = (open(p, encoding="utf-8", errors="replace").read() for p in stdlib_source_files())
+            write_atomically(path, train_byte_level_bpe(texts, vocab_size).to_str().encode())
+    return path
+
+
+def ensure_builtin_corpus(cache_dir: str, vocab_size: int, tokenizer: str = BUILTIN_TOKENIZER) -> tuple[str, str]:
+    """(shard_dir, tokenizer_path) of the builtin corpus tokenized with ``tokenizer`` ('builtin' or a path)."""
+    from .prepare import prepare_dataset
+    from .tokenizer import file_sha256
+
+    tokenizer_path = ensure_builtin_tokenizer(cache_dir, vocab_size) if tokenizer == BUILTIN_TOKENIZER else tokenizer
+    shard_dir = os.path.join(cache_dir, "corpora", f"{CORPUS_TAG}-{file_sha256(tokenizer_path)[:12]}")
+    with file_lock(os.path.join(cache_dir, "builtin.lock")):
+        if not os.path.exists(os.path.join(shard_dir, MANIFEST_NAME)):
+            prepare_dataset(stdlib_source_files(), shard_dir, tokenizer_path, workers=min(2, os.cpu_count() or 1),
+                            shard_docs=SHARD_DOCUMENTS, progress=sys.stderr.isatty())
+    return shard_dir, tokenizer_path

@@ -1,0 +1,71 @@
+"""Config loading: YAML files, dotted overrides, and errors that name the field and the rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from mimo_train.config import ConfigError, load_config, load_model_config
+
+
+def test_released_model_config_is_exact():
+    m = load_model_config("configs/model/mimo_v2_flash.yaml")
+    ga = [i for i, t in enumerate(m.layer_types) if t == "full_attention"]
+    assert ga == [0, 5, 11, 17, 23, 29, 35, 41, 47]
+    assert (m.num_key_value_heads, m.swa_num_key_value_heads) == (4, 8)
+    assert (m.head_dim, m.v_head_dim, m.rotary_dim) == (192, 128, 64)
+    assert m.window_keys == 129  # as transformers reads the Hub's sliding_window_size=128
+    assert [m.is_moe_layer(i) for i in range(3)] == [False, True, True]
+    assert (m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, m.intermediate_size) == (256, 8, 2048, 16384)
+
+
+def test_tiny_config_has_the_same_structure():
+    m = load_model_config("configs/model/mimo_tiny.yaml")
+    assert m.num_layers >= 12 and m.num_experts >= 8 and m.mtp.num_blocks == 1
+    assert [i for i, t in enumerate(m.layer_types) if t == "full_attention"] == [0, 5, 11]
+
+
+def test_train_config_and_overrides():
+    cfg = load_config("configs/train/tiny_cpu.yaml", ["train.steps=3", "model.num_layers=6", "train.lr=1e-2",
+                                                      "run.dir=/tmp/x", "parallel.tp=1"])
+    assert cfg.train.steps == 3 and cfg.model.num_layers == 6 and cfg.train.lr == 1e-2
+    assert cfg.model.hidden_size == 128  # the rest comes from configs/model/mimo_tiny.yaml
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.num_key_value_heads=3", "model.num_attention_heads: must be divisible by num_key_value_heads (3)"),
+        ("model.sliding_window=0", "model.sliding_window: window must be >= 1"),
+        ("model.num_experts_per_tok=9", "model.num_experts_per_tok: top-k must be <= num_experts (8)"),
+        ("model.nonsense=1", "model.nonsense: unknown key"),
+        ("train.steps=ten", "train.steps: must be an integer"),
+        ("train.global_batch_size=6", "train.global_batch_size: must be a multiple of micro_batch_size (4)"),
+        ("parallel.tp=0", "parallel.tp: must be >= 1"),
+        ("data.sources[0]=x", "data.sources[0]: unknown key"),
+        ("model.mtp.hidden_input=middle", "model.mtp.hidden_input: must be 'final_norm' or 'pre_norm'"),
+    ],
+)
+def test_invalid_values_name_the_field_and_rule(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/train/tiny_cpu.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_data_section_errors_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: mimo_tiny\ndata:\n  sources:\n    - {name: a, path: /x, weight: 0}\n")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight: must be > 0"):
+        load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model: mimo_tiny\ndata:\n  sources: []\n")
+    with pytest.raises(ConfigError, match="data.sources"):
+        load_config(empty)
+
+
+def test_missing_file_and_unknown_model_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    f = tmp_path / "t.yaml"
+    f.write_text("model: no_such_model\n")
+    with pytest.raises(ConfigError, match="model.from: no model config named 'no_such_model'"):
+        load_config(f)
