@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 META = "meta.json"
@@ -41,28 +41,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Save `tensors` (a DCP state dict: model and optimizer) and `meta` (JSON-able) as checkpoint `step`."""
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any], rank: int = 0) -> Path:
+    """Save `tensors` (a DCP state dict: model and optimizer) and `meta` (JSON-able) as checkpoint `step`.
+
+    Collective when distributed: every rank writes its shards into the same temporary directory, then rank 0
+    alone writes meta.json, renames the directory into place and moves `latest`."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
+    tmp = root / f"{final.name}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a writer that was killed
+            shutil.rmtree(tmp)
+    _barrier()
     dcp.save(tensors, checkpoint_id=str(tmp))
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    meta = {**meta, "step": step, "files": files, "complete": True}
-    meta_tmp = tmp / (META + ".partial")
-    meta_tmp.write_text(json.dumps(meta, indent=1))
-    with open(meta_tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(meta_tmp, tmp / META)
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    latest_tmp = root / (LATEST + ".tmp")
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / LATEST)
+    _barrier()
+    if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        meta = {**meta, "step": step, "files": files, "complete": True}
+        meta_tmp = tmp / (META + ".partial")
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        with open(meta_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(meta_tmp, tmp / META)
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        latest_tmp = root / (LATEST + ".tmp")
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / LATEST)
+    _barrier()
     return final
 
 

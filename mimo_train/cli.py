@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,17 +12,26 @@ from mimo_train.config import ConfigError, load_config
 
 
 def _train(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # fail on a bad config before starting any process
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _launch_local(args.nproc, ["train", "--config", args.config, "--resume", args.resume, *args.overrides])
     from mimo_train.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc and args.nproc > 1:
-        raise ConfigError("--nproc: multi-process training is not implemented in this version (use --nproc 1)")
     trainer = Trainer(cfg, resume=args.resume)
     records = trainer.fit()
-    if records:
+    if records and trainer.is_logger:
         print(f"done: step {trainer.step}, loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, "
               f"checkpoint in {trainer.ckpt_dir}", flush=True)
     return 0
+
+
+def _launch_local(nproc: int, argv: list[str]) -> int:
+    """Start `nproc` local ranks with torchrun (its elastic agent handles the rendezvous and tears every rank
+    down when one fails)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mimo_train.cli", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
 
 
 def _hf_import(args) -> int:
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train (single process on CPU, or torchrun)")
     p.add_argument("--config", required=True)
     p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a checkpoint path")
-    p.add_argument("--nproc", type=int, default=0, help="start N local processes")
+    p.add_argument("--nproc", type=int, default=1, help="start N local processes (gloo on CPU, NCCL on GPUs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 model.num_layers=12")
     p.set_defaults(func=_train)
 
@@ -80,12 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.set_defaults(func=_hf_export)
 
-    try:
-        from mimo_train.info import add_info_parser
+    from mimo_train.info import add_info_parser
 
-        add_info_parser(sub)
-    except ImportError:
-        pass
+    add_info_parser(sub)
     from data_pipeline.prepare import add_prepare_data_parser
 
     add_prepare_data_parser(sub)

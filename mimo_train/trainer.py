@@ -1,9 +1,10 @@
-"""The training loop: micro-batch accumulation, the MiMo loss, AdamW with clipping, the expert-bias update,
-metrics and checkpoints.
+"""The training loop: micro-batch accumulation, the MiMo loss, sharded AdamW with clipping, the expert-bias
+update, metrics and checkpoints, under any parallel layout.
 
 Every loss term is normalised by counts over the whole global batch (tokens for the LM and MTP losses, sequences
-for the balance loss), counted before the first micro-batch runs. The gradient of a step is therefore the same
-whatever the micro-batch size, which is what makes accumulation (and later data parallelism) exact.
+for the balance loss), counted (and summed over data-parallel ranks) before the first micro-batch runs. The
+gradient of a step is therefore the same whatever the micro-batch size or the number of data-parallel ranks,
+which is what makes accumulation and data parallelism exact.
 """
 
 from __future__ import annotations
@@ -15,31 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+import torch.distributed as dist
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.metrics import MetricsLogger, expert_load_summary
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.schedule import learning_rate
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors (norm weights, sinks), as in Megatron-LM."""
-    t = cfg.train
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-        foreach=False,  # the per-tensor loop gives bitwise-identical updates however parameters are grouped
-    )
+from parallel import comm
+from parallel.data_parallel import ShardedAdamW, sync_gradients
+from parallel.parallelize import parallelize
+from parallel.state_dict import copy_loaded_model_state, model_state, optimizer_state
+from parallel.topology import build_topology, init_distributed
 
 
 def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> None:
-    """DeepSeek-V3's aux-loss-free balancing: move each expert's selection bias by `rate` towards the mean load."""
+    """DeepSeek-V3's aux-loss-free balancing: move each expert's selection bias by `rate` towards the mean load.
+    `counts` must already be summed over every rank that routed distinct tokens."""
     if rate == 0:
         return
     moe_layers = [layer.mlp for layer in model.model.layers if layer.is_moe]
@@ -48,87 +41,99 @@ def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float
             moe.gate.e_score_correction_bias += rate * torch.sign(c.mean() - c)
 
 
+def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
+    if comm.group_size(group) > 1:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+    return x
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
-        if cfg.parallel.world_size > 1 or cfg.parallel.ep > 1 or cfg.parallel.etp > 1:
-            raise ConfigError(
-                "parallel: only the single-process layout (all degrees 1) is implemented in this version; "
-                f"got tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={cfg.parallel.dp} cp={cfg.parallel.cp} "
-                f"ep={cfg.parallel.ep} etp={cfg.parallel.etp}"
-            )
         self.cfg = cfg
+        t, p = cfg.train, cfg.parallel
+        init_distributed()
+        self.topo = build_topology(p, cfg.model, t.seq_len)
+        if t.global_batch_size % (t.micro_batch_size * p.dp):
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
+                              f"micro_batch_size x parallel.dp = {t.micro_batch_size * p.dp}")
+        self.is_logger = self.topo.rank == 0
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
 
-        torch.manual_seed(cfg.train.seed)
-        self.model = MiMoForCausalLM(cfg.model, backend=cfg.parallel.backend)
-        self.model.init_weights(seed=cfg.train.seed)
-        self.optimizer = build_optimizer(self.model, cfg)
+        # Every rank builds the same full model from the seed, then keeps its shard: the parallel run starts
+        # from exactly the single-process weights.
+        torch.manual_seed(t.seed)
+        self.model = MiMoForCausalLM(cfg.model, backend=p.backend)
+        self.model.init_weights(seed=t.seed)
+        self.layouts = parallelize(self.model, self.topo)
+        self.optimizer = ShardedAdamW(self.model, self.layouts, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_eps, weight_decay=t.weight_decay)
 
         from data_pipeline import GlobalSampleStream
 
-        self.data = GlobalSampleStream(cfg.data, dp_rank=0, dp_size=1)
-        self.data.set_stage(cfg.train.seq_len)
+        self.data = GlobalSampleStream(cfg.data, dp_rank=self.topo.rank_in("dp"), dp_size=p.dp)
+        self.data.set_stage(t.seq_len)
         if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size ({cfg.data.vocab_size}), "
-                f"got {cfg.model.vocab_size}"
-            )
+            raise ConfigError(f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size "
+                              f"({cfg.data.vocab_size}), got {cfg.model.vocab_size}")
 
         self.step = 0
         self.tokens = 0
         self.skipped_steps = 0
+        self.last_save_seconds = 0.0
         self._stop_requested = False
         path = ckpt.resolve_resume(resume, self.ckpt_dir)
         if path is not None:
             self.load(path)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
-    def _tensor_state(self) -> dict[str, Any]:
-        # get_state_dict keys the optimizer state by parameter names (not positions) and creates it when empty,
-        # so a fresh optimizer can be loaded into, and a checkpoint maps onto any later layout by name.
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optim_state}
+    def _tensor_state(self, for_load: bool = False) -> dict[str, Any]:
+        return {"model": model_state(self.model, self.layouts, self.topo),
+                "optimizer": optimizer_state(self.optimizer, self.layouts, self.topo, create=for_load)}
 
     def save(self) -> Path:
         meta = {
             "trainer": {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps},
             "data": self.data.state_dict(),
             "rng": ckpt.rng_state(),
+            "parallel": {k: getattr(self.cfg.parallel, k) for k in ("tp", "pp", "dp", "cp", "ep", "etp")},
         }
         t0 = time.time()
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self._tensor_state(), meta)
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self._tensor_state(), meta, rank=self.topo.rank)
         self.last_save_seconds = time.time() - t0
         return path
 
     def load(self, path: Path) -> None:
-        state = self._tensor_state()
+        state = self._tensor_state(for_load=True)
         meta = ckpt.load_checkpoint(path, state)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        copy_loaded_model_state(self.model, state["model"])
         self.step = meta["trainer"]["step"]
         self.tokens = meta["trainer"]["tokens"]
         self.skipped_steps = meta["trainer"]["skipped_steps"]
         self.data.load_state_dict(meta["data"])
         ckpt.set_rng_state(meta["rng"])
-        print(f"resumed from {path} at step {self.step}", flush=True)
+        if self.is_logger:
+            print(f"resumed from {path} at step {self.step}", flush=True)
 
     # ---- one optimizer step -----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
-        t = self.cfg.train
+        t, topo = self.cfg.train, self.topo
         step_start = time.time()
         micro_batches = self.data.micro_batches(self.step, t.global_batch_size, t.micro_batch_size)
         digest = self.data.global_batch_digest(self.step, t.global_batch_size)
-        targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
-        lm_tokens, mtp_tokens = targets[0].clamp(min=1), targets[1:].clamp(min=1)
-        num_sequences = t.global_batch_size
+        local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
+        targets = _sum_over(local_targets, topo.group("dp_cp")).clamp(min=1)
+        lm_tokens, mtp_tokens = targets[0], targets[1:]
         lr = learning_rate(self.step, t)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.optimizer.set_lr(lr)
 
         self.model.train()
-        totals = {"lm": 0.0, "mtp": torch.zeros(len(mtp_tokens), dtype=torch.float64), "aux": 0.0}
+        n_mtp = len(mtp_tokens)
+        parts = torch.zeros(2 + n_mtp, dtype=torch.float64)  # lm, aux, mtp per depth: this rank's share
         expert_counts = None
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16)
         for mb in micro_batches:
@@ -138,40 +143,43 @@ class Trainer:
             lm = out.lm_loss_sum / lm_tokens
             mtp_terms = [s / n for s, n in zip(out.mtp_loss_sums, mtp_tokens)]
             mtp = torch.stack(mtp_terms).mean() if mtp_terms else lm.new_zeros(())
-            aux = t.aux_loss_coeff * out.aux_loss_sum / num_sequences
+            aux = t.aux_loss_coeff * out.aux_loss_sum / t.global_batch_size
             (lm + t.mtp_loss_weight * mtp + aux).backward()
-            totals["lm"] += lm.item()
-            totals["mtp"] += torch.tensor([m.item() for m in mtp_terms], dtype=torch.float64)
-            totals["aux"] += aux.item()
+            parts += torch.tensor([lm.item(), aux.item(), *[m.item() for m in mtp_terms]], dtype=torch.float64)
             if out.expert_counts is not None:
                 expert_counts = out.expert_counts if expert_counts is None else expert_counts + out.expert_counts
 
-        # Experts that received no token have no gradient; give them zeros so AdamW treats every step alike.
+        # Experts that received no token have no gradient; give them zeros so every rank and step treats them alike.
         for p in self.model.parameters():
             if p.grad is None and p.requires_grad:
                 p.grad = torch.zeros_like(p)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), t.clip_grad if t.clip_grad > 0 else float("inf")
-        ).item()
+        sync_gradients(self.model, self.layouts)
+        grad_norm = self.optimizer.grad_norm()
         if math.isfinite(grad_norm):
+            self.optimizer.clip(t.clip_grad, grad_norm)
             self.optimizer.step()
             if expert_counts is not None:
+                expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
                 update_expert_bias(self.model, expert_counts, t.expert_bias_update_rate)
         else:
             self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
 
-        step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
+        # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
+        parts = _sum_over(parts, topo.group("dp_cp"))
+        step_tokens = t.global_batch_size * t.seq_len
         self.tokens += step_tokens
         self.step += 1
-        mtp_mean = totals["mtp"].mean().item() if len(totals["mtp"]) else 0.0
+        lm_loss, aux_loss = parts[0].item(), parts[1].item()
+        mtp_depths = parts[2:].tolist()
+        mtp_mean = sum(mtp_depths) / n_mtp if n_mtp else 0.0
         record = {
             "step": self.step,
-            "loss": totals["lm"] + t.mtp_loss_weight * mtp_mean + totals["aux"],
-            "lm_loss": totals["lm"],
+            "loss": lm_loss + t.mtp_loss_weight * mtp_mean + aux_loss,
+            "lm_loss": lm_loss,
             "mtp_loss": mtp_mean,
-            **{f"mtp_loss_depth{d + 1}": v for d, v in enumerate(totals["mtp"].tolist())},
-            "aux_loss": totals["aux"],
+            **{f"mtp_loss_depth{d + 1}": v for d, v in enumerate(mtp_depths)},
+            "aux_loss": aux_loss,
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": self.tokens,
@@ -190,21 +198,29 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
 
+    def _agreed_stop(self) -> bool:
+        """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if self.topo.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def fit(self, log: bool = True) -> list[dict[str, Any]]:
         t = self.cfg.train
         if self.step >= t.steps:
-            print(f"run {self.run_dir} is complete: step {self.step} of {t.steps}", flush=True)
+            if self.is_logger:
+                print(f"run {self.run_dir} is complete: step {self.step} of {t.steps}", flush=True)
             return []
         logger = MetricsLogger(
             self.run_dir, t.steps, self.step,
             {"mode": self.cfg.run.wandb_mode, "project": self.cfg.run.wandb_project, "name": self.cfg.run.name,
              "config": self.cfg.to_dict()},
-            enabled=log,
+            enabled=log and self.is_logger,
         )
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
         records = []
         try:
-            while self.step < t.steps and not self._stop_requested:
+            while self.step < t.steps and not self._agreed_stop():
                 record = self.train_step()
                 records.append(record)
                 logger.log(record, console=(self.step % t.log_interval == 0 or self.step == t.steps))

@@ -120,7 +120,7 @@ def test_sequence_balance_loss_matches_megatron_core():
     B, T, E, k = 3, 40, 8, 2
     scores = torch.rand(B, T, E, generator=gen)
     idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(B * T)]).view(B, T, k)
-    ours = sequence_balance_loss(scores, idx, E, k)
+    ours = sequence_balance_loss(scores, idx, k)
     ref = 0.0
     for b in range(B):
         probs = scores[b] / scores[b].sum(dim=-1, keepdim=True)

@@ -88,10 +88,13 @@ class Attention(nn.Module):
         self.kernels = get_backend(backend)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None):
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, -1, self.head_dim)
-        k = self.k_proj(x).view(B, S, -1, self.head_dim)
-        v = self.v_proj(x).view(B, S, -1, self.v_head_dim) * self.v_scale
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # Shapes come from the projections: under sequence parallelism x holds a slice of the sequence and the
+        # projections gather it, and under tensor parallelism they return this rank's heads only.
+        B, S = q.shape[:2]
+        q = q.view(B, S, -1, self.head_dim)
+        k = k.view(B, S, -1, self.head_dim)
+        v = v.view(B, S, -1, self.v_head_dim) * self.v_scale
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.sliding:
             out = self.kernels.sliding_window_attention(
@@ -184,25 +187,44 @@ class MoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         token_of_row = order // self.top_k
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
-        y_sorted = self.experts(flat[token_of_row], counts.tolist())
+        y_sorted = self.compute_experts(flat[token_of_row], counts)
         y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
         y = torch.zeros_like(flat).index_add_(0, token_of_row, y_sorted.to(flat.dtype))
 
-        aux = sequence_balance_loss(scores.view(B, S, -1), indices.view(B, S, -1), self.num_experts, self.top_k)
+        aux = self.balance_loss(scores.view(B, S, -1), indices.view(B, S, -1))
         return y.view(B, S, H), aux, counts.detach()
 
+    def compute_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert -> expert outputs in the same order (expert parallelism overrides this)."""
+        return self.experts(rows, tokens_per_expert.tolist())
 
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
-    """DeepSeek-V3's complementary sequence-wise balance loss, summed over sequences (not yet scaled by alpha).
+    def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return balance_loss(*balance_statistics(scores, indices), self.top_k)
 
-    For each sequence of T tokens: f_i = E / (k T) * #{t : expert i in top-k(t)}, P_i = mean_t s'_{t,i} with
-    s' the sigmoid scores normalised over experts; the loss is sum_i f_i P_i. Returned summed over the batch so
-    the trainer can divide by the global number of sequences.
-    """
+
+def balance_statistics(scores: torch.Tensor, indices: torch.Tensor):
+    """Per-sequence sums for the balance loss over the tokens present: (selections [B, E] without gradient,
+    normalised-score sums [B, E], token count). Sums, so sequence shards on several ranks can be added up."""
     B, T, E = scores.shape
     normalised = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
     with torch.no_grad():
-        selected = torch.zeros(B, T, E, device=scores.device).scatter_(2, indices, 1.0)
-        f = selected.sum(dim=1) * (E / (top_k * T))  # [B, E]
-    p = normalised.mean(dim=1)  # [B, E]
+        selected = torch.zeros(B, T, E, device=scores.device).scatter_(2, indices, 1.0).sum(dim=1)
+    return selected, normalised.sum(dim=1), T
+
+
+def balance_loss(selected: torch.Tensor, score_sums: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, summed over sequences (not yet scaled by alpha).
+
+    For each sequence of T tokens: f_i = E / (k T) * #{t : expert i in top-k(t)}, P_i = mean_t s'_{t,i} with s'
+    the sigmoid scores normalised over experts; the loss is sum_i f_i P_i. Returned summed over the batch so the
+    trainer can divide by the global number of sequences.
+    """
+    E = selected.shape[-1]
+    f = selected * (E / (top_k * tokens))
+    p = score_sums / tokens
     return (f * p).sum()
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The balance loss of whole sequences held by one rank (scores [B, T, E], indices [B, T, k])."""
+    return balance_loss(*balance_statistics(scores, indices), top_k)

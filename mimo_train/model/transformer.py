@@ -124,6 +124,8 @@ class MiMoForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = MiMoModel(cfg, backend)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Summed cross-entropy of logits against labels; tensor parallelism swaps in the vocab-parallel one.
+        self.cross_entropy_sum = cross_entropy_sum
 
     # ---- initialisation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,7 +198,7 @@ class MiMoForCausalLM(nn.Module):
         if labels is None:
             return out
 
-        out.lm_loss_sum, out.lm_tokens = _cross_entropy_sum(logits, labels)
+        out.lm_loss_sum, out.lm_tokens = self.cross_entropy_sum(logits, labels)
         if m.mtp is not None:
             docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
             h = hidden if self.cfg.mtp.hidden_input == "final_norm" else trunk_out
@@ -206,13 +208,13 @@ class MiMoForCausalLM(nn.Module):
                 tokens = shift_within_documents(input_ids, docs, d, fill=0)
                 targets = shift_within_documents(labels, docs, d, fill=IGNORE_INDEX)
                 h, normed = block(h, m.embed_tokens(tokens), *rope["sliding_attention"], doc_ids)
-                loss_sum, n = _cross_entropy_sum(self.lm_head(normed), targets)
+                loss_sum, n = self.cross_entropy_sum(self.lm_head(normed), targets)
                 out.mtp_loss_sums.append(loss_sum)
                 out.mtp_tokens.append(n)
         return out
 
 
-def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )

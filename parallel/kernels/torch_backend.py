@@ -117,5 +117,7 @@ def expert_mlp(
         gate, up = F.linear(chunk, gate_up_proj[e]).chunk(2, dim=-1)
         outputs.append(F.linear(F.silu(gate) * up, down_proj[e]))
     if not outputs:  # no token was routed to any local expert
-        return x_sorted.new_zeros(0, down_proj.shape[1])
+        # Stay in the autograd graph even so: under expert parallelism the backward of the return all-to-all
+        # must run on every rank, including one that received nothing.
+        return x_sorted.new_zeros(0, down_proj.shape[1]) + 0 * x_sorted.sum()
     return torch.cat(outputs, dim=0)

@@ -1,0 +1,140 @@
+"""Turn a plain model (built identically on every rank) into this rank's shard of a parallel layout.
+
+Besides swapping in the tensor-, sequence- and expert-parallel wrappers, this records for every parameter its
+`ParamLayout`: over which group its gradient is summed (the ranks holding a replica that saw other tokens) and how
+it is sliced from the full tensor. Gradient synchronisation, the sharded optimizer, the global gradient norm and
+checkpoints all read these records; the model code itself stays plain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+import torch.nn as nn
+
+from mimo_train.model import MiMoForCausalLM
+from mimo_train.model.layers import Attention, DenseMLP, MoE
+from parallel.expert_parallel import ExpertParallelMoE
+from parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy_sum,
+)
+from parallel.topology import Topology, kv_replica_group
+
+
+@dataclass
+class ParamLayout:
+    # Gradient reduction: the kind of group (a fixed order of kinds keeps collectives in lockstep) and the group.
+    grad_kind: str
+    grad_group: object
+    # Slicing: None for a full replica; else this rank holds slice `index` of `num_slices` along `dim`, and the
+    # ranks of `gather_group` hold the slices in order, each slice on `replicas` consecutive ranks.
+    dim: int | None = None
+    index: int = 0
+    num_slices: int = 1
+    gather_group: object = None
+    gather_kind: str | None = None
+    replicas: int = 1
+
+
+# Gradient groups by kind; "kv<n>" is the group of a KV head replicated over tp / n ranks. Every rank walks the
+# kinds in this order, so the collectives of different groups never interleave differently on different ranks.
+GRAD_KINDS = ("tp_dp_cp", "dp_cp", "kv1", "kv2", "kv4", "kv8", "kv16", "kv32", "kv64", "edp")
+
+
+def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout]:
+    """Shard `model` in place for `topo`; return {parameter name: layout}."""
+    tp, tp_group, tp_rank = topo.tp, topo.group("tp"), topo.rank_in("tp")
+    sp = tp > 1
+    special: dict[int, ParamLayout] = {}  # id(param) -> layout, for everything that is not a full replica
+    kv_cache: dict = {}
+
+    def sharded(param, dim, index, num, gather_kind, gather_group, grad_kind, grad_group, replicas=1):
+        special[id(param)] = ParamLayout(grad_kind, grad_group, dim, index, num, gather_group, gather_kind, replicas)
+
+    if tp > 1:
+        m = model.model
+        m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, tp_rank, tp, tp_group, sp)
+        sharded(m.embed_tokens.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
+        vocab = model.lm_head.weight.shape[0] // tp
+        model.lm_head = ColumnParallelLinear(model.lm_head, slice(tp_rank * vocab, (tp_rank + 1) * vocab), tp_group, sp)
+        sharded(model.lm_head.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
+        model.cross_entropy_sum = vocab_parallel_cross_entropy_sum
+        _init_megatron_tp_state(topo)
+
+    for module in list(model.modules()):
+        if isinstance(module, Attention) and tp > 1:
+            _shard_attention(module, topo, sharded, kv_cache)
+        elif isinstance(module, DenseMLP) and tp > 1:
+            _shard_mlp(module, topo, sharded)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
+                ep_moe = ExpertParallelMoE(child, topo.rank_in("ep"), topo.ep, topo.group("ep"), tp_group if sp else None)
+                setattr(parent, name, ep_moe)
+                for p in (ep_moe.experts.gate_up_proj, ep_moe.experts.down_proj):
+                    sharded(p, 0, topo.rank_in("ep"), topo.ep, "ep", topo.group("ep"), "edp", topo.group("edp"))
+
+    replicated = ParamLayout("tp_dp_cp", topo.group("tp_dp_cp"))
+    return {name: special.get(id(p), replicated) for name, p in model.named_parameters()}
+
+
+def _shard_attention(attn: Attention, topo: Topology, sharded, kv_cache) -> None:
+    tp, tp_rank, tp_group = topo.tp, topo.rank_in("tp"), topo.group("tp")
+    dp_cp = topo.group("dp_cp")
+    heads = attn.num_heads // tp
+    hd, vd = attn.head_dim, attn.v_head_dim
+    attn.q_proj = ColumnParallelLinear(attn.q_proj, slice(tp_rank * heads * hd, (tp_rank + 1) * heads * hd), tp_group, True)
+    sharded(attn.q_proj.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
+    attn.o_proj = RowParallelLinear(attn.o_proj, slice(tp_rank * heads * vd, (tp_rank + 1) * heads * vd), tp_group, True)
+    sharded(attn.o_proj.weight, 1, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
+    if attn.sinks is not None:
+        attn.sinks = nn.Parameter(attn.sinks.detach()[tp_rank * heads:(tp_rank + 1) * heads].clone())
+        sharded(attn.sinks, 0, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
+
+    kv = attn.num_kv_heads
+    if kv >= tp:  # plain split of the KV heads
+        per, first, num, replicas = kv // tp, tp_rank * (kv // tp), tp, 1
+        grad_kind, grad_group = "dp_cp", dp_cp
+    else:  # fewer KV heads than ranks: each head is replicated on tp / kv consecutive ranks (Megatron-Bridge refuses)
+        replicas = tp // kv
+        per, first, num = 1, tp_rank // replicas, kv
+        grad_kind, grad_group = f"kv{kv}", kv_replica_group(topo, kv, kv_cache)
+    for name, dim in (("k_proj", hd), ("v_proj", vd)):
+        layer = ColumnParallelLinear(getattr(attn, name), slice(first * dim, (first + per) * dim), tp_group, True)
+        setattr(attn, name, layer)
+        sharded(layer.weight, 0, first // per if kv >= tp else first, num, "tp", tp_group, grad_kind, grad_group, replicas)
+    attn.num_heads, attn.num_kv_heads = heads, per
+
+
+def _shard_mlp(mlp: DenseMLP, topo: Topology, sharded) -> None:
+    tp, tp_rank, tp_group, dp_cp = topo.tp, topo.rank_in("tp"), topo.group("tp"), topo.group("dp_cp")
+    inter = mlp.gate_proj.weight.shape[0] // tp
+    cols = slice(tp_rank * inter, (tp_rank + 1) * inter)
+    for name in ("gate_proj", "up_proj"):
+        layer = ColumnParallelLinear(getattr(mlp, name), cols, tp_group, True)
+        setattr(mlp, name, layer)
+        sharded(layer.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
+    mlp.down_proj = RowParallelLinear(mlp.down_proj, cols, tp_group, True)
+    sharded(mlp.down_proj.weight, 1, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
+
+
+def _init_megatron_tp_state(topo: Topology) -> None:
+    """megatron-core's vocab-parallel cross-entropy reads its global tensor-parallel group; make it ours."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != topo.tp:
+        ps.destroy_model_parallel()  # a new layout in the same processes (tests run several)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=topo.tp, pipeline_model_parallel_size=topo.pp,
+            context_parallel_size=topo.cp, expert_model_parallel_size=topo.ep,
+            expert_tensor_parallel_size=topo.etp,
+        )
+    mine = dist.get_process_group_ranks(topo.group("tp"))
+    theirs = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
+    if mine != theirs:
+        raise RuntimeError(f"megatron-core's tensor-parallel group {theirs} differs from ours {mine}")

@@ -1,0 +1,67 @@
+"""Checkpoint state in global terms: every sharded parameter (and its Adam state) is exposed as a DTensor with its
+full shape, every replicated one as a plain tensor, all under the names of the single-process model.
+
+torch.distributed.checkpoint therefore stores one layout-free checkpoint, and loading it under another layout
+(or in a single process) reads each rank's slices by offset: resharding comes from DCP, not from a converter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+
+from parallel.parallelize import ParamLayout
+from parallel.topology import Topology
+
+OPTIM_PREFIX = "optim."
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _mesh_for(layout: ParamLayout, topo: Topology):
+    if layout.gather_kind == "ep":
+        return topo.moe_mesh["ep"]
+    if layout.replicas > 1:
+        return topo.kv_mesh(layout.num_slices)["kv"]
+    return topo.attn_mesh["tp"]
+
+
+def globalise(t: torch.Tensor, layout: ParamLayout, topo: Topology) -> torch.Tensor:
+    """This rank's slice as a DTensor over the ranks that hold the slices (or the tensor itself if unsliced)."""
+    if layout.dim is None or layout.num_slices == 1:
+        return t
+    return DTensor.from_local(t, _mesh_for(layout, topo), [Shard(layout.dim)], run_check=False)
+
+
+def model_state(model: torch.nn.Module, layouts: dict[str, ParamLayout], topo: Topology) -> dict:
+    state = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        t = t.detach()
+        state[name] = globalise(t, layouts[name], topo) if name in layouts else t
+    return state
+
+
+def optimizer_state(opt, layouts: dict[str, ParamLayout], topo: Topology, create: bool = False) -> dict:
+    """The Adam state of the parameters this rank owns. With `create`, empty state is made first (to load into)."""
+    state = {}
+    for name in opt.owned:
+        p = opt.params[name]
+        s = opt.inner.state[p]
+        if create or not s:
+            s.setdefault("step", torch.zeros((), dtype=torch.float32))
+            for k in ADAM_KEYS:
+                s.setdefault(k, torch.zeros_like(p, memory_format=torch.preserve_format))
+        for k in ADAM_KEYS:
+            state[f"{OPTIM_PREFIX}{name}.{k}"] = globalise(s[k], layouts[name], topo)
+        state[f"{OPTIM_PREFIX}{name}.step"] = s["step"]
+    return state
+
+
+def copy_loaded_model_state(model: torch.nn.Module, state: dict) -> None:
+    """DCP loads in place into the tensors it was given; parameters were given as themselves (or DTensor views of
+    themselves), so only buffers that DCP replaced need copying back."""
+    own = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, t in state.items():
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if local.data_ptr() != own[name].data_ptr():
+                own[name].copy_(local)

@@ -1,0 +1,96 @@
+"""Megatron-style tensor- and sequence-parallel layers.
+
+Activations are [batch, seq, hidden]. Under sequence parallelism (SP) the norm/residual regions hold a slice of the
+sequence (dim 1): a column-parallel layer all-gathers it on entry, a row-parallel layer reduce-scatters on exit,
+and the embedding reduce-scatters its vocab-parallel partial sums straight into sequence slices.
+
+Each wrapper takes the full module it replaces and keeps only this rank's shard of the weight, so a model built
+identically on every rank (same seed) and then sharded computes exactly what the single-process model computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel import comm
+
+SEQ_DIM = 1
+
+
+def _rows(weight: torch.Tensor, rows: slice) -> nn.Parameter:
+    return nn.Parameter(weight.detach()[rows].clone())
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows. Input: sequence slice (SP) or replicated; output: this rank's columns
+    over the full sequence. `rows` selects the output rows this rank keeps (a plain 1/tp split, or the rows of the
+    KV heads it needs when KV heads are replicated)."""
+
+    def __init__(self, linear: nn.Linear, rows: slice, group, sequence_parallel: bool):
+        super().__init__()
+        self.weight = _rows(linear.weight, rows)
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = comm.gather_from_sequence(x, SEQ_DIM, self.group)
+        else:
+            x = comm.copy_to_region(x, self.group)
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns: input is this rank's columns, partial outputs are summed
+    (reduce-scattered into sequence slices under SP)."""
+
+    def __init__(self, linear: nn.Linear, cols: slice, group, sequence_parallel: bool):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_to_sequence(y, SEQ_DIM, self.group)
+        return comm.reduce_from_region(y, self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows of the embedding table split by vocabulary: each rank looks up the ids in its range, zeros elsewhere,
+    and the partial embeddings are summed (into sequence slices under SP)."""
+
+    def __init__(self, embedding: nn.Embedding, rank: int, size: int, group, sequence_parallel: bool):
+        super().__init__()
+        vocab = embedding.weight.shape[0]
+        if vocab % size:
+            raise ValueError(f"model.vocab_size={vocab}: must be divisible by parallel.tp={size}")
+        per_rank = vocab // size
+        self.start, self.end = rank * per_rank, (rank + 1) * per_rank
+        self.weight = _rows(embedding.weight, slice(self.start, self.end))
+        self.group = group
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.end)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return comm.reduce_scatter_to_sequence(out, SEQ_DIM, self.group)
+        return comm.reduce_from_region(out, self.group)
+
+
+def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """Summed cross-entropy of vocab-sharded logits [B, S, V/tp] (megatron-core's vocab-parallel kernel, which
+    reduces over its tensor-parallel group: the trainer initialises megatron's parallel state to our tp groups)."""
+    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    valid = labels != ignore_index
+    target = labels.masked_fill(~valid, 0)
+    # megatron expects [S, B, V/tp] and [S, B]
+    loss = vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(), target.transpose(0, 1).contiguous())
+    loss = loss.transpose(0, 1) * valid
+    return loss.sum(), valid.sum()

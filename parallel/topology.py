@@ -1,0 +1,163 @@
+"""Process topology: which ranks form each parallel group.
+
+Two named device meshes cover the same ranks, as in Megatron-Core's parallel folding:
+
+- attention layers: ("pp", "dp", "cp", "tp"), tp varying fastest;
+- MoE layers:       ("pp", "edp", "ep", "etp"), etp varying fastest, with edp = dp * cp * tp / (ep * etp).
+
+So within one pipeline stage, the ep ranks of an expert group are consecutive ranks, just like the tp ranks.
+A layout is validated against the world size and the model before any process group is created.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+
+
+def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_len: int | None = None) -> None:
+    """Every rule a layout must satisfy, each error naming the field and the rule."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    product = p.tp * p.pp * p.dp * p.cp
+    need(product == world_size,
+         f"parallel: tp x pp x dp x cp = {p.tp}x{p.pp}x{p.dp}x{p.cp} = {product} must equal the world size {world_size}")
+    need(model.num_attention_heads % p.tp == 0,
+         f"parallel.tp={p.tp}: must divide model.num_attention_heads ({model.num_attention_heads})")
+    for name, kv in (("GA", model.num_key_value_heads), ("SWA", model.swa_num_key_value_heads)):
+        need(kv % p.tp == 0 or p.tp % kv == 0,
+             f"parallel.tp={p.tp}: must divide the {name} KV heads ({kv}) or be a multiple of them (KV replication)")
+    need(model.num_experts % p.ep == 0, f"parallel.ep={p.ep}: must divide model.num_experts ({model.num_experts})")
+    need(p.etp == 1, f"parallel.etp={p.etp}: expert-tensor parallelism is not implemented yet (use 1)")
+    need((p.dp * p.cp * p.tp) % (p.ep * p.etp) == 0,
+         f"parallel.ep x etp = {p.ep * p.etp} must divide dp x cp x tp = {p.dp * p.cp * p.tp} (MoE folding)")
+    need(p.tp == 1 or p.sequence_parallel,
+         "parallel.sequence_parallel: must be true when tp > 1 (MoE layers run on sequence-parallel shards)")
+    need(p.cp == 1, f"parallel.cp={p.cp}: context parallelism is not implemented yet (use 1)")
+    need(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallelism is not implemented yet (use 1)")
+    if seq_len is not None:
+        need(seq_len % p.tp == 0, f"train.seq_len={seq_len}: must be divisible by parallel.tp={p.tp} (sequence parallelism)")
+
+
+@dataclass
+class Topology:
+    """The groups of one rank. With a single process every group is None and every degree 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    attn_mesh: object = None
+    moe_mesh: object = None
+    groups: dict = field(default_factory=dict)
+    group_ranks: dict = field(default_factory=dict)
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.cp * self.tp // (self.ep * self.etp)
+
+    def group(self, name: str):
+        """tp, dp, cp, pp, ep, edp, dp_cp (the gradient group of tensor-sharded weights), tp_dp_cp (tokens)."""
+        return self.groups.get(name)
+
+    def rank_in(self, name: str) -> int:
+        g = self.groups.get(name)
+        return 0 if g is None else dist.get_rank(g)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def kv_mesh(self, num_kv_heads: int):
+        """A world mesh whose tp dimension is split into (kv, rep): the ranks holding the distinct KV heads when
+        each head is replicated on tp / num_kv_heads ranks (for checkpointing those replicated heads)."""
+        key = f"kv_mesh{num_kv_heads}"
+        if key not in self.groups:
+            rep = self.tp // num_kv_heads
+            self.groups[key] = _mesh((self.pp, self.dp, self.cp, num_kv_heads, rep), ("pp", "dp", "cp", "kv", "rep"))
+        return self.groups[key]
+
+
+def init_distributed(timeout_s: int = 120) -> tuple[int, int]:
+    """Join the process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) or Slurm's
+    (SLURM_PROCID, SLURM_NTASKS, with MASTER_ADDR/PORT exported by the batch script). Returns (rank, world)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _mesh(shape: tuple[int, ...], names: tuple[str, ...]):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, shape, mesh_dim_names=names)
+
+
+def build_topology(p: ParallelConfig, model: ModelConfig, seq_len: int | None = None) -> Topology:
+    """Validate the layout against the running world and create its groups (collective: every rank calls it)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    validate_layout(p, model, world, seq_len)
+    topo = Topology(rank=dist.get_rank() if world > 1 else 0, world_size=world,
+                    tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp)
+    if world == 1:
+        return topo
+    topo.attn_mesh = _mesh((p.pp, p.dp, p.cp, p.tp), ("pp", "dp", "cp", "tp"))
+    topo.moe_mesh = _mesh((p.pp, topo.edp, p.ep, p.etp), ("pp", "edp", "ep", "etp"))
+    for name in ("pp", "dp", "cp", "tp"):
+        topo.groups[name] = topo.attn_mesh.get_group(name)
+    for name in ("edp", "ep"):
+        topo.groups[name] = topo.moe_mesh.get_group(name)
+    # Flattened groups are built by hand from rank arithmetic (every rank creates every group, same order).
+    grid = torch.arange(world).view(p.pp, p.dp, p.cp, p.tp)
+    topo.groups["dp_cp"] = _subgroups(grid.permute(0, 3, 1, 2).reshape(-1, p.dp * p.cp), topo.rank, topo.group_ranks, "dp_cp")
+    topo.groups["tp_dp_cp"] = _subgroups(grid.reshape(p.pp, -1), topo.rank, topo.group_ranks, "tp_dp_cp")
+    return topo
+
+
+def _subgroups(rows: torch.Tensor, rank: int, record: dict, name: str):
+    mine = None
+    for row in rows.tolist():
+        g = dist.new_group(row)
+        if rank in row:
+            mine = g
+            record[name] = row
+    return mine
+
+
+def kv_replica_group(topo: Topology, num_kv_heads: int, cache: dict):
+    """When tp > KV heads, each KV head lives on tp / KV consecutive tp ranks: the group those ranks form together
+    with their dp x cp peers, over which that head's gradients are summed."""
+    key = ("kv", num_kv_heads)
+    if key not in cache:
+        p_tp = topo.tp
+        rep = p_tp // num_kv_heads
+        grid = torch.arange(topo.world_size).view(topo.pp, topo.dp, topo.cp, num_kv_heads, rep)
+        rows = grid.permute(0, 3, 1, 2, 4).reshape(-1, topo.dp * topo.cp * rep)
+        cache[key] = _subgroups(rows, topo.rank, topo.group_ranks, f"kv{num_kv_heads}")
+        topo.kv_mesh(num_kv_heads)  # created now, collectively, so checkpoints can use it later
+    return cache[key]
