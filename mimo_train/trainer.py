@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
+from mimo_train.forward_backward import LossSpec, forward_backward
 from mimo_train.metrics import MetricsLogger, expert_load_summary
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.schedule import learning_rate
@@ -133,21 +134,9 @@ class Trainer:
 
         self.model.train()
         n_mtp = len(mtp_tokens)
-        parts = torch.zeros(2 + n_mtp, dtype=torch.float64)  # lm, aux, mtp per depth: this rank's share
-        expert_counts = None
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16)
-        for mb in micro_batches:
-            with autocast:
-                out = self.model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
-                                 return_logits=False)
-            lm = out.lm_loss_sum / lm_tokens
-            mtp_terms = [s / n for s, n in zip(out.mtp_loss_sums, mtp_tokens)]
-            mtp = torch.stack(mtp_terms).mean() if mtp_terms else lm.new_zeros(())
-            aux = t.aux_loss_coeff * out.aux_loss_sum / t.global_batch_size
-            (lm + t.mtp_loss_weight * mtp + aux).backward()
-            parts += torch.tensor([lm.item(), aux.item(), *[m.item() for m in mtp_terms]], dtype=torch.float64)
-            if out.expert_counts is not None:
-                expert_counts = out.expert_counts if expert_counts is None else expert_counts + out.expert_counts
+        spec = LossSpec(t.mtp_loss_weight, t.aux_loss_coeff, t.global_batch_size, lm_tokens, mtp_tokens)
+        result = forward_backward(self.model, micro_batches, spec, bf16=t.bf16)
+        parts, expert_counts = result.parts, result.expert_counts
 
         # Experts that received no token have no gradient; give them zeros so every rank and step treats them alike.
         for p in self.model.parameters():

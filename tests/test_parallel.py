@@ -89,3 +89,25 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     print(f"{name}: max relative difference: metrics {worst:.2e}, parameters and Adam moments {worst_param:.2e}")
     assert worst <= 1e-5
     assert worst_param <= 1e-5
+
+
+def test_fully_imbalanced_routing_with_idle_expert_ranks(tmp_path):
+    """All tokens go to experts 0 and 1: under EP4 three of four ranks receive no token. No crash, no NaN, and
+    the same numbers as one process."""
+    common = [*BASE, "train.steps=2", "train.micro_batch_size=1"]
+    script = "tests/scripts/forced_routing.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, script, str(tmp_path / "single"), *common], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ep4 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                          script, str(tmp_path / "ep4"), *common, "parallel.dp=4", "parallel.ep=4"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert ep4.returncode == 0, ep4.stderr[-3000:]
+    ref = [json.loads(l) for l in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(l) for l in (tmp_path / "ep4" / "metrics.jsonl").read_text().splitlines()]
+    assert len(got) == 2
+    for r, g in zip(ref, got):
+        assert g["expert_load/dead_experts"] == 6 * 11  # 6 idle experts in each of the 11 MoE layers
+        for key in ("loss", "grad_norm", "aux_loss"):
+            assert torch.isfinite(torch.tensor(g[key])) and _rel(g[key], r[key]) <= 1e-5, key
