@@ -369,7 +369,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=None, help="where to write (a temporary directory under it; default /tmp)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--saves", type=int, default=2, help="async saves per executor; the last is reported")
     parser.add_argument("--modes", default="thread,process", help="async executors to measure")
     args = parser.parse_args(argv)

@@ -126,6 +126,8 @@ class MiMoForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Summed cross-entropy of logits against labels; tensor parallelism swaps in the vocab-parallel one.
         self.cross_entropy_sum = cross_entropy_sum
+        # Which positions of the sequence this rank computes; context parallelism swaps in its chunk layout.
+        self.sequence_layout = WholeSequence()
 
     # ---- initialisation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,6 +172,12 @@ class MiMoForCausalLM(nn.Module):
     ) -> ModelOutput:
         """input_ids [B, S]; position_ids [B, S] restart at 0 per packed document (default: 0..S-1);
         labels [B, S] are the next tokens (IGNORE_INDEX where no loss is taken)."""
+        batch = self.prepare(input_ids, position_ids, labels)
+        x, aux_terms, counts = self.run_layers(self.embed(batch), self.model.layers, batch)
+        return self.head(x, batch, aux_terms, counts, return_logits)
+
+    # The forward in pieces, so a pipeline stage can run only its own: prepare -> embed -> run_layers -> head.
+    def prepare(self, input_ids, position_ids=None, labels=None) -> "Batch":
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
@@ -178,40 +186,69 @@ class MiMoForCausalLM(nn.Module):
             doc_ids = document_ids(position_ids)
             if bool((doc_ids == doc_ids[:, :1]).all()):
                 doc_ids = None  # one document per row: plain causal masks are cheaper
-        m = self.model
-        x = m.embed_tokens(input_ids)
-        rope = {t: m.rotary_emb(position_ids, t, x.dtype) for t in ("full_attention", "sliding_attention")}
+        local_positions = self.sequence_layout.local(position_ids)
+        dtype = self.model.embed_tokens.weight.dtype  # the dtype of the hidden states the tables multiply
+        rope = {t: self.model.rotary_emb(local_positions, t, dtype) for t in ("full_attention", "sliding_attention")}
+        return Batch(input_ids, position_ids, labels, doc_ids, rope)
 
+    def embed(self, batch: "Batch") -> torch.Tensor:
+        return self.model.embed_tokens(self.sequence_layout.local(batch.input_ids))
+
+    def run_layers(self, x, layers, batch: "Batch"):
         aux_terms, counts = [], []
-        for layer in m.layers:
-            x, aux, cnt = layer(x, *rope[layer.layer_type], doc_ids)
+        for layer in layers:
+            x, aux, cnt = layer(x, *batch.rope[layer.layer_type], batch.doc_ids)
             if aux is not None:
                 aux_terms.append(aux)
                 counts.append(cnt)
+        return x, aux_terms, counts
+
+    def head(self, x, batch: "Batch", aux_terms=(), counts=(), return_logits: bool = True) -> ModelOutput:
+        """Final norm, LM head and losses, then the MTP blocks."""
+        m, local = self.model, self.sequence_layout.local
         trunk_out = x
         hidden = m.norm(x)
         logits = self.lm_head(hidden)
-
         out = ModelOutput(logits=logits if return_logits else None, hidden_states=hidden)
-        out.aux_loss_sum = torch.stack(aux_terms).sum() if aux_terms else hidden.new_zeros(())
-        out.expert_counts = torch.stack(counts) if counts else None
-        if labels is None:
+        out.aux_loss_sum = torch.stack(list(aux_terms)).sum() if aux_terms else hidden.new_zeros(())
+        out.expert_counts = torch.stack(list(counts)) if counts else None
+        if batch.labels is None:
             return out
 
-        out.lm_loss_sum, out.lm_tokens = self.cross_entropy_sum(logits, labels)
+        out.lm_loss_sum, out.lm_tokens = self.cross_entropy_sum(logits, local(batch.labels))
         if m.mtp is not None:
-            docs = doc_ids if doc_ids is not None else torch.zeros_like(input_ids)
+            docs = batch.doc_ids if batch.doc_ids is not None else torch.zeros_like(batch.input_ids)
             h = hidden if self.cfg.mtp.hidden_input == "final_norm" else trunk_out
             for d, block in enumerate(m.mtp.layers, start=1):
                 # Depth d at position i reads token i + d and predicts token i + d + 1 (= labels[i + d]);
-                # nothing crosses the end of a packed document.
-                tokens = shift_within_documents(input_ids, docs, d, fill=0)
-                targets = shift_within_documents(labels, docs, d, fill=IGNORE_INDEX)
-                h, normed = block(h, m.embed_tokens(tokens), *rope["sliding_attention"], doc_ids)
+                # nothing crosses the end of a packed document. Shifts use the whole sequence, so they cross
+                # context-parallel rank boundaries freely.
+                tokens = local(shift_within_documents(batch.input_ids, docs, d, fill=0))
+                targets = local(shift_within_documents(batch.labels, docs, d, fill=IGNORE_INDEX))
+                h, normed = block(h, m.embed_tokens(tokens), *batch.rope["sliding_attention"], batch.doc_ids)
                 loss_sum, n = self.cross_entropy_sum(self.lm_head(normed), targets)
                 out.mtp_loss_sums.append(loss_sum)
                 out.mtp_tokens.append(n)
         return out
+
+
+@dataclass
+class Batch:
+    """A micro-batch as every piece of the forward sees it: token ids, positions, labels and document ids of the
+    whole sequence, and the rotary tables of this rank's part of it."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+    doc_ids: torch.Tensor | None
+    rope: dict
+
+
+class WholeSequence:
+    """Every position on this rank; context parallelism swaps in its chunk layout."""
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
