@@ -7,16 +7,24 @@ Layout of a run directory's `checkpoints/`:
         meta.json             step, trainer and data-cursor state, file sizes; written last
     latest                    the name of the newest published checkpoint (moved after the directory is in place)
 
-A checkpoint is written into `step_XXXXXXXX.tmp-*` and renamed into place only when every file, `meta.json` last, is
-on disk; a killed writer therefore leaves a `.tmp-*` directory that is never picked up. `find_latest` trusts no
-pointer: it takes the newest directory whose meta.json lists files that all exist with the recorded sizes.
+A checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only when every file, `meta.json` last, is
+on disk (fsynced); a killed writer therefore leaves a `.tmp` directory that is never picked up. `find_latest` trusts
+no pointer: it takes the newest `step_XXXXXXXX` directory whose meta.json lists files that all exist with the
+recorded sizes (the integrity check, repeated before every load). `latest` is moved last, for people and scripts.
+
+`CheckpointManager` adds what a training run needs: asynchronous saves (DCP `async_save` on a thread with its own
+gloo group; the state is staged into a CPU copy before training goes on, and the checkpoint is published at a
+later step boundary once every rank's write is complete), retention (the newest N, every K-th step and stage
+boundaries are kept; the newest complete checkpoint is never deleted), and removal of writers' leftovers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,12 @@ import torch.distributed.checkpoint as dcp
 META = "meta.json"
 LATEST = "latest"
 PREFIX = "step_"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def fault_point(name: str, step: int) -> None:
+    """A no-op that tests replace to pause or kill a writer at a named point of the save/publish sequence:
+    "before_meta", "before_rename", "before_latest", "during_retention"."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -47,37 +61,68 @@ def _barrier() -> None:
 
 
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any], rank: int = 0) -> Path:
-    """Save `tensors` (a DCP state dict: model and optimizer) and `meta` (JSON-able) as checkpoint `step`.
+    """Save `tensors` (a DCP state dict: model and optimizer) and `meta` (JSON-able) as checkpoint `step`,
+    synchronously.
 
     Collective when distributed: every rank writes its shards into the same temporary directory, then rank 0
     alone writes meta.json, renames the directory into place and moves `latest`."""
     root = Path(root)
+    tmp = prepare_tmp(root, step, rank)
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    _barrier()
     final = root / checkpoint_name(step)
-    tmp = root / f"{final.name}.tmp"
+    if rank == 0:
+        publish(root, step, meta)
+    _barrier()
+    return final
+
+
+def prepare_tmp(root: Path, step: int, rank: int) -> Path:
+    """The (empty) temporary directory checkpoint `step` is written into. Collective when distributed."""
+    tmp = root / f"{checkpoint_name(step)}.tmp"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a writer that was killed
             shutil.rmtree(tmp)
+        tmp.mkdir()
     _barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp))
-    _barrier()
-    if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        meta = {**meta, "step": step, "files": files, "complete": True}
-        meta_tmp = tmp / (META + ".partial")
-        meta_tmp.write_text(json.dumps(meta, indent=1))
-        with open(meta_tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(meta_tmp, tmp / META)
-        _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old copy
-            shutil.rmtree(final)
+    return tmp
+
+
+def _write_synced(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def publish(root: Path, step: int, meta: dict[str, Any]) -> Path:
+    """Rank 0, once every rank's DCP write into `step_X.tmp` is complete: meta.json (listing every file and its
+    size), then the atomic rename into place, then `latest`. A kill at any point leaves either a `.tmp`
+    directory (ignored) or a complete checkpoint."""
+    final = root / checkpoint_name(step)
+    tmp = root / f"{final.name}.tmp"
+    fault_point("before_meta", step)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if not p.name.endswith(".partial")}
+    meta = {**meta, "step": step, "files": files, "complete": True}
+    _write_synced(tmp / META, json.dumps(meta, indent=1))
+    _fsync_dir(tmp)
+    fault_point("before_rename", step)
+    if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old copy
+        old = root / f"{final.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
-        latest_tmp = root / (LATEST + ".tmp")
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / LATEST)
-    _barrier()
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    fault_point("before_latest", step)
+    _write_synced(root / LATEST, final.name)
+    _fsync_dir(root)
     return final
 
 
@@ -100,8 +145,8 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and ".tmp" not in p.name]
-    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
+    dirs = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(dirs, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
 def find_latest(root: str | Path) -> Path | None:
@@ -137,8 +182,145 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state().tolist()}
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state().tolist(), "python": _jsonable(random.getstate()),
+             "numpy": _jsonable(np.random.get_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _jsonable(x):
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A training run's checkpoints: asynchronous saves, publication, retention
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _storage_writer(path: Path):
+    """The DCP writer (a function so tests can slow it down to kill a process in the middle of a write)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return FileSystemWriter(str(path), sync_files=True)
+
+
+class CheckpointManager:
+    """Saves of one training run. Every method is called by every rank at the same step boundary, except that
+    publication and retention are rank 0's alone (rank 0's DCP future completes only after every rank's files
+    are written: DCP's coordinator gathers every rank's write results before it writes `.metadata`)."""
+
+    def __init__(self, root: str | Path, rank: int, *, async_save: bool = True, keep_last: int = 3,
+                 keep_every: int = 0, distributed: bool = False):
+        self.root = Path(root)
+        self.rank = rank
+        self.async_save = async_save
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.pending: dict[str, Any] | None = None
+        self.last_published: int | None = None
+        self.timings: dict[str, float] = {}  # of the last save: stall_s (training blocked), write_s (to publish)
+        # Background writes use their own gloo group, so their collectives never interleave with training's.
+        self.group = dist.new_group(backend="gloo") if distributed else None
+        if rank == 0:
+            self.remove_leftovers()
+        _barrier()
+
+    def remove_leftovers(self) -> None:
+        """Temporary directories of writers that were killed (never loadable; removed at start-up)."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith(PREFIX) and not _NAME.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def save(self, step: int, tensors: dict[str, Any], meta: dict[str, Any], block: bool = False) -> None:
+        """Checkpoint `step`. Asynchronous unless `block` (or async saves are off): returns once the state is
+        staged; `poll` (at each step boundary) or `wait` publishes it when the write is complete."""
+        self.wait()  # one write in flight at a time
+        t0 = time.perf_counter()
+        tmp = prepare_tmp(self.root, step, self.rank)
+        writer = _storage_writer(tmp)
+        if self.async_save and not block:
+            future = dcp.async_save(tensors, storage_writer=writer, process_group=self.group)
+            if hasattr(future, "upload_completion"):  # AsyncSaveResponse when staging is asynchronous too
+                future = future.upload_completion
+            self.pending = {"step": step, "meta": meta, "future": future, "t0": t0}
+            self.timings = {"stall_s": time.perf_counter() - t0}
+        else:
+            dcp.save(tensors, storage_writer=writer, process_group=self.group)
+            self.pending = {"step": step, "meta": meta, "future": None, "t0": t0}
+            self._finish()
+            self.timings = {"stall_s": time.perf_counter() - t0, "write_s": time.perf_counter() - t0}
+
+    def poll(self) -> bool:
+        """Publish the pending save if its write is complete (rank 0); True when something completed."""
+        if self.pending is None or (self.pending["future"] is not None and not self.pending["future"].done()):
+            return False
+        self._finish()
+        return True
+
+    def wait(self) -> None:
+        """Block until the pending save (if any) is written and published."""
+        if self.pending is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending["future"] is not None:
+            pending["future"].result()  # re-raises a failed write
+        if self.rank == 0:
+            publish(self.root, pending["step"], pending["meta"])
+            self.last_published = pending["step"]
+            self.apply_retention()
+        self.timings["write_s"] = time.perf_counter() - pending["t0"]
+
+    def apply_retention(self) -> None:
+        """Keep the newest `keep_last`, every step that is a multiple of `keep_every`, and stage boundaries;
+        never the newest complete checkpoint. A deleted checkpoint is renamed out of the `step_X` namespace
+        first, so a kill mid-deletion never leaves a half-deleted checkpoint that looks loadable."""
+        if self.keep_last <= 0:
+            return
+        published = list_checkpoints(self.root)
+        newest = find_latest(self.root)
+        keep = set(published[-self.keep_last:])
+        for path in published:
+            step = int(_NAME.match(path.name).group(1))
+            if path == newest or (self.keep_every and step % self.keep_every == 0):
+                keep.add(path)
+            else:
+                try:
+                    if read_meta(path).get("stage_boundary"):
+                        keep.add(path)
+                except (OSError, json.JSONDecodeError):
+                    pass
+        for path in published:
+            if path not in keep:
+                fault_point("during_retention", int(_NAME.match(path.name).group(1)))
+                trash = path.with_name(path.name + ".deleting")
+                os.replace(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)

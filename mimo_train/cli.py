@@ -97,11 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.prepare import add_prepare_data_parser
 
     add_prepare_data_parser(sub)
+    from mimo_train.slurm import add_submit_parser
+
+    add_submit_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow later options (argparse stops collecting positionals at an option).
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except ConfigError as e:

@@ -150,10 +150,30 @@ class ParallelConfig:
     etp: int = 1
     sequence_parallel: bool = True
     backend: str = "torch"  # kernel backend: "torch" (runs everywhere) or "te" (Transformer Engine on GPUs)
+    # Pipeline: the schedule, the number of (virtual) stages each rank holds, and the decoder layers of each
+    # stage in order (empty: an even split). zbv and dualpipev place 2 stages per rank in a V.
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1
+    pp_layout: list[int] = field(default_factory=list)
+
+    PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tp", "pp", "dp", "cp", "ep", "etp"):
+        for name in ("tp", "pp", "dp", "cp", "ep", "etp", "pp_virtual"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
+        _require(self.pp_schedule in self.PP_SCHEDULES, f"{prefix}.pp_schedule",
+                 f"must be one of {', '.join(self.PP_SCHEDULES)}", self.pp_schedule)
+        if self.pp_schedule in ("zbv", "dualpipev"):
+            _require(self.pp_virtual == 2, f"{prefix}.pp_virtual", f"{self.pp_schedule} places exactly 2 stages "
+                     "per rank (V shape): set pp_virtual=2", self.pp_virtual)
+        if self.pp_schedule == "1f1b":
+            _require(self.pp_virtual == 1, f"{prefix}.pp_virtual", "1f1b has one stage per rank; use "
+                     "pp_schedule=interleaved_1f1b for virtual stages", self.pp_virtual)
+        if self.pp_layout:
+            _require(len(self.pp_layout) == self.pp * self.pp_virtual, f"{prefix}.pp_layout",
+                     f"needs one layer count per stage (pp x pp_virtual = {self.pp * self.pp_virtual})", self.pp_layout)
+            _require(all(n >= 0 for n in self.pp_layout), f"{prefix}.pp_layout", "layer counts must be >= 0",
+                     self.pp_layout)
         _require(self.backend in ("torch", "te"), f"{prefix}.backend", "must be 'torch' or 'te'", self.backend)
 
     @property
@@ -161,9 +181,113 @@ class ParallelConfig:
         return self.tp * self.pp * self.dp * self.cp
 
 
+_TOKEN_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_tokens(value: Any, name: str) -> int:
+    """A token count: an integer, or a string with a unit suffix ("500B", "22T", "1.5M")."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: must be a token count (an integer or e.g. '22T'), got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        unit = _TOKEN_UNITS.get(text[-1:].upper())
+        try:
+            number = float(text[:-1]) if unit else float(text)
+        except ValueError:
+            number = None
+        if number is not None and (number * (unit or 1)).is_integer():
+            return int(number * (unit or 1))
+    raise ConfigError(f"{name}: must be a token count (an integer or e.g. '500B', '22T'), got {value!r}")
+
+
+@dataclass
+class LRScheduleConfig:
+    """One stage's learning rate, as a function of the tokens seen since the stage started: linear warm-up from
+    `warmup_start` to `peak` over `warmup_tokens`, `peak` for `constant_tokens`, then cosine from `peak` to `final`
+    over `decay_tokens` (0: until the stage ends). `final` null means no decay (constant at `peak`)."""
+
+    peak: float = 3.2e-4
+    final: float | None = None
+    warmup_tokens: int | str = 0
+    constant_tokens: int | str = 0
+    decay_tokens: int | str = 0
+    warmup_start: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        for name in ("warmup_tokens", "constant_tokens", "decay_tokens"):
+            setattr(self, name, parse_tokens(getattr(self, name), f"{prefix}.{name}"))
+            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0", getattr(self, name))
+        _require(self.peak > 0, f"{prefix}.peak", "must be > 0", self.peak)
+        _require(self.final is None or 0 <= self.final, f"{prefix}.final", "must be >= 0", self.final)
+        _require(self.warmup_start >= 0, f"{prefix}.warmup_start", "must be >= 0", self.warmup_start)
+
+
+@dataclass
+class BatchRampupConfig:
+    """Megatron-style batch-size ramp-up within a stage: `start` sequences, growing by `increment` in equal steps
+    over the stage's first `tokens` tokens (megatron-core's RampupBatchsizeNumMicroBatchesCalculator)."""
+
+    start: int = 0
+    increment: int = 0
+    tokens: int | str = 0
+
+    def validate(self, prefix: str) -> None:
+        self.tokens = parse_tokens(self.tokens, f"{prefix}.tokens")
+        for name in ("start", "increment", "tokens"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
+
+
+STAGE_LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "etp")
+
+
+@dataclass
+class StageConfig:
+    """One stage of a staged run (spec section 2). Fields left null/0 take the value of the `train:` section
+    (or, for `rope_theta`, of `model.rope_theta`)."""
+
+    name: str = ""
+    end_tokens: int | str = 0  # cumulative token count at which this stage ends; the last one ends the run
+    seq_len: int = 0
+    global_batch_size: int = 0
+    micro_batch_size: int = 0
+    rampup: BatchRampupConfig | None = None
+    lr: LRScheduleConfig | None = None
+    mtp_loss_weight: float | None = None
+    expert_bias_update_rate: float | None = None
+    aux_loss_coeff: float | None = None
+    rope_theta: float | None = None  # GA layers' RoPE base (SWA layers keep model.swa_rope_theta)
+    data_weights: dict[str, float] = field(default_factory=dict)  # source name -> mixture weight
+    parallel: dict[str, int] = field(default_factory=dict)  # layout overrides, e.g. {cp: 2, dp: 1}
+
+    def validate(self, prefix: str) -> None:
+        p = prefix
+        self.end_tokens = parse_tokens(self.end_tokens, f"{p}.end_tokens")
+        _require(self.end_tokens >= 1, f"{p}.end_tokens", "must be >= 1", self.end_tokens)
+        for name in ("seq_len", "global_batch_size", "micro_batch_size"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0 (0: the train section's value)",
+                     getattr(self, name))
+        if self.rampup is not None:
+            self.rampup.validate(f"{p}.rampup")
+        if self.lr is not None:
+            self.lr.validate(f"{p}.lr")
+        for name in ("mtp_loss_weight", "expert_bias_update_rate", "aux_loss_coeff"):
+            v = getattr(self, name)
+            _require(v is None or v >= 0, f"{p}.{name}", "must be >= 0", v)
+        _require(self.rope_theta is None or self.rope_theta > 0, f"{p}.rope_theta", "must be > 0", self.rope_theta)
+        for k, v in self.parallel.items():
+            _require(k in STAGE_LAYOUT_KEYS, f"{p}.parallel.{k}", f"unknown key (valid keys: {', '.join(STAGE_LAYOUT_KEYS)})", k)
+            _require(isinstance(v, int) and v >= 1, f"{p}.parallel.{k}", "must be an integer >= 1", v)
+        for k, v in self.data_weights.items():
+            _require(v > 0, f"{p}.data_weights.{k}", "must be > 0", v)
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 100  # with stages: an upper bound (the last stage's end_tokens ends the run)
     seed: int = 1234
     seq_len: int = 256
     global_batch_size: int = 8
@@ -184,7 +308,15 @@ class TrainConfig:
     expert_bias_update_rate: float = 1e-3
     bf16: bool = False
     log_interval: int = 1
-    save_interval: int = 0  # checkpoint every N steps (0: only when the run ends)
+    save_interval: int = 0  # checkpoint every N steps (0: only at stage boundaries and when the run ends)
+    # Checkpoints: asynchronous writes (training goes on while DCP writes; published when complete), retention.
+    async_save: bool = True
+    keep_last: int = 3  # keep the newest N checkpoints (0: keep all)...
+    keep_every: int = 0  # ...and every checkpoint whose step is a multiple of K (0: none)
+    # Faults: a non-finite loss or gradient norm skips the update; this many in a row stop the run (0: never).
+    max_consecutive_skips: int = 5
+    # Staged schedule (spec section 2): stages switch at token counts. Empty: one stage from the fields above.
+    stages: list[StageConfig] = field(default_factory=list)
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix
@@ -202,19 +334,55 @@ class TrainConfig:
         _require(self.clip_grad >= 0, f"{p}.clip_grad", "must be >= 0 (0 disables clipping)", self.clip_grad)
         for name in ("mtp_loss_weight", "aux_loss_coeff", "expert_bias_update_rate", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
+        for name in ("keep_last", "keep_every", "max_consecutive_skips"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
+        previous_end = 0
+        names = set()
+        for i, stage in enumerate(self.stages):
+            sp = f"{p}.stages[{i}]"
+            stage.validate(sp)
+            if not stage.name:
+                stage.name = f"stage{i + 1}"
+            _require(stage.name not in names, f"{sp}.name", "duplicate stage name", stage.name)
+            names.add(stage.name)
+            _require(stage.end_tokens > previous_end, f"{sp}.end_tokens",
+                     f"must be greater than the previous stage's end ({previous_end})", stage.end_tokens)
+            previous_end = stage.end_tokens
+            gbs = stage.global_batch_size or self.global_batch_size
+            mbs = stage.micro_batch_size or self.micro_batch_size
+            _require(gbs % mbs == 0, f"{sp}.global_batch_size", f"must be a multiple of micro_batch_size ({mbs})", gbs)
+            if stage.rampup is not None:
+                r = stage.rampup
+                _require(r.start < gbs and (gbs - r.start) % r.increment == 0, f"{sp}.rampup",
+                         f"global_batch_size - start must be a positive multiple of increment (global batch {gbs})",
+                         (r.start, r.increment))
+                for name in ("start", "increment"):
+                    _require(getattr(r, name) % mbs == 0, f"{sp}.rampup.{name}",
+                             f"must be a multiple of micro_batch_size ({mbs})", getattr(r, name))
+
+
+# Dense BF16 peak TFLOP/s per device (vendor datasheets, without sparsity). "cpu" is a nominal figure for the
+# demo (a few AVX2 cores); set run.peak_tflops for a real CPU.
+DEFAULT_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
+                       "B200": 2250.0, "GB200": 2500.0, "B300": 2500.0, "L40S": 362.0, "cpu": 0.2}
 
 
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
     name: str = ""
-    wandb_mode: str = "offline"  # online | offline | disabled
+    wandb_mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     wandb_project: str = "mimo-train"
+    # MFU: model FLOP/s per device over the device's peak. `peak_tflops` > 0 overrides the table below, which
+    # is matched (case-insensitively, longest key first) against the CUDA device name, or "cpu" on CPUs.
+    peak_tflops: float = 0.0
+    device_peak_tflops: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PEAK_TFLOPS))
 
     def validate(self, prefix: str = "run") -> None:
         _require(bool(self.dir), f"{prefix}.dir", "must be a non-empty path", self.dir)
-        _require(self.wandb_mode in ("online", "offline", "disabled"), f"{prefix}.wandb_mode",
-                 "must be online, offline or disabled", self.wandb_mode)
+        _require(self.peak_tflops >= 0, f"{prefix}.peak_tflops", "must be >= 0", self.peak_tflops)
+        _require(self.wandb_mode in ("auto", "online", "offline", "disabled"), f"{prefix}.wandb_mode",
+                 "must be auto, online, offline or disabled", self.wandb_mode)
 
 
 @dataclass

@@ -1,17 +1,28 @@
 """The training loop: micro-batch accumulation, the MiMo loss, sharded AdamW with clipping, the expert-bias
-update, metrics and checkpoints, under any parallel layout.
+update, the staged schedule, metrics, faults and checkpoints, under any parallel layout.
 
 Every loss term is normalised by counts over the whole global batch (tokens for the LM and MTP losses, sequences
 for the balance loss), counted (and summed over data-parallel ranks) before the first micro-batch runs. The
 gradient of a step is therefore the same whatever the micro-batch size or the number of data-parallel ranks,
 which is what makes accumulation and data parallelism exact.
+
+Stages (`train.stages`, see `mimo_train/stages.py`) switch at token counts. At a boundary the trainer moves the
+data stream to the new stage (sequence length, mixture), checkpoints, and, when the new stage asks for another
+parallel layout, rebuilds topology, model and optimizer under it and reloads that checkpoint (same number of
+processes), or exits with EXIT_RELAUNCH and a message naming the process count to relaunch with.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import os
+import resource
 import signal
+import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +32,20 @@ import torch.distributed as dist
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.forward_backward import LossSpec, forward_backward
-from mimo_train.metrics import MetricsLogger, expert_load_summary
+from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
-from mimo_train.schedule import learning_rate
+from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
 from parallel import comm
 from parallel.data_parallel import ShardedAdamW, sync_gradients
-from parallel.parallelize import parallelize
+from parallel.parallelize import build_parallel_model
 from parallel.state_dict import copy_loaded_model_state, model_state, optimizer_state
-from parallel.topology import build_topology, init_distributed
+from parallel.topology import build_topology, init_distributed, validate_layout
+
+# Exit status when the next stage needs another number of processes: the boundary checkpoint is saved; relaunch
+# with the process count the message names and `--resume auto` continues in the new stage.
+EXIT_RELAUNCH = 3
+# Exit status when `train.max_consecutive_skips` non-finite steps in a row stopped the run.
+EXIT_DIVERGED = 4
 
 
 def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> None:
@@ -36,7 +53,7 @@ def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float
     `counts` must already be summed over every rank that routed distinct tokens."""
     if rate == 0:
         return
-    moe_layers = [layer.mlp for layer in model.model.layers if layer.is_moe]
+    moe_layers = model.moe_layers()
     with torch.no_grad():
         for moe, c in zip(moe_layers, counts.float()):
             moe.gate.e_score_correction_bias += rate * torch.sign(c.mean() - c)
@@ -49,93 +66,199 @@ def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def _rss_gib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
         self.cfg = cfg
-        t, p = cfg.train, cfg.parallel
+        t = cfg.train
         init_distributed()
-        self.topo = build_topology(p, cfg.model, t.seq_len)
-        if t.global_batch_size % (t.micro_batch_size * p.dp):
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size}: must be a multiple of "
-                              f"micro_batch_size x parallel.dp = {t.micro_batch_size * p.dp}")
-        self.is_logger = self.topo.rank == 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.is_logger = self.rank == 0
+        self.plan = StagePlan(cfg)
+        for s in self.plan.stages:  # every stage's layout is checked before any work (each against its own size)
+            validate_layout(s.parallel, cfg.model, s.parallel.world_size, s.seq_len)
+        if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
+            raise ConfigError(f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size "
+                              f"({cfg.data.vocab_size}), got {cfg.model.vocab_size}")
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
 
+        self.step = 0
+        self.tokens = 0
+        self.samples = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.stage_start = StageStart()
+        self.last_saved_step: int | None = None
+        self.last_save_seconds = 0.0
+        self._stop_requested = False
+        self._flops_per_token: dict[int, float] = {}
+        self.data = None
+        self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, self.rank, async_save=t.async_save, keep_last=t.keep_last,
+                                           keep_every=t.keep_every, distributed=self.world > 1)
+
+        path = self._agreed(ckpt.resolve_resume(resume, self.ckpt_dir))
+        meta = ckpt.read_meta(path) if path is not None else None
+        stage_index = min(meta["trainer"].get("stage", 0), len(self.plan.stages) - 1) if meta else 0
+        self.stage = self.plan.stages[stage_index]
+        if meta is not None and self.stage.parallel.world_size != self.world:
+            self._relaunch_exit(self.stage, f"checkpoint {path} is in stage {self.stage.name!r}")
+        self._build(self.stage)
+        if path is not None:
+            self.load(path)
+        else:
+            self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
+        self._apply_stage(self.stage)
+
+    # ---- building and stages ----------------------------------------------------------------------------------
+    def _agreed(self, path: Path | None) -> Path | None:
+        """Rank 0's choice of checkpoint, for every rank."""
+        if self.world > 1:
+            box = [None if path is None else str(path)]
+            dist.broadcast_object_list(box, src=0)
+            path = None if box[0] is None else Path(box[0])
+        return path
+
+    def _build(self, stage: Stage) -> None:
+        """Topology, model, optimizer and data stream for `stage`'s layout (collective)."""
+        cfg, t, p = self.cfg, self.cfg.train, stage.parallel
+        self.topo = build_topology(p, cfg.model, stage.seq_len)
         # Every rank builds the same full model from the seed, then keeps its shard: the parallel run starts
-        # from exactly the single-process weights.
+        # from exactly the single-process weights. (The model gets its own config: stages change its RoPE base.)
         torch.manual_seed(t.seed)
-        self.model = MiMoForCausalLM(cfg.model, backend=p.backend)
+        self.model = MiMoForCausalLM(copy.deepcopy(cfg.model), backend=p.backend)
         self.model.init_weights(seed=t.seed)
-        self.layouts = parallelize(self.model, self.topo)
+        self.layouts, self.pipeline = build_parallel_model(self.model, self.topo, p)
         self.optimizer = ShardedAdamW(self.model, self.layouts, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       eps=t.adam_eps, weight_decay=t.weight_decay)
 
         from data_pipeline import GlobalSampleStream
 
+        if self.data is not None:
+            self.data.close()
         self.data = GlobalSampleStream(cfg.data, dp_rank=self.topo.rank_in("dp"), dp_size=p.dp)
-        self.data.set_stage(t.seq_len)
-        if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
-            raise ConfigError(f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size "
-                              f"({cfg.data.vocab_size}), got {cfg.model.vocab_size}")
+        self.layout_key = stage.layout_key()
 
-        self.step = 0
-        self.tokens = 0
-        self.skipped_steps = 0
-        self.last_save_seconds = 0.0
-        self._stop_requested = False
-        path = ckpt.resolve_resume(resume, self.ckpt_dir)
-        if path is not None:
+    def _apply_stage(self, stage: Stage) -> None:
+        """Sequence length and mixture (data), GA RoPE base (model), batch schedule; loss weights are read from
+        `self.stage` at every step."""
+        self.stage = stage
+        self.data.set_stage(stage.seq_len, stage.data_weights or None)
+        self.model.set_global_rope_theta(stage.rope_theta)
+        self.batches = BatchSchedule(stage, stage.parallel.dp)
+
+    def _relaunch_exit(self, stage: Stage, why: str) -> None:
+        n = stage.parallel.world_size
+        if self.is_logger:
+            print(f"{why}; stage {stage.name!r} runs under the layout {stage.layout_str()}, which needs {n} "
+                  f"processes, and this run has {self.world}. Relaunch with {n} processes (`mimo-train train "
+                  f"--nproc {n} ...`, or {n} Slurm tasks); `--resume auto` continues from the newest checkpoint.",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_RELAUNCH)
+
+    def _cross_boundary(self, index: int) -> None:
+        old, new = self.stage, self.plan.stages[index]
+        if self.is_logger:
+            print(f"stage boundary at step {self.step}, {self.tokens:,} tokens: {old.name} -> {new.name} "
+                  f"(seq_len {new.seq_len}, batch {new.global_batch_size}, GA rope {new.rope_theta:g}, "
+                  f"layout {new.layout_str()})", flush=True)
+        self.stage = new
+        self.stage_start = StageStart(index, self.step, self.tokens, self.samples)
+        # The data stream enters the new stage before the checkpoint, so a resume from it (under any layout)
+        # continues exactly as this process does.
+        self.data.set_stage(new.seq_len, new.data_weights or None)
+        self.save(block=True, boundary=True)
+        if new.layout_key() != self.layout_key:
+            if new.parallel.world_size != self.world:
+                self._relaunch_exit(new, f"stage boundary checkpointed at step {self.step}")
+            path = self.ckpt_dir / ckpt.checkpoint_name(self.step)
+            self._build(new)
             self.load(path)
+        self._apply_stage(new)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _tensor_state(self, for_load: bool = False) -> dict[str, Any]:
         return {"model": model_state(self.model, self.layouts, self.topo),
                 "optimizer": optimizer_state(self.optimizer, self.layouts, self.topo, create=for_load)}
 
-    def save(self) -> Path:
-        meta = {
-            "trainer": {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps},
+    def _meta(self, boundary: bool) -> dict[str, Any]:
+        return {
+            "trainer": {"step": self.step, "tokens": self.tokens, "samples": self.samples,
+                        "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                        "stage": self.stage.index, "stage_name": self.stage.name,
+                        "stage_start": dataclasses.asdict(self.stage_start)},
             "data": self.data.state_dict(),
             "rng": ckpt.rng_state(),
-            "parallel": {k: getattr(self.cfg.parallel, k) for k in ("tp", "pp", "dp", "cp", "ep", "etp")},
+            "parallel": dataclasses.asdict(self.stage.parallel),
+            "stage_boundary": boundary,
+            "config": self.cfg.to_dict(),
         }
-        t0 = time.time()
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self._tensor_state(), meta, rank=self.topo.rank)
-        self.last_save_seconds = time.time() - t0
-        return path
+
+    def save(self, block: bool = False, boundary: bool = False) -> Path:
+        """Checkpoint the current step (asynchronously unless `block` or `train.async_save` is off)."""
+        self.ckpt.save(self.step, self._tensor_state(), self._meta(boundary), block=block)
+        self.last_saved_step = self.step
+        self.last_save_seconds = self.ckpt.timings.get("stall_s", 0.0)
+        return self.ckpt_dir / ckpt.checkpoint_name(self.step)
 
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
         meta = ckpt.load_checkpoint(path, state)
         copy_loaded_model_state(self.model, state["model"])
-        self.step = meta["trainer"]["step"]
-        self.tokens = meta["trainer"]["tokens"]
-        self.skipped_steps = meta["trainer"]["skipped_steps"]
+        tr = meta["trainer"]
+        self.step = tr["step"]
+        self.tokens = tr["tokens"]
+        self.samples = tr.get("samples", meta["data"].get("consumed_samples", 0))
+        self.skipped_steps = tr["skipped_steps"]
+        self.consecutive_skips = tr.get("consecutive_skips", 0)
+        if "stage_start" in tr:
+            self.stage_start = StageStart(**tr["stage_start"])
         self.data.load_state_dict(meta["data"])
         ckpt.set_rng_state(meta["rng"])
+        self.last_saved_step = self.step
         if self.is_logger:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            print(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens, stage {self.stage.name!r}, "
+                  f"layout {self.stage.layout_str()})", flush=True)
 
     # ---- one optimizer step -----------------------------------------------------------------------------------
+    def _model_flops_per_token(self, seq_len: int) -> float:
+        if seq_len not in self._flops_per_token:
+            from mimo_train.info import model_report
+
+            self._flops_per_token[seq_len] = float(model_report(self.cfg.model, seq_len)["flops_per_token"]["total"])
+        return self._flops_per_token[seq_len]
+
     def train_step(self) -> dict[str, Any]:
-        t, topo = self.cfg.train, self.topo
+        t, topo, stage = self.cfg.train, self.topo, self.stage
         step_start = time.time()
-        micro_batches = self.data.micro_batches(self.step, t.global_batch_size, t.micro_batch_size)
-        digest = self.data.global_batch_digest(self.step, t.global_batch_size)
+        gbs = self.batches.global_batch_size(self.samples - self.stage_start.samples)
+        mbs = stage.micro_batch_size
+        micro_batches = self.data.micro_batches(self.step, gbs, mbs)
+        digest = self.data.global_batch_digest(self.step, gbs)
         local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
-        targets = _sum_over(local_targets, topo.group("dp_cp")).clamp(min=1)
+        # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
+        targets = _sum_over(local_targets, topo.group("dp")).clamp(min=1)
         lm_tokens, mtp_tokens = targets[0], targets[1:]
-        lr = learning_rate(self.step, t)
+        step_tokens = gbs * stage.seq_len
+        lr = self.plan.learning_rate(stage, self.stage_start, self.step, self.tokens + step_tokens)
         self.optimizer.set_lr(lr)
 
         self.model.train()
         n_mtp = len(mtp_tokens)
-        spec = LossSpec(t.mtp_loss_weight, t.aux_loss_coeff, t.global_batch_size, lm_tokens, mtp_tokens)
-        result = forward_backward(self.model, micro_batches, spec, bf16=t.bf16)
+        spec = LossSpec(stage.mtp_loss_weight, stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
+        run = self.pipeline.forward_backward if self.pipeline is not None else partial(forward_backward, self.model)
+        result = run(micro_batches, spec, bf16=t.bf16)
         parts, expert_counts = result.parts, result.expert_counts
 
         # Experts that received no token have no gradient; give them zeros so every rank and step treats them alike.
@@ -144,27 +267,38 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
         sync_gradients(self.model, self.layouts)
         grad_norm = self.optimizer.grad_norm()
-        if math.isfinite(grad_norm):
+        # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
+        parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares
+        parts[1] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
+        if expert_counts is not None:
+            expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
+        # A non-finite loss or gradient skips the update (every rank decides alike).
+        bad = torch.tensor([0.0 if math.isfinite(grad_norm) and bool(torch.isfinite(parts).all()) else 1.0])
+        if topo.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        skipped = bool(bad.item())
+        if not skipped:
             self.optimizer.clip(t.clip_grad, grad_norm)
             self.optimizer.step()
             if expert_counts is not None:
-                expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
-                update_expert_bias(self.model, expert_counts, t.expert_bias_update_rate)
+                update_expert_bias(self.model, expert_counts, stage.expert_bias_update_rate)
+            self.consecutive_skips = 0
         else:
             self.skipped_steps += 1
+            self.consecutive_skips += 1
         self.optimizer.zero_grad()
 
-        # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
-        parts = _sum_over(parts, topo.group("dp_cp"))
-        step_tokens = t.global_batch_size * t.seq_len
         self.tokens += step_tokens
+        self.samples += gbs
         self.step += 1
         lm_loss, aux_loss = parts[0].item(), parts[1].item()
         mtp_depths = parts[2:].tolist()
         mtp_mean = sum(mtp_depths) / n_mtp if n_mtp else 0.0
+        seconds = max(time.time() - step_start, 1e-9)
+        tflops = self._model_flops_per_token(stage.seq_len) * step_tokens / seconds / self.world / 1e12
         record = {
             "step": self.step,
-            "loss": lm_loss + t.mtp_loss_weight * mtp_mean + aux_loss,
+            "loss": lm_loss + stage.mtp_loss_weight * mtp_mean + aux_loss,
             "lm_loss": lm_loss,
             "mtp_loss": mtp_mean,
             **{f"mtp_loss_depth{d + 1}": v for d, v in enumerate(mtp_depths)},
@@ -172,15 +306,29 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": self.tokens,
-            "tokens_per_s": step_tokens / max(time.time() - step_start, 1e-9),
+            "samples": self.samples,
+            "global_batch_size": gbs,
+            "seq_len": stage.seq_len,
+            "stage": stage.name,
+            "stage_index": stage.index,
+            "step_time_s": seconds,
+            "tokens_per_s": step_tokens / seconds,
+            "model_tflops_per_device": tflops,
+            "mfu": tflops / peak_tflops(self.cfg.run),
+            "memory/rss_gib": _rss_gib(),
+            "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "skipped": skipped,
             "skipped_steps": self.skipped_steps,
             "batch_digest": digest,
         }
+        if torch.cuda.is_available():
+            record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+            record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if expert_counts is not None:
             record.update(expert_load_summary(expert_counts))
-            record["expert_bias_norm"] = torch.stack(
-                [l.mlp.gate.e_score_correction_bias.norm() for l in self.model.model.layers if l.is_moe]
-            ).max().item()
+            norms = [moe.gate.e_score_correction_bias.norm().item() for moe in self.model.moe_layers()]
+            record["expert_bias_norm"] = max(norms) if norms else 0.0
+            record["expert_bias_norm_per_layer"] = [round(v, 6) for v in norms]
         return record
 
     # ---- the run ----------------------------------------------------------------------------------------------
@@ -190,34 +338,70 @@ class Trainer:
     def _agreed_stop(self) -> bool:
         """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
         flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        if self.topo.distributed:
+        if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def fit(self, log: bool = True) -> list[dict[str, Any]]:
         t = self.cfg.train
-        if self.step >= t.steps:
+        total = self.plan.planned_steps()
+        if self.plan.done(self.step, self.tokens):
             if self.is_logger:
-                print(f"run {self.run_dir} is complete: step {self.step} of {t.steps}", flush=True)
+                print(f"run {self.run_dir} is complete: step {self.step} of {total}, {self.tokens:,} tokens", flush=True)
             return []
+        if self.is_logger and self.plan.staged and self.step == 0:
+            print(self.plan.describe(), flush=True)
         logger = MetricsLogger(
-            self.run_dir, t.steps, self.step,
+            self.run_dir, total, self.step,
             {"mode": self.cfg.run.wandb_mode, "project": self.cfg.run.wandb_project, "name": self.cfg.run.name,
              "config": self.cfg.to_dict()},
             enabled=log and self.is_logger,
         )
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
         records = []
+        ok = False
         try:
-            while self.step < t.steps and not self._agreed_stop():
+            while True:
+                if self.ckpt.poll() and "write_s" in self.ckpt.timings:
+                    logger.note({"checkpoint/write_s": self.ckpt.timings["write_s"]})
+                if self.plan.done(self.step, self.tokens) or self._agreed_stop():
+                    break
+                index = self.plan.stage_index(self.tokens)
+                if index != self.stage.index:
+                    self._cross_boundary(index)
+                    logger.note({"checkpoint/stall_s": self.last_save_seconds})
                 record = self.train_step()
                 records.append(record)
-                logger.log(record, console=(self.step % t.log_interval == 0 or self.step == t.steps))
-                if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                if self.consecutive_skips and self.is_logger:
+                    print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
+                          f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
+                done = self.plan.done(self.step, self.tokens)
+                logger.log(record, console=(self.step % t.log_interval == 0 or done))
+                if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
+                    if self.is_logger:
+                        print(f"stopping: {self.consecutive_skips} consecutive steps with a non-finite loss or "
+                              f"gradient norm (steps {self.step - self.consecutive_skips + 1}-{self.step}; "
+                              f"train.max_consecutive_skips={t.max_consecutive_skips}). No checkpoint was written "
+                              f"for these steps; resume from an earlier one (--resume PATH), e.g. with a lower "
+                              f"learning rate.", file=sys.stderr, flush=True)
+                    self.ckpt.wait()
+                    raise SystemExit(EXIT_DIVERGED)
+                if t.save_interval and self.step % t.save_interval == 0 and not done:
                     self.save()
-            self.save()  # a run always checkpoints when it ends, at the last step or on a signal
+                    logger.note({"checkpoint/stall_s": self.last_save_seconds})
+            # A run always checkpoints when it ends, at the last step or on a signal.
+            if self.last_saved_step != self.step:
+                self.save(block=True)
+            self.ckpt.wait()
+            ok = True
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            logger.finish()
+            if ok:
+                logger.finish()
+            else:
+                logger.finish(exit_code=1)
+        if self.is_logger and self._stop_requested:
+            print(f"stopped by a signal at step {self.step}; checkpoint {self.ckpt_dir / ckpt.checkpoint_name(self.step)}",
+                  flush=True)
         return records

@@ -38,6 +38,9 @@ def _by_kind(params: dict[str, torch.nn.Parameter], layouts: dict[str, ParamLayo
 def sync_gradients(model: torch.nn.Module, layouts: dict[str, ParamLayout]) -> None:
     """Sum every gradient over the ranks that hold replicas of its parameter (one flat all-reduce per kind)."""
     params = dict(model.named_parameters())
+    for name, layout in layouts.items():  # pipeline: the first and last stage's embedding copies are one weight
+        if layout.tied_group is not None:
+            dist.all_reduce(params[name].grad, group=layout.tied_group)
     for _, group, names in _by_kind(params, layouts):
         if comm.group_size(group) == 1:
             continue
@@ -84,7 +87,7 @@ class ShardedAdamW:
         sq = torch.zeros((), dtype=torch.float64)
         for n in self.owned:
             g = self.params[n].grad
-            if g is not None:
+            if g is not None and self.layouts[n].count_in_norm:
                 sq += g.double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)

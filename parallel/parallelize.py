@@ -8,13 +8,14 @@ checkpoints all read these records; the model code itself stays plain.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.distributed as dist
 import torch.nn as nn
 
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.model.layers import Attention, DenseMLP, MoE
+from parallel.context_parallel import ChunkLayout, ContextParallelAttention
 from parallel.expert_parallel import ExpertParallelMoE
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -38,6 +39,10 @@ class ParamLayout:
     gather_group: object = None
     gather_kind: str | None = None
     replicas: int = 1
+    # Pipeline: the embedding's copies on the first and last stage are one parameter; their gradients are summed
+    # over `tied_group` first, and only the first stage's copy counts in the gradient norm.
+    tied_group: object = None
+    count_in_norm: bool = True
 
 
 # Gradient groups by kind; "kv<n>" is the group of a KV head replicated over tp / n ranks. Every rank walks the
@@ -55,13 +60,16 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
     def sharded(param, dim, index, num, gather_kind, gather_group, grad_kind, grad_group, replicas=1):
         special[id(param)] = ParamLayout(grad_kind, grad_group, dim, index, num, gather_group, gather_kind, replicas)
 
-    if tp > 1:
+    if tp > 1:  # (a pipeline stage may hold neither the embedding nor the head)
         m = model.model
-        m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, tp_rank, tp, tp_group, sp)
-        sharded(m.embed_tokens.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
-        vocab = model.lm_head.weight.shape[0] // tp
-        model.lm_head = ColumnParallelLinear(model.lm_head, slice(tp_rank * vocab, (tp_rank + 1) * vocab), tp_group, sp)
-        sharded(model.lm_head.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
+        if m.embed_tokens is not None:
+            m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, tp_rank, tp, tp_group, sp)
+            sharded(m.embed_tokens.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
+        if model.lm_head is not None:
+            vocab = model.lm_head.weight.shape[0] // tp
+            model.lm_head = ColumnParallelLinear(model.lm_head, slice(tp_rank * vocab, (tp_rank + 1) * vocab),
+                                                 tp_group, sp)
+            sharded(model.lm_head.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
         model.cross_entropy_sum = vocab_parallel_cross_entropy_sum
         _init_megatron_tp_state(topo)
 
@@ -70,10 +78,16 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
             _shard_attention(module, topo, sharded, kv_cache)
         elif isinstance(module, DenseMLP) and tp > 1:
             _shard_mlp(module, topo, sharded)
+    if topo.cp > 1:
+        model.sequence_layout = ChunkLayout(topo.cp, topo.rank_in("cp"))
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.kernels = ContextParallelAttention(module.kernels, model.sequence_layout, topo.group("cp"))
+    sequence_group = topo.group("tp_cp") if (sp or topo.cp > 1) else None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
-                ep_moe = ExpertParallelMoE(child, topo.rank_in("ep"), topo.ep, topo.group("ep"), tp_group if sp else None)
+                ep_moe = ExpertParallelMoE(child, topo.rank_in("ep"), topo.ep, topo.group("ep"), sequence_group)
                 setattr(parent, name, ep_moe)
                 for p in (ep_moe.experts.gate_up_proj, ep_moe.experts.down_proj):
                     sharded(p, 0, topo.rank_in("ep"), topo.ep, "ep", topo.group("ep"), "edp", topo.group("edp"))
@@ -138,3 +152,20 @@ def _init_megatron_tp_state(topo: Topology) -> None:
     theirs = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
     if mine != theirs:
         raise RuntimeError(f"megatron-core's tensor-parallel group {theirs} differs from ours {mine}")
+
+
+def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p):
+    """Everything a training rank needs: keep this rank's pipeline stages, shard them, tie the embedding copies.
+    Returns (layouts, pipeline runner or None)."""
+    from parallel.pipeline import PipelineRunner, prune_to_local_stages, tie_group
+
+    local = prune_to_local_stages(model, p, topo.rank_in("pp")) if topo.pp > 1 else None
+    layouts = parallelize(model, topo)
+    if local is None:
+        return layouts, None
+    tied = tie_group(topo, p, {})  # collective: every rank creates every pair group
+    name = "model.embed_tokens.weight"
+    if tied is not None and name in layouts:
+        holds_first = any(stage == 0 for stage, _ in local)
+        layouts[name] = replace(layouts[name], tied_group=tied, count_in_norm=holds_first)
+    return layouts, PipelineRunner(model, topo, p, local)

@@ -42,10 +42,30 @@ def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_
          f"parallel.ep x etp = {p.ep * p.etp} must divide dp x cp x tp = {p.dp * p.cp * p.tp} (MoE folding)")
     need(p.tp == 1 or p.sequence_parallel,
          "parallel.sequence_parallel: must be true when tp > 1 (MoE layers run on sequence-parallel shards)")
-    need(p.cp == 1, f"parallel.cp={p.cp}: context parallelism is not implemented yet (use 1)")
-    need(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallelism is not implemented yet (use 1)")
+    if p.pp > 1:
+        n_stages = p.pp * p.pp_virtual
+        need(n_stages <= model.num_layers, f"parallel.pp x pp_virtual = {n_stages} stages: more than the "
+             f"{model.num_layers} decoder layers")
+        need(not p.pp_layout or sum(p.pp_layout) == model.num_layers,
+             f"parallel.pp_layout: the stages hold {sum(p.pp_layout)} layers, the model has {model.num_layers}")
     if seq_len is not None:
-        need(seq_len % p.tp == 0, f"train.seq_len={seq_len}: must be divisible by parallel.tp={p.tp} (sequence parallelism)")
+        check_sequence_split(p, model, seq_len)
+
+
+def check_sequence_split(p: ParallelConfig, model: ModelConfig, seq_len: int) -> None:
+    """The sequence must split evenly into context-parallel chunks (each at least a window long, so a halo comes
+    from one neighbour) and then into sequence-parallel slices."""
+    if p.cp > 1:
+        if seq_len % (2 * p.cp):
+            raise ConfigError(f"train.seq_len={seq_len}: must be divisible by 2 x parallel.cp = {2 * p.cp} "
+                              "(context parallelism splits it into head/tail chunk pairs)")
+        chunk = seq_len // (2 * p.cp)
+        if chunk < model.window_keys - 1:
+            raise ConfigError(f"train.seq_len={seq_len}: with parallel.cp={p.cp} a chunk has {chunk} tokens, fewer "
+                              f"than the sliding window ({model.window_keys - 1}); use a smaller cp")
+    if (seq_len // p.cp) % p.tp:
+        raise ConfigError(f"train.seq_len={seq_len}: seq_len / cp must be divisible by parallel.tp={p.tp} "
+                          "(sequence parallelism)")
 
 
 @dataclass
@@ -70,7 +90,8 @@ class Topology:
         return self.dp * self.cp * self.tp // (self.ep * self.etp)
 
     def group(self, name: str):
-        """tp, dp, cp, pp, ep, edp, dp_cp (the gradient group of tensor-sharded weights), tp_dp_cp (tokens)."""
+        """tp, dp, cp, pp, ep, edp, dp_cp (the gradient group of tensor-sharded weights), tp_dp_cp (all ranks of a
+        pipeline stage: distinct tokens), tp_cp (the ranks that hold parts of the same sequences)."""
         return self.groups.get(name)
 
     def rank_in(self, name: str) -> int:
@@ -136,6 +157,8 @@ def build_topology(p: ParallelConfig, model: ModelConfig, seq_len: int | None = 
     grid = torch.arange(world).view(p.pp, p.dp, p.cp, p.tp)
     topo.groups["dp_cp"] = _subgroups(grid.permute(0, 3, 1, 2).reshape(-1, p.dp * p.cp), topo.rank, topo.group_ranks, "dp_cp")
     topo.groups["tp_dp_cp"] = _subgroups(grid.reshape(p.pp, -1), topo.rank, topo.group_ranks, "tp_dp_cp")
+    # The ranks holding parts of the same sequences: sequence-parallel slices and context-parallel chunks.
+    topo.groups["tp_cp"] = _subgroups(grid.permute(0, 1, 2, 3).reshape(-1, p.cp * p.tp), topo.rank, topo.group_ranks, "tp_cp")
     return topo
 
 

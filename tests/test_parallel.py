@@ -64,14 +64,71 @@ def reference(tmp_path_factory):
     return _train(run_dir, 1, []), _final_state(run_dir)
 
 
+# Context and pipeline layouts train on many short packed documents (3 to 40 tokens, so every window holds
+# several document boundaries) at a sequence length that is not a multiple of the window (136 = 8.5 x 16):
+# under CP4 each chunk is 17 tokens, so windows straddle rank boundaries everywhere.
+PACKED = ["train.seq_len=136", "train.micro_batch_size=1"]
+LAYOUTS_CP_PP = {
+    "CP2": (2, ["parallel.cp=2"]),
+    "CP4": (4, ["parallel.cp=4"]),
+    "CP2xTP2": (4, ["parallel.cp=2", "parallel.tp=2"]),
+    "CP2xEP2": (2, ["parallel.cp=2", "parallel.ep=2"]),
+    "PP2-1F1B": (2, ["parallel.pp=2"]),
+    "PP2-interleaved-virtual": (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2",
+                                    "parallel.pp_layout=[2,4,3,3]"]),
+    "PP2-ZBV": (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=2"]),
+    "PP2-DualPipeV": (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "parallel.pp_virtual=2"]),
+    "PP2xEP2": (4, ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2"]),
+    "PP2xDP2": (4, ["parallel.pp=2", "parallel.dp=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def packed_data(tmp_path_factory):
+    from tests.data_helpers import write_source
+
+    root = tmp_path_factory.mktemp("packed")
+    write_source(root / "docs", shards=2, docs_per_shard=40, first_token=1, min_len=3, max_len=40)
+    return [f"data.sources=[{{name: docs, path: '{root / 'docs'}', weight: 1.0}}]", f"data.cache_dir={root / 'cache'}"]
+
+
+@pytest.fixture(scope="module")
+def packed_reference(tmp_path_factory, packed_data):
+    run_dir = tmp_path_factory.mktemp("single_packed")
+    records = _train(run_dir, 1, [*PACKED, *packed_data])
+    return records, _final_state(run_dir)
+
+
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, tmp_path):
+    _check_layout(name, *LAYOUTS[name], reference, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS_CP_PP))
+def test_context_and_pipeline_layouts_match_single_process(name, packed_reference, packed_data, tmp_path):
+    nproc, overrides = LAYOUTS_CP_PP[name]
+    _check_layout(name, nproc, [*PACKED, *packed_data, *overrides], packed_reference, tmp_path)
+
+
+def test_packed_reference_really_packs_documents(packed_data, tmp_path):
+    """The packed data gives every sequence several document starts (position ids restarting at 0)."""
+    from data_pipeline import GlobalSampleStream
+    from mimo_train.config import load_config
+
+    cfg = load_config("configs/train/tiny_cpu.yaml", [*BASE, *PACKED, *packed_data])
+    stream = GlobalSampleStream(cfg.data)
+    stream.set_stage(cfg.train.seq_len)
+    for mb in stream.micro_batches(0, 4, 4):
+        starts = (mb["position_ids"] == 0).sum(dim=1)
+        assert (starts >= 3).all(), starts
+
+
+def _check_layout(name, nproc, overrides, reference, tmp_path):
     ref_records, ref_state = reference
-    nproc, overrides = LAYOUTS[name]
     records = _train(tmp_path / name, nproc, overrides)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [r["batch_digest"] for r in records] == [r["batch_digest"] for r in ref_records]

@@ -147,6 +147,14 @@ class MiMoForCausalLM(nn.Module):
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """This rank's decoder layers in order (a pipeline stage keeps only its own, in a dict by global index)."""
+        layers = self.model.layers
+        return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.decoder_layers() if layer.is_moe]
+
     # ---- stage switches ---------------------------------------------------------------------------------------
     def set_global_rope_theta(self, theta: float) -> None:
         self.cfg.rope_theta = theta
@@ -173,7 +181,7 @@ class MiMoForCausalLM(nn.Module):
         """input_ids [B, S]; position_ids [B, S] restart at 0 per packed document (default: 0..S-1);
         labels [B, S] are the next tokens (IGNORE_INDEX where no loss is taken)."""
         batch = self.prepare(input_ids, position_ids, labels)
-        x, aux_terms, counts = self.run_layers(self.embed(batch), self.model.layers, batch)
+        x, aux_terms, counts = self.run_layers(self.embed(batch), self.decoder_layers(), batch)
         return self.head(x, batch, aux_terms, counts, return_logits)
 
     # The forward in pieces, so a pipeline stage can run only its own: prepare -> embed -> run_layers -> head.
@@ -187,7 +195,7 @@ class MiMoForCausalLM(nn.Module):
             if bool((doc_ids == doc_ids[:, :1]).all()):
                 doc_ids = None  # one document per row: plain causal masks are cheaper
         local_positions = self.sequence_layout.local(position_ids)
-        dtype = self.model.embed_tokens.weight.dtype  # the dtype of the hidden states the tables multiply
+        dtype = next(self.parameters()).dtype  # the dtype of the hidden states the tables multiply
         rope = {t: self.model.rotary_emb(local_positions, t, dtype) for t in ("full_attention", "sliding_attention")}
         return Batch(input_ids, position_ids, labels, doc_ids, rope)
 

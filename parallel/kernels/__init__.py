@@ -5,6 +5,7 @@ NVIDIA GPUs. A backend provides:
 
 - `sliding_window_attention(q, k, v, *, window_keys, scale, sink, doc_ids)`
 - `causal_attention(q, k, v, *, scale, doc_ids)`
+- `causal_attention_at(q, k, v, *, q_start, scale, doc_ids)` (queries that are a chunk of a longer sequence)
 - `expert_mlp(x_sorted, tokens_per_expert, gate_up_proj, down_proj)` (the grouped GEMM of the local experts)
 
 Tensors are laid out [batch, seq, heads, head_dim]; `doc_ids` [batch, seq] marks packed documents (attention never

@@ -102,6 +102,23 @@ def causal_attention(
     return out.transpose(1, 2)
 
 
+def causal_attention_at(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, scale: float, doc_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Causal attention of queries at positions [q_start, q_start + Lq) over keys at positions [0, Sk) (a chunk of
+    a longer sequence, under context parallelism). doc_ids [B, Sk] cover the key positions."""
+    Lq, Sk = q.shape[1], k.shape[1]
+    q_pos = torch.arange(q_start, q_start + Lq, device=q.device).view(Lq, 1)
+    mask = q_pos >= torch.arange(Sk, device=q.device).view(1, Sk)
+    if doc_ids is not None:
+        q_docs = doc_ids[:, q_start:q_start + Lq]
+        mask = mask & (q_docs.unsqueeze(-1) == doc_ids.unsqueeze(-2))
+        mask = mask.unsqueeze(1)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
 def expert_mlp(
     x_sorted: torch.Tensor, tokens_per_expert: list[int], gate_up_proj: torch.Tensor, down_proj: torch.Tensor
 ) -> torch.Tensor:

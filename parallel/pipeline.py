@@ -1,0 +1,212 @@
+"""Pipeline parallelism through torch.distributed.pipelining.
+
+The decoder layers are split into stages (`parallel.pp_layout`, or an even split), placed on the pp ranks either
+in a loop (1F1B: one stage per rank; interleaved 1F1B: `pp_virtual` stages per rank, stage s on rank s mod pp)
+or in a V (ZBV zero-bubble and DualPipeV: rank r holds stages r and 2pp - 1 - r). The first stage embeds the
+tokens; the last applies the final norm, the LM head, the losses and the MTP blocks. MTP reads token embeddings,
+so the last stage keeps a copy of the embedding whose gradients are summed with the first stage's (and which
+is the same parameter when both stages sit on one rank, as in a V).
+
+Every stage receives the micro-batch's token ids, positions and labels as keyword arguments (all ranks read the
+same micro-batches), so only hidden states travel between stages. The balance loss of each stage's MoE layers
+is attached to the stage's output hidden state and enters the backward when that state's gradient arrives (the
+trick Megatron-Core uses), so every stage's aux loss is in the total. Losses are normalised by global counts, so
+the schedules run with scale_grads=False.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from mimo_train.forward_backward import LossSpec, StepResult, micro_batch_loss
+
+SCHEDULES = {
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
+}
+
+
+def stage_layers(p: ParallelConfig, model: ModelConfig) -> list[list[int]]:
+    """The decoder-layer indices of each stage."""
+    n_stages = p.pp * p.pp_virtual
+    counts = list(p.pp_layout)
+    if not counts:
+        base, extra = divmod(model.num_layers, n_stages)
+        counts = [base + (1 if s < extra else 0) for s in range(n_stages)]
+    if sum(counts) != model.num_layers:
+        raise ConfigError(f"parallel.pp_layout: the stages hold {sum(counts)} layers, the model has {model.num_layers}")
+    stages, first = [], 0
+    for n in counts:
+        stages.append(list(range(first, first + n)))
+        first += n
+    return stages
+
+
+def stage_ranks(p: ParallelConfig) -> list[int]:
+    """The pp rank of each stage."""
+    n_stages = p.pp * p.pp_virtual
+    if p.pp_schedule in ("zbv", "dualpipev"):
+        return [s if s < p.pp else 2 * p.pp - 1 - s for s in range(n_stages)]
+    return [s % p.pp for s in range(n_stages)]
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Identity on the hidden state; its backward also starts the backward of `loss` (gradient 1)."""
+
+    @staticmethod
+    def forward(ctx, hidden, loss):
+        # A copy, not the input itself: a returned input becomes a view, and the zero-bubble schedules detach
+        # stage outputs in place, which views do not allow.
+        return hidden.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=grad.dtype)
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of the model: its decoder layers, plus the embedding (first) or the head (last)."""
+
+    def __init__(self, model, layers: list[int], is_first: bool, is_last: bool):
+        super().__init__()
+        self.model = [model]  # a plain list: the stage must not re-register the whole model's parameters
+        self.layers = nn.ModuleList([model.model.layers[str(i)] for i in layers])
+        self.is_first, self.is_last = is_first, is_last
+        if is_first:
+            self.embed_tokens = model.model.embed_tokens
+        if is_last:
+            self.head_modules = nn.ModuleList([model.model.norm, model.lm_head]
+                                              + ([model.model.mtp] if model.model.mtp is not None else []))
+            if model.model.mtp is not None:
+                # MTP reads token embeddings: the stage must own that weight, or the zero-bubble schedules, which
+                # compute weight gradients per stage, would miss its MTP share.
+                self.mtp_embedding = model.model.embed_tokens
+        self.spec: LossSpec | None = None
+        self.reset()
+
+    def reset(self):
+        # Bookkeeping per micro-batch, keyed by the storage of its token ids. The schedule's first step runs each
+        # stage once more on the first micro-batch's ids with placeholder activations (to infer shapes); keying
+        # by micro-batch lets the real run overwrite that record instead of adding to it.
+        self.records: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def parts(self):
+        parts = [p for p, _ in self.records.values()]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    @property
+    def expert_counts(self):
+        counts = [c for _, c in self.records.values() if c is not None]
+        return sum(counts[1:], counts[0]) if counts else None
+
+    def forward(self, hidden=None, *, input_ids, position_ids, labels):
+        model = self.model[0]
+        batch = model.prepare(input_ids, position_ids, labels)
+        x = model.embed(batch) if self.is_first else hidden
+        x, aux_terms, counts = model.run_layers(x, self.layers, batch)
+        if self.is_last:
+            out = model.head(x, batch, aux_terms, ())
+            loss, parts = micro_batch_loss(out, self.spec)
+        else:
+            aux = torch.stack(aux_terms).sum() if aux_terms else x.new_zeros(())
+            aux = self.spec.aux_coeff * aux / self.spec.global_batch_size
+            parts = torch.zeros(2 + len(self.spec.mtp_tokens), dtype=torch.float64)
+            parts[1] = aux.item()
+            loss = _AttachLoss.apply(x, aux) if aux_terms else x  # the stage output, carrying its aux loss
+        self.records[input_ids.data_ptr()] = (parts, torch.stack(counts) if counts else None)
+        return loss
+
+
+def prune_to_local_stages(model, p: ParallelConfig, pp_rank: int) -> list[tuple[int, list[int]]]:
+    """Drop the layers (and embedding, head, MTP) that no local stage needs; return [(stage, layers)] local."""
+    layers, ranks = stage_layers(p, model.cfg), stage_ranks(p)
+    local = [(s, layers[s]) for s in range(len(layers)) if ranks[s] == pp_rank]
+    keep = {i for _, ls in local for i in ls}
+    # A ModuleDict keyed by the original index keeps every parameter's global name (model.layers.17...).
+    model.model.layers = nn.ModuleDict({str(i): l for i, l in enumerate(model.model.layers) if i in keep})
+    last = len(layers) - 1
+    has_first = any(s == 0 for s, _ in local)
+    has_last = any(s == last for s, _ in local)
+    if not has_last:
+        model.model.norm = None
+        model.lm_head = None
+        model.model.mtp = None
+    if not has_first and not (has_last and model.cfg.mtp.num_blocks > 0):
+        model.model.embed_tokens = None
+    return local
+
+
+class PipelineRunner:
+    """Runs one optimizer step's micro-batches through the schedule; the pipeline analogue of forward_backward."""
+
+    def __init__(self, model, topo, p: ParallelConfig, local_stages: list[tuple[int, list[int]]]):
+        self.n_stages = p.pp * p.pp_virtual
+        self.local_stages = local_stages
+        self.modules = [StageModule(model, ls, s == 0, s == self.n_stages - 1) for s, ls in local_stages]
+        self.topo, self.p = topo, p
+        self.hidden_size = model.cfg.hidden_size
+        self.key = None
+        self.schedule = None
+
+    def _schedule(self, n_micro: int, micro_batch: int, seq_len: int):
+        """Stages and schedule for this shape. The shapes are given, not inferred: shape inference would run the
+        stages once on placeholder data, and their loss and expert-count bookkeeping with it."""
+        from torch.distributed import pipelining
+
+        key = (n_micro, micro_batch, seq_len)
+        if self.key == key:
+            return self.schedule
+        if self.p.pp_schedule == "dualpipev" and n_micro < self.n_stages:
+            raise ConfigError(f"parallel.pp_schedule=dualpipev needs at least {self.n_stages} micro-batches per step "
+                              f"(one per stage), got {n_micro}: raise train.global_batch_size or lower micro_batch_size")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        local_len = seq_len // self.topo.cp // self.topo.tp  # context-parallel chunks, then sequence-parallel slices
+        hidden = torch.empty(micro_batch, local_len, self.hidden_size, device="meta")
+        loss = torch.empty((), device="meta")
+        stages = []
+        for m, (s, _) in zip(self.modules, self.local_stages):
+            stages.append(pipelining.PipelineStage(
+                m, s, self.n_stages, device, group=self.topo.group("pp"),
+                input_args=None if s == 0 else (hidden,), output_args=loss if s == self.n_stages - 1 else hidden))
+        schedule_cls = getattr(pipelining, SCHEDULES[self.p.pp_schedule])
+        self.schedule = schedule_cls(stages[0] if self.p.pp_schedule == "1f1b" else stages, n_microbatches=n_micro,
+                                     loss_fn=lambda out, target: out, scale_grads=False)
+        self.key = key
+        return self.schedule
+
+    def forward_backward(self, micro_batches: list[dict], spec: LossSpec, bf16: bool = False) -> StepResult:
+        for m in self.modules:
+            m.spec = spec
+            m.reset()
+        batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in ("input_ids", "position_ids", "labels")}
+        mb, seq_len = micro_batches[0]["input_ids"].shape
+        schedule = self._schedule(len(micro_batches), mb, seq_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            # The last stage needs a target to run its loss function; the loss is already the stage's output.
+            schedule.step(**batch, target=batch["labels"], return_outputs=False)
+        parts = sum((m.parts for m in self.modules if m.parts is not None),
+                    torch.zeros(2 + len(spec.mtp_tokens), dtype=torch.float64))
+        counts = [m.expert_counts for m in self.modules if m.expert_counts is not None]
+        return StepResult(parts, torch.cat(counts) if counts else None)
+
+
+def tie_group(topo, p: ParallelConfig, cache: dict):
+    """The ranks holding the first stage's and the last stage's copy of the embedding (same dp/cp/tp place)."""
+    if "embed" in cache:
+        return cache["embed"]
+    last_rank = stage_ranks(p)[-1]
+    mine = None
+    if last_rank != 0:
+        grid = torch.arange(topo.world_size).view(p.pp, p.dp, p.cp, p.tp)
+        for first, last in zip(grid[0].reshape(-1).tolist(), grid[last_rank].reshape(-1).tolist()):
+            g = dist.new_group([first, last])
+            if topo.rank in (first, last):
+                mine = g
+    cache["embed"] = mine
+    return mine
