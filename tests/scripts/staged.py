@@ -58,3 +58,17 @@ def max_rel_diff(a: list[dict], b: list[dict], keys=TRAJECTORY_KEYS) -> float:
         for k in keys:
             worst = max(worst, abs(x[k] - y[k]) / max(abs(y[k]), 1e-12))
     return worst
+
+
+def reference_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The uninterrupted single-process run of the staged test config (as a subprocess, one thread, like every
+    run it is compared with), checkpointing every 4 steps and keeping all: computed once per test session."""
+    root = tmp_path_factory.getbasetemp() / "staged_reference"
+    run_dir = root / "run"
+    if not (run_dir / "metrics.jsonl").is_file():
+        config = write_config(root, save_interval=4, keep_last=0)
+        result = cli(config, run_dir)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 12))
+    return run_dir, records
