@@ -168,3 +168,36 @@ def test_fully_imbalanced_routing_with_idle_expert_ranks(tmp_path):
         assert g["expert_load/dead_experts"] == 6 * 11  # 6 idle experts in each of the 11 MoE layers
         for key in ("loss", "grad_norm", "aux_loss"):
             assert torch.isfinite(torch.tensor(g[key])) and _rel(g[key], r[key]) <= 1e-5, key
+
+
+@pytest.mark.parametrize(
+    "overrides,world,message",
+    [
+        (["parallel.tp=2"], 4, "parallel: tp x pp x dp x cp = 2x1x1x1 = 2 must equal the world size 4"),
+        (["parallel.tp=3", "parallel.dp=1"], 3, "parallel.tp=3: must divide model.num_attention_heads (4)"),
+        (["parallel.dp=3", "parallel.ep=3"], 3, "parallel.ep=3: must divide model.num_experts (8)"),
+        (["parallel.tp=2", "parallel.ep=4"], 2, "parallel.ep x etp = 4 must divide dp x cp x tp = 2"),
+        (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, "parallel.sequence_parallel: must be true"),
+        (["parallel.cp=8"], 8, "with parallel.cp=8 a chunk has 8 tokens, fewer than the sliding window (16)"),
+        (["parallel.cp=3"], 3, "must be divisible by 2 x parallel.cp = 6"),
+        (["parallel.pp=2", "parallel.pp_layout=[5,5]"], 2, "parallel.pp_layout: the stages hold 10 layers"),
+        (["parallel.etp=2", "parallel.tp=2", "parallel.ep=1"], 2, "parallel.etp=2: expert-tensor parallelism"),
+    ],
+)
+def test_invalid_layouts_are_rejected_naming_the_rule(overrides, world, message):
+    from mimo_train.config import ConfigError
+    from parallel.topology import validate_layout
+
+    cfg = load_config("configs/train/tiny_cpu.yaml", [*BASE, *overrides])
+    with pytest.raises(ConfigError) as e:
+        validate_layout(cfg.parallel, cfg.model, world, cfg.train.seq_len)
+    assert message in str(e.value)
+
+
+def test_pipeline_config_rules():
+    from mimo_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="parallel.pp_virtual: zbv places exactly 2 stages per rank"):
+        load_config("configs/train/tiny_cpu.yaml", ["parallel.pp=2", "parallel.pp_schedule=zbv"])
+    with pytest.raises(ConfigError, match="parallel.pp_schedule: must be one of"):
+        load_config("configs/train/tiny_cpu.yaml", ["parallel.pp_schedule=gpipe"])

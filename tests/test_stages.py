@@ -93,7 +93,7 @@ def test_staged_run_switches_at_the_boundary_without_repeating_or_skipping_data(
     # The boundary checkpoint (kept by retention) and the final one.
     boundary = ckpt.read_meta(tmp_path / "run/checkpoints" / ckpt.checkpoint_name(7))
     assert boundary["stage_boundary"] and boundary["trainer"]["stage_name"] == "b"
-    assert boundary["data"]["seq_len"] == 128 and boundary["data"]["stage_start_sample"] == 26
+    assert boundary["data"]["seq_len"] == 128 and boundary["data"]["stage_start_sample"] == 24
     assert ckpt.find_latest(tmp_path / "run/checkpoints").name == ckpt.checkpoint_name(11)
 
     # Every token of the source is an input exactly once, in order, across the switch from 64 to 128 tokens.
