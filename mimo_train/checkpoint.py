@@ -320,7 +320,7 @@ class CheckpointManager:
                     pass
         for path in published:
             if path not in keep:
-                fault_point("during_retention", int(_NAME.match(path.name).group(1)))
                 trash = path.with_name(path.name + ".deleting")
                 os.replace(path, trash)
+                fault_point("during_retention", int(_NAME.match(path.name).group(1)))
                 shutil.rmtree(trash, ignore_errors=True)

@@ -37,6 +37,7 @@ from mimo_train.model import MiMoForCausalLM
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
 from parallel import comm
 from parallel.data_parallel import ShardedAdamW, sync_gradients
+from parallel.initialize import materialize
 from parallel.parallelize import build_parallel_model
 from parallel.state_dict import copy_loaded_model_state, model_state, optimizer_state
 from parallel.topology import build_topology, init_distributed, validate_layout
@@ -134,12 +135,14 @@ class Trainer:
         """Topology, model, optimizer and data stream for `stage`'s layout (collective)."""
         cfg, t, p = self.cfg, self.cfg.train, stage.parallel
         self.topo = build_topology(p, cfg.model, stage.seq_len)
-        # Every rank builds the same full model from the seed, then keeps its shard: the parallel run starts
-        # from exactly the single-process weights. (The model gets its own config: stages change its RoPE base.)
+        # The model is built on the meta device, sharded, and only then are this rank's slices given their initial
+        # values, which depend on (seed, parameter name) alone: every layout starts from exactly the
+        # single-process weights. (The model gets its own config: stages change its RoPE base.)
         torch.manual_seed(t.seed)
-        self.model = MiMoForCausalLM(copy.deepcopy(cfg.model), backend=p.backend)
-        self.model.init_weights(seed=t.seed)
+        with torch.device("meta"):  # no rank ever holds the whole model
+            self.model = MiMoForCausalLM(copy.deepcopy(cfg.model), backend=p.backend)
         self.layouts, self.pipeline = build_parallel_model(self.model, self.topo, p)
+        materialize(self.model, self.layouts, seed=t.seed)
         self.optimizer = ShardedAdamW(self.model, self.layouts, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                                       eps=t.adam_eps, weight_decay=t.weight_decay)
 

@@ -8,6 +8,7 @@ embedding of token i + d and predicts token i + d + 1, sharing the embedding and
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -104,6 +105,11 @@ class MiMoModel(nn.Module):
         self.mtp = MTP(cfg, backend) if cfg.mtp.num_blocks > 0 else None
 
 
+def _generator(seed: int, *parts) -> torch.Generator:
+    key = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Packed documents restart their positions at 0; number the documents of each row from there."""
     return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
@@ -131,18 +137,31 @@ class MiMoForCausalLM(nn.Module):
 
     # ---- initialisation ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int = 0) -> None:
         """N(0, init_std) for every weight matrix, embedding, router and sink (spec section 2.3); norms at 1;
-        expert correction bias at 0."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.cfg.init_std
+        expert correction bias at 0. Each parameter's values depend only on (seed, its name), so a rank that holds
+        a slice of a parameter can compute exactly that slice (see parallel/initialize.py)."""
         for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+            p.copy_(self.initial_value(name, p.shape, seed).to(p.dtype))
+        self.reset_buffers()
+
+    def initial_value(self, name: str, shape, seed: int, experts: range | None = None) -> torch.Tensor:
+        """The initial value of parameter `name` of full shape `shape`; for stacked expert weights, optionally only
+        the experts in `experts` (each expert has its own random stream, so a rank makes only its own)."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        std = self.cfg.init_std
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            ids = experts if experts is not None else range(shape[0])
+            return torch.stack([torch.randn(shape[1:], generator=_generator(seed, name, e)) * std for e in ids])
+        return torch.randn(shape, generator=_generator(seed, name)) * std
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Buffers to their initial state: rotary tables from the config, expert correction biases at zero."""
+        rope = self.model.rotary_emb
+        rope.set_base("full_attention", self.cfg.rope_theta)
+        rope.set_base("sliding_attention", self.cfg.swa_rope_theta)
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()

@@ -1,0 +1,726 @@
+"""`mimo-train plan`: enumerate parallel layouts for a GPU count and estimate, for each, the memory per GPU, the
+communication per step, the step time and the MFU; rank the layouts that fit.
+
+    mimo-train plan --config configs/model/mimo_v2_flash.yaml --gpus 512 --gpu h100 [--seq 32768] [--json]
+
+The model is analytical, built from the code rather than from rules of thumb:
+
+- **Parameters** come from the real module tree on the meta device (as `mimo-train info` does), each parameter
+  sharded by the rule `parallel/parallelize.py` applies to it: q/o projections, sinks, dense FFNs, embedding and
+  LM head split over tp (vocab-parallel); k/v split over tp, or one head per rank replicated when tp > KV heads;
+  experts split over ep x etp; norms, routers and the MTP eh_proj replicated. Pipeline stages hold the decoder
+  layers of `parallel/pipeline.py`'s split (even, first stages take the remainder), the first stage the
+  embedding, the last the final norm, LM head, MTP blocks and a copy of the embedding.
+- **Precision** (`Precision`): bytes per parameter of the weights, gradients, fp32 master copy and each Adam
+  moment, and of saved activations. ZeRO-1 as in `parallel/data_parallel.py`: the master copy and both moments
+  are sharded over each parameter's gradient group (dp x cp for tp-sharded weights, tp x dp x cp for replicated
+  ones, dp x cp x tp / (ep x etp) for experts); weights and gradients are replicated within it.
+  `bf16` (GPU): bf16 weights + fp32 gradients + fp32 master + 2 fp32 moments, bf16 activations.
+  `fp32` (our CPU trainer): fp32 weights (they are the master) + fp32 gradients + 2 fp32 moments, fp32 activations.
+- **Activations** are the tensors autograd saves in our implementation, per token, layer by layer (see
+  `_attention_bytes`, `_moe_bytes`, ...): q/k/v/o with the 192/128 head dims; for the `torch` kernel backend the
+  SWA score tiles of S x (block + W) per head and, for GA with packed documents, the S x S probabilities of the
+  math SDPA path; for a `fused` kernel (TE / flash, the GPU assumption) only q, k, v, out and the log-sum-exp;
+  MoE: fp32 router input and scores, the dispatched rows (top-k x tokens x hidden), the expert intermediates and
+  the combined rows; the LM head's fp32 log-softmax (vocab-parallel) for the main head and each MTP block; the
+  all-gathered K/V of GA layers under CP. Sequence parallelism divides the norm/residual/MoE tokens by tp.
+  Recompute: `selective` recomputes the attention core and the expert intermediates (SwiGLU), `full` keeps only
+  each layer's input. The schedule sets how many micro-batches are in flight on a rank: 1F1B pp - r on rank r,
+  interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2).
+- **Communication** per GPU per step, by kind: TP/SP all-gather + reduce-scatter (one pair per attention and
+  dense FFN forward, the reverse pair backward: Megatron's fused-QKV count), EP all-to-all (dispatch + combine,
+  forward + backward, balanced routing), CP halo exchange (W rows of K/V per chunk boundary) and GA K/V
+  all-gather, PP send/recv of the boundary activations, DP gradient all-reduce (fp32) and the ZeRO-1 broadcast of
+  updated weights. Each kind runs on NVLink when its group fits in a node (ranks are ordered pp, dp, cp, tp with
+  tp fastest; experts ep x etp consecutive), else on InfiniBand.
+- **Step time** = compute (model FLOPs of `model_report`, SWA-aware, MTP included, plus recompute FLOPs, at an
+  achievable fraction of peak) / (1 - pipeline bubble) + the exposed part of each kind of communication
+  (1 - overlap). Bubble: (pp - 1) / (m v + pp - 1) for 1F1B (v = 1) and interleaved; 0 for ZBV / DualPipeV when
+  m >= 2 pp (the 1F1B bubble otherwise). MFU = model FLOPs / (step time x GPUs x peak).
+
+Everything is an estimate; the assumptions are fields of `Hardware`, `Precision` and `Assumptions` and are printed
+with the table. Validation: `tests/test_planner.py` compares the per-rank estimate with the measured peak memory
+of real CPU training steps of the tiny model under several layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from typing import Any
+
+from mimo_train.config import ConfigError, ModelConfig, ParallelConfig, load_config
+
+GB = 1e9
+
+# --------------------------------------------------------------------------------------------------------------
+# Assumptions
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    memory_gb: float  # HBM per GPU (vendor figure, 1e9 bytes)
+    peak_tflops: float  # dense BF16 peak (no sparsity)
+    nvlink_gbs: float  # effective per-GPU bandwidth inside a node (GB/s, one direction)
+    ib_gbs: float  # effective per-GPU bandwidth across nodes (GB/s, one direction)
+    gpus_per_node: int = 8
+
+
+# NVLink: H100/H200 NVLink 4 = 450 GB/s per direction, B200 NVLink 5 = 900 GB/s, taken at 80% as achievable bus
+# bandwidth. InfiniBand: one 400 Gb/s NDR NIC per GPU = 50 GB/s, at 80%.
+GPUS = {
+    "h100": Hardware("h100", 80.0, 989.0, 360.0, 40.0),
+    "h200": Hardware("h200", 141.0, 989.0, 360.0, 40.0),
+    "b200": Hardware("b200", 192.0, 2250.0, 720.0, 40.0),
+}
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    param_bytes: int  # the weights the forward reads
+    grad_bytes: int  # gradient accumulation buffers (replicated within the gradient group: ZeRO-1)
+    master_bytes: int  # fp32 master copy (0: the weights are the master), sharded by ZeRO-1
+    moment_bytes: int  # each of Adam's two moments, sharded by ZeRO-1
+    act_bytes: int  # saved activations
+
+
+PRECISIONS = {
+    "bf16": Precision("bf16", 2, 4, 4, 4, 2),
+    "fp32": Precision("fp32", 4, 4, 0, 4, 4),
+}
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    compute_efficiency: float = 0.55  # achieved fraction of peak on the model's matmuls and attention
+    reserve_gb: float = 8.0  # per GPU: CUDA context, NCCL buffers, allocator fragmentation
+    overlap_tp: float = 0.5  # fraction of each kind's communication hidden behind compute
+    overlap_ep: float = 0.5  # (DualPipeV overlaps the EP all-to-all of one micro-batch with another's compute)
+    overlap_ep_dualpipe: float = 0.9
+    overlap_cp: float = 0.5
+    overlap_pp: float = 0.9
+    overlap_dp: float = 0.5
+    kernel: str = "fused"  # attention kernels: "fused" (TE / flash: O(S) memory) or "torch" (our reference backend)
+    packed_documents: bool = True  # torch kernel: GA layers use the masked (S x S) SDPA path
+    micro_batch_size: int = 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model as the planner sees it: parameters by sharding rule, per unit (decoder layer, embedding, head, MTP)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Unit:
+    """Parameter counts of one pipeline-placeable unit, by sharding rule."""
+
+    tp: int = 0  # split over tp (q/o projections, sinks, dense FFN, vocab-parallel embedding and head)
+    kv: dict = field(default_factory=dict)  # {kv heads: params} k/v projections
+    expert: int = 0  # split over ep x etp
+    rep: int = 0  # replicated (norms, router, eh_proj)
+    buffers_fp32: int = 0  # expert correction biases, rotary tables (fp32, replicated)
+
+    @property
+    def total(self) -> int:
+        return self.tp + sum(self.kv.values()) + self.expert + self.rep
+
+
+@dataclass
+class LayerShape:
+    sliding: bool
+    moe: bool
+    kv_heads: int
+
+
+@dataclass
+class ModelGeometry:
+    cfg: ModelConfig
+    layers: list[Unit]
+    shapes: list[LayerShape]
+    embed: Unit
+    head: Unit  # final norm + LM head
+    mtp: Unit  # all MTP blocks
+    mtp_blocks: int
+    total_params: int  # main + MTP, from the module tree
+
+
+def _rule(name: str) -> str:
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return "tp"
+    if ".experts." in name:
+        return "expert"
+    if name.endswith(("q_proj.weight", "o_proj.weight", "self_attn.sinks", "gate_proj.weight", "up_proj.weight",
+                      "down_proj.weight")):
+        return "tp"
+    if name.endswith(("k_proj.weight", "v_proj.weight")):
+        return "kv"
+    return "rep"
+
+
+def geometry(cfg: ModelConfig) -> ModelGeometry:
+    """Parameters of the real module tree (meta device), bucketed by unit and sharding rule."""
+    from mimo_train.info import build_meta_model
+
+    model = build_meta_model(cfg)
+    layers = [Unit() for _ in range(cfg.num_layers)]
+    embed, head, mtp = Unit(), Unit(), Unit()
+    shapes = []
+    for layer in model.model.layers:
+        shapes.append(LayerShape(layer.self_attn.sliding, layer.is_moe, layer.self_attn.num_kv_heads))
+    kv_of = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "num_kv_heads") and hasattr(mod, "k_proj"):
+            kv_of[name] = mod.num_kv_heads
+
+    def unit_of(name: str) -> Unit:
+        if name.startswith("model.layers."):
+            return layers[int(name.split(".")[2])]
+        if name.startswith("model.embed_tokens"):
+            return embed
+        if name.startswith("model.mtp"):
+            return mtp
+        return head  # model.norm, lm_head, rotary tables
+
+    total = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        total += n
+        u, rule = unit_of(name), _rule(name)
+        if rule == "kv":
+            kv = kv_of[name.rsplit(".", 2)[0]]
+            u.kv[kv] = u.kv.get(kv, 0) + n
+        else:
+            setattr(u, rule, getattr(u, rule) + n)
+    for name, b in model.named_buffers():
+        unit_of(name).buffers_fp32 += b.numel()
+    return ModelGeometry(cfg, layers, shapes, embed, head, mtp, cfg.mtp.num_blocks, total)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layouts
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1
+    recompute: str = "none"  # none | selective | full
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.cp * self.tp // (self.ep * self.etp)
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp, ep=self.ep, etp=self.etp,
+                              pp_schedule=self.pp_schedule, pp_virtual=self.pp_virtual)
+
+    def describe(self) -> str:
+        sched = {"1f1b": "1F1B", "interleaved_1f1b": f"I1F1B(v{self.pp_virtual})", "zbv": "ZBV",
+                 "dualpipev": "DualPipeV"}[self.pp_schedule]
+        s = f"TP{self.tp} PP{self.pp} {sched if self.pp > 1 else ''} CP{self.cp} DP{self.dp} EP{self.ep}"
+        if self.etp > 1:
+            s += f" ETP{self.etp}"
+        return " ".join(s.split())
+
+
+def stage_layers(num_layers: int, n_stages: int) -> list[list[int]]:
+    """`parallel/pipeline.py`'s even split: the first `num_layers % n_stages` stages take one layer more."""
+    base, extra = divmod(num_layers, n_stages)
+    out, first = [], 0
+    for s in range(n_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(list(range(first, first + n)))
+        first += n
+    return out
+
+
+def stage_ranks(layout: Layout) -> list[int]:
+    n = layout.pp * layout.pp_virtual
+    if layout.pp_schedule in ("zbv", "dualpipev"):
+        return [s if s < layout.pp else 2 * layout.pp - 1 - s for s in range(n)]
+    return [s % layout.pp for s in range(n)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _local_params(u: Unit, L: Layout) -> list[tuple[float, int]]:
+    """[(parameters held by this rank, size of their ZeRO-1 gradient group)] for a unit."""
+    dpcp = L.dp * L.cp
+    out = [(u.tp / L.tp, dpcp), (u.rep, L.tp * dpcp), (u.expert / (L.ep * L.etp), L.edp)]
+    for kv, n in u.kv.items():
+        if kv >= L.tp:
+            out.append((n / L.tp, dpcp))
+        else:  # one head per rank, replicated on tp / kv ranks, whose gradients are summed with their dp x cp peers
+            out.append((n / kv, dpcp * (L.tp // kv)))
+    return out
+
+
+def state_bytes(units: list[Unit], L: Layout, prec: Precision) -> dict[str, float]:
+    params = grads = optim = 0.0
+    for u in units:
+        for n, group in _local_params(u, L):
+            params += n * prec.param_bytes
+            grads += n * prec.grad_bytes
+            optim += n * (prec.master_bytes + 2 * prec.moment_bytes) / group
+        params += u.buffers_fp32 * 4
+    return {"params": params, "grads": grads, "optimizer": optim}
+
+
+@dataclass(frozen=True)
+class ActShape:
+    """Per micro-batch, on one rank: tokens in the attention region (the CP chunk), in the SP region, etc."""
+
+    tokens: float  # mbs x seq / cp: the tokens whose q/k/v this rank computes (full over tp)
+    sp_tokens: float  # tokens / tp: norms, residuals, MoE routing
+    seq: int
+    cp: int
+    tp: int
+    mbs: int
+
+
+def _norm_bytes(cfg: ModelConfig, a: int, kernel: str) -> float:
+    """Per SP token. Ours: the fp32 input and the normalised x (RMSNorm in plain torch); fused: input + rsigma."""
+    h = cfg.hidden_size
+    if kernel == "torch":  # x.float() (saved by the rsqrt product) and the normalised x in the activation dtype
+        return 4 * h + a * h + 4
+    return a * h + 4
+
+
+def _heads(cfg: ModelConfig, kv_heads: int, tp: int) -> tuple[float, float]:
+    return cfg.num_attention_heads / tp, (kv_heads / tp if kv_heads >= tp else 1)
+
+
+def _attention_bytes(cfg: ModelConfig, sliding: bool, kv_heads: int, s: ActShape, a: int, A: Assumptions,
+                     recompute: str) -> float:
+    """Saved bytes of one attention layer per micro-batch (input projections to o_proj)."""
+    h, D, Dv = cfg.hidden_size, cfg.head_dim, cfg.v_head_dim
+    hq, hkv = _heads(cfg, kv_heads, s.tp)
+    T = s.tokens
+    torch_kernel = A.kernel == "torch"
+    # Inputs of the column-parallel projections: the (all-gathered, under SP) normed input; our torch path gathers
+    # it once per q/k/v projection, a fused QKV gathers once. Plus the o_proj input (the attention output).
+    gathers = 3 if (torch_kernel and s.tp > 1) else 1
+    b = T * (gathers * h + hq * Dv) * a
+    W = cfg.window_keys - 1
+    if sliding:
+        if torch_kernel and recompute == "none":
+            C = max(16, min(W, s.seq)) if W > 0 else min(64, s.seq)
+            Tq = T + (2 * W * s.mbs if s.cp > 1 else 0)  # CP: halo rows prepended to each chunk
+            keys = C + W
+            b += Tq * a * (hq * D + hq * D * keys / C + 3 * hq * keys + hq * Dv * keys / C + 3 * hq) + Tq * keys
+        else:  # fused kernel (or the core recomputed): q, k, v and the log-sum-exp
+            b += T * (a * (hq * D + hkv * (D + Dv)) + 4 * hq)
+    else:
+        keys_kv = T * (s.cp if s.cp > 1 else 1)  # GA under CP: the all-gathered K/V of the whole sequence
+        if torch_kernel and A.packed_documents and recompute == "none":
+            if s.cp > 1:  # each of the two chunks attends to the keys before its end: (2cp + 1) L keys per row
+                L = s.seq / (2 * s.cp)
+                probs = s.mbs * hq * L * L * (2 * s.cp + 1)
+                kv_rows = s.mbs * L * (2 * s.cp + 1)
+                b += a * (T * hq * D + kv_rows * hq * (D + Dv) + probs)
+            else:  # masked SDPA (math path): q, K/V expanded to the query heads, the S x S probabilities
+                b += a * (T * hq * (2 * D + Dv) + s.mbs * hq * s.seq * s.seq)
+        else:
+            b += T * (a * hq * D + 4 * hq) + keys_kv * hkv * (D + Dv) * a
+    return b
+
+
+def _moe_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute: str) -> float:
+    """Saved bytes of one MoE FFN per micro-batch: router (fp32), dispatch, experts, combine."""
+    h, k, E, I = cfg.hidden_size, cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size
+    T = s.sp_tokens
+    router = T * (4 * h + 4 * E + k * 36)  # fp32 input and scores; top-k ids, weights, the dispatch order
+    if A.kernel == "torch":
+        rows = T * k * 3 * h * a  # dispatched rows, expert outputs, weighted outputs
+        inter = T * k * 4 * I * a  # gate_up output, SiLU, product
+    else:
+        rows = T * k * 2 * h * a  # permuted input (fc1 wgrad), expert output (unpermute with probs)
+        inter = T * k * 3 * I * a  # fc1 output, SwiGLU output
+    if recompute == "selective":
+        inter = 0.0
+    return router + rows + inter
+
+
+def _dense_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute: str) -> float:
+    h, I = cfg.hidden_size, cfg.intermediate_size / s.tp
+    gathers = 2 if (A.kernel == "torch" and s.tp > 1) else 1
+    inter = 4 * I if A.kernel == "torch" else 3 * I
+    if recompute == "selective":
+        inter = 0  # (treated like the expert intermediates)
+    return s.tokens * (gathers * h + inter) * a
+
+
+def layer_bytes(cfg: ModelConfig, shape: LayerShape, s: ActShape, a: int, A: Assumptions, recompute: str) -> float:
+    """Saved activation bytes of one decoder layer for one micro-batch."""
+    if recompute == "full":
+        return s.sp_tokens * cfg.hidden_size * a  # the layer input only
+    b = 2 * s.sp_tokens * _norm_bytes(cfg, a, A.kernel)
+    b += _attention_bytes(cfg, shape.sliding, shape.kv_heads, s, a, A, recompute)
+    b += _moe_bytes(cfg, s, a, A, recompute) if shape.moe else _dense_bytes(cfg, s, a, A, recompute)
+    return b
+
+
+def head_bytes(cfg: ModelConfig, mtp_blocks: int, s: ActShape, a: int, A: Assumptions, recompute: str) -> dict:
+    """Last stage, one micro-batch: final norm, LM head input and fp32 log-softmax (vocab-parallel), the MTP
+    blocks (norms, eh_proj, an SWA layer with a dense FFN, their own head); and the transient of the loss
+    backward (the log-softmax gradient and the logits gradient, fp32)."""
+    h, V = cfg.hidden_size, cfg.vocab_size / s.tp
+    norm = s.sp_tokens * _norm_bytes(cfg, a, A.kernel)
+    gathers_head = s.tokens * h * a
+    ce = s.tokens * V * 4
+    main = norm + gathers_head + ce
+    block = (5 * norm + s.sp_tokens * 2 * h * a
+             + _attention_bytes(cfg, True, cfg.swa_num_key_value_heads, s, a, A, recompute)
+             + _dense_bytes(cfg, s, a, A, recompute) + gathers_head + ce)
+    transient = (2 if s.tp == 1 else 1) * s.tokens * V * 4
+    return {"head": main + mtp_blocks * block, "loss_transient": transient, "logits_one": ce}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Estimate of one layout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def in_flight(L: Layout, rank: int, m: int) -> float:
+    """Micro-batches (in units of this rank's whole layer set) whose activations rank `rank` holds at its peak."""
+    pp, v = L.pp, L.pp_virtual
+    if pp == 1:
+        return 1
+    if L.pp_schedule == "1f1b":
+        return min(pp - rank, m)
+    if L.pp_schedule == "interleaved_1f1b":
+        chunks = min(2 * (pp - rank - 1) + (v - 1) * pp + 1, m * v)
+        return chunks / v
+    if L.pp_schedule == "zbv":
+        return min(pp, m)
+    return min(pp + 1, m)  # dualpipev
+
+
+def bubble(L: Layout, m: int) -> float:
+    pp, v = L.pp, L.pp_virtual
+    if pp == 1:
+        return 0.0
+    if L.pp_schedule in ("zbv", "dualpipev") and m >= 2 * pp:
+        return 0.0
+    vv = v if L.pp_schedule == "interleaved_1f1b" else 1
+    return (pp - 1) / (m * vv + pp - 1)
+
+
+def _link(hw: Hardware, span: int) -> float:
+    """Bandwidth (bytes/s) of a group whose ranks span `span` consecutive global ranks."""
+    return (hw.nvlink_gbs if span <= hw.gpus_per_node else hw.ib_gbs) * GB
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    fits: bool
+    runnable: bool
+    memory: dict[str, float]  # per GPU (the worst rank), bytes
+    comm: dict[str, float]  # bytes sent per GPU per step, by kind
+    comm_time: dict[str, float]  # seconds, before overlap
+    step_time: float
+    mfu: float
+    bubble: float
+    compute_time: float
+    micro_batches: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layout"] = {**asdict(self.layout), "name": self.layout.describe()}
+        return d
+
+
+def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Hardware, prec: Precision,
+             A: Assumptions, flops_per_token: float) -> Estimate:
+    cfg = geo.cfg
+    a = prec.act_bytes
+    mbs = A.micro_batch_size
+    m = global_batch // (L.dp * mbs)  # micro-batches per pipeline per step
+    s = ActShape(tokens=mbs * seq / L.cp, sp_tokens=mbs * seq / L.cp / L.tp, seq=seq, cp=L.cp, tp=L.tp, mbs=mbs)
+    n_stages = L.pp * L.pp_virtual
+    stages = stage_layers(cfg.num_layers, n_stages) if L.pp > 1 else [list(range(cfg.num_layers))]
+    ranks = stage_ranks(L) if L.pp > 1 else [0]
+    last = len(stages) - 1
+
+    worst: dict[str, float] | None = None
+    for r in sorted({0, L.pp - 1}):
+        local = [si for si in range(len(stages)) if ranks[si] == r]
+        layer_ids = [i for si in local for i in stages[si]]
+        units = [geo.layers[i] for i in layer_ids]
+        has_first, has_last = 0 in local, last in local
+        if has_first or (has_last and geo.mtp_blocks > 0):
+            units.append(geo.embed)
+        if has_last:
+            units += [geo.head, geo.mtp]
+        mem = state_bytes(units, L, prec)
+        per_mb = sum(layer_bytes(cfg, geo.shapes[i], s, a, A, L.recompute) for i in layer_ids)
+        act = per_mb * in_flight(L, r, m)
+        if L.recompute == "full" and layer_ids:  # one layer's full activations during its recomputed backward
+            act += max(layer_bytes(cfg, geo.shapes[i], s, a, A, "none") for i in layer_ids)
+        hb = head_bytes(cfg, geo.mtp_blocks, s, a, A, "none" if L.recompute == "full" else L.recompute)
+        head = hb["head"] if has_last else 0.0
+        mem.update({"activations": act, "head_and_mtp": head,
+                    "loss_transient": hb["loss_transient"] if has_last else 0.0})
+        mem["total"] = sum(mem.values())
+        mem["pp_rank"] = r
+        if worst is None or mem["total"] > worst["total"]:
+            worst = mem
+    assert worst is not None
+
+    # ---- communication per GPU per step (bytes sent), and its time ------------------------------------------
+    h = cfg.hidden_size
+    n_mb = m  # micro-batches this rank processes per step
+    layers_here = cfg.num_layers / L.pp
+    moe_frac = sum(sh.moe for sh in geo.shapes) / cfg.num_layers
+    ga_frac = sum(not sh.sliding for sh in geo.shapes) / cfg.num_layers
+    extra_fwd = 1 if L.recompute == "full" else 0  # the recomputed forward repeats its communication
+    comm: dict[str, float] = {}
+    # TP/SP: per attention / dense block, fwd all-gather + reduce-scatter, bwd the reverse pair.
+    tp_blocks = layers_here * (1 + (1 - moe_frac)) + (2 * geo.mtp_blocks + 2) / L.pp  # + embedding, head, MTP
+    comm["tp"] = ((2 + extra_fwd) * 2 * tp_blocks * s.tokens * h * a * (L.tp - 1) / L.tp * n_mb) if L.tp > 1 else 0.0
+    # EP: dispatch + combine, forward + backward; balanced routing sends (ep - 1) / ep of the rows away.
+    k = cfg.num_experts_per_tok
+    comm["ep"] = ((2 + extra_fwd) * 2 * layers_here * moe_frac * s.sp_tokens * k * h * a * (L.ep - 1) / L.ep * n_mb
+                  if L.ep > 1 else 0.0)
+    # CP: SWA halo (W rows of K and V, to one neighbour per chunk boundary) and GA all-gather of K/V; the
+    # backward returns the gradients the same way.
+    W = cfg.window_keys - 1
+    if L.cp > 1:
+        kv_sw = _heads(cfg, cfg.swa_num_key_value_heads, L.tp)[1]
+        kv_ga = _heads(cfg, cfg.num_key_value_heads, L.tp)[1]
+        halo = 2 * W * mbs * kv_sw * (cfg.head_dim + cfg.v_head_dim) * a
+        gather = s.tokens * (L.cp - 1) * kv_ga * (cfg.head_dim + cfg.v_head_dim) * a
+        comm["cp"] = (2 + extra_fwd) * layers_here * ((1 - ga_frac) * halo + ga_frac * gather) * n_mb
+    else:
+        comm["cp"] = 0.0
+    # PP: each stage boundary sends the SP slice forward and its gradient back.
+    comm["pp"] = (2 * L.pp_virtual * s.sp_tokens * h * a * n_mb) if L.pp > 1 else 0.0
+    # DP: fp32 gradient all-reduce (ring: 2 (g-1)/g) and the ZeRO-1 broadcast of updated weights ((g-1)/g).
+    dp_bytes = 0.0
+    stage_units = geo.layers[: max(1, round(layers_here))] + [geo.embed]
+    for u in stage_units:
+        for n, g in _local_params(u, L):
+            if g > 1:
+                dp_bytes += n * (2 * prec.grad_bytes + prec.param_bytes) * (g - 1) / g
+    comm["dp"] = dp_bytes
+
+    # Links: tp consecutive; cp stride tp; ep x etp consecutive (MoE mesh); dp stride cp x tp; pp stride dp cp tp.
+    span = {"tp": L.tp, "cp": L.cp * L.tp, "ep": L.ep * L.etp, "dp": L.dp * L.cp * L.tp, "pp": L.world}
+    comm_time = {kind: v / _link(hw, span[kind]) for kind, v in comm.items()}
+    overlap = {"tp": A.overlap_tp, "ep": A.overlap_ep_dualpipe if L.pp_schedule == "dualpipev" and L.pp > 1
+               else A.overlap_ep, "cp": A.overlap_cp, "pp": A.overlap_pp, "dp": A.overlap_dp}
+
+    # ---- compute ----------------------------------------------------------------------------------------------
+    tokens_step = global_batch * seq
+    model_flops = flops_per_token * tokens_step
+    hw_flops = model_flops
+    if L.recompute == "full":
+        hw_flops *= 4 / 3  # one more forward of every layer
+    elif L.recompute == "selective":
+        hw_flops *= 1.06  # the attention core and the expert fc1 + SwiGLU again (about 6% of the step)
+    compute = hw_flops / L.world / (hw.peak_tflops * 1e12 * A.compute_efficiency)
+    bub = bubble(L, m)
+    exposed = sum(t * (1 - overlap[kind]) for kind, t in comm_time.items())
+    step = compute / (1 - bub) + exposed
+    mfu = model_flops / (step * L.world * hw.peak_tflops * 1e12)
+    usable = (hw.memory_gb - A.reserve_gb) * GB
+    notes = []
+    runnable = L.etp == 1
+    if not runnable:
+        notes.append("etp>1: not yet runnable (expert-tensor parallelism is not implemented in the trainer)")
+    return Estimate(L, worst["total"] <= usable, runnable, worst, comm, comm_time, step, mfu, bub, compute, m, notes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Enumeration and ranking
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_layouts(cfg: ModelConfig, gpus: int, seq: int, global_batch: int, *, max_tp: int = 8,
+                      etp_options=(1, 2), recompute_options=("none", "selective", "full"),
+                      micro_batch_size: int = 1) -> list[Layout]:
+    """Every layout that passes `validate_layout` (etp > 1 checked with the rule relaxed) and splits the batch."""
+    from parallel.topology import validate_layout
+
+    out = []
+    for tp in [d for d in _divisors(gpus) if d <= max_tp]:
+        for pp in [d for d in _divisors(gpus // tp) if d <= cfg.num_layers]:
+            for cp in _divisors(gpus // (tp * pp)):
+                dp = gpus // (tp * pp * cp)
+                if global_batch % (dp * micro_batch_size):
+                    continue
+                m = global_batch // (dp * micro_batch_size)
+                scheds = [("1f1b", 1)]
+                if pp > 1:
+                    scheds += [("interleaved_1f1b", v) for v in (2, 3, 4) if pp * v <= cfg.num_layers]
+                    scheds += [("zbv", 2)] if 2 * pp <= cfg.num_layers else []
+                    scheds += [("dualpipev", 2)] if 2 * pp <= cfg.num_layers and m >= 2 * pp else []
+                for ep in _divisors(cfg.num_experts):
+                    for etp in etp_options:
+                        if (dp * cp * tp) % (ep * etp):
+                            continue
+                        for sched, v in scheds:
+                            L = Layout(tp, pp, dp, cp, ep, etp, sched, v)
+                            p = L.parallel_config()
+                            p.etp = 1  # validate the rest; etp > 1 is modelled, marked not yet runnable
+                            try:
+                                p.validate()
+                                validate_layout(p, cfg, L.world, seq)
+                            except ConfigError:
+                                continue
+                            for rc in recompute_options:
+                                out.append(replace(L, recompute=rc))
+    return out
+
+
+def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, global_batch: int | None = None,
+         precision: str = "bf16", assumptions: Assumptions | None = None, hardware: Hardware | None = None,
+         layouts: list[Layout] | None = None) -> dict[str, Any]:
+    """Estimates for every valid layout, ranked: fitting (and runnable) layouts by step time, then the rest."""
+    from mimo_train.info import model_report
+
+    A = assumptions or Assumptions()
+    hw = hardware or GPUS[gpu]
+    prec = PRECISIONS[precision]
+    if global_batch is None:  # the recipe: 2^26 tokens per step (2048 x 32k, 256 x 256k)
+        global_batch = max(1, 2**26 // seq)
+    geo = geometry(cfg)
+    flops = float(model_report(cfg, seq)["flops_per_token"]["total"])
+    if layouts is None:
+        layouts = enumerate_layouts(cfg, gpus, seq, global_batch, micro_batch_size=A.micro_batch_size)
+    results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops) for L in layouts]
+    results.sort(key=lambda e: (not e.fits, not e.runnable, e.step_time if e.fits else e.memory["total"]))
+    return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": asdict(prec),
+            "assumptions": asdict(A), "flops_per_token": flops, "params": geo.total_params, "results": results}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.1f}"
+
+
+def format_plan(p: dict[str, Any], top: int) -> str:
+    hw, A = p["gpu"], p["assumptions"]
+    res = p["results"]
+    n_fit = sum(e.fits for e in res)
+    lines = [
+        f"{p['gpus']} x {hw['name'].upper()} ({hw['memory_gb']:.0f} GB, {hw['peak_tflops']:.0f} TFLOP/s bf16), "
+        f"seq {p['seq']:,}, global batch {p['global_batch']} sequences, micro-batch {A['micro_batch_size']}; "
+        f"{len(res)} layouts, {n_fit} fit in {hw['memory_gb'] - A['reserve_gb']:.0f} GB",
+        f"model {p['params'] / 1e9:.2f}B params, {p['flops_per_token'] / 1e9:.1f} GFLOP/token (fwd+bwd, SWA-aware, "
+        f"MTP incl.); precision {p['precision']['name']}, attention kernel {A['kernel']}, compute at "
+        f"{A['compute_efficiency']:.0%} of peak, NVLink {hw['nvlink_gbs']:.0f} GB/s, IB {hw['ib_gbs']:.0f} GB/s",
+        "",
+        f"{'#':>3} {'layout':<34} {'recomp':<9} {'mem GB':>7} {'(par':>5} {'grad':>5} {'opt':>5} {'act':>6} "
+        f"{'head)':>6} {'TP':>6} {'EP':>6} {'CP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'step s':>7} {'MFU':>6} fits",
+        f"{'':>3} {'':<34} {'':<9} {'':>7} {'':>5} {'':>5} {'':>5} {'':>6} {'':>6} "
+        + " ".join(f"{'GB/st':>6}" for _ in range(5)),
+    ]
+    for i, e in enumerate(res[:top], 1):
+        mem, c = e.memory, e.comm
+        fits = "yes" if e.fits else "NO"
+        if not e.runnable:
+            fits += "*"
+        lines.append(
+            f"{i:>3} {e.layout.describe():<34} {e.layout.recompute:<9} {_gb(mem['total']):>7} {_gb(mem['params']):>5} "
+            f"{_gb(mem['grads']):>5} {_gb(mem['optimizer']):>5} {_gb(mem['activations']):>6} "
+            f"{_gb(mem['head_and_mtp'] + mem['loss_transient']):>6} "
+            + " ".join(f"{_gb(c[k]):>6}" for k in ("tp", "ep", "cp", "pp", "dp"))
+            + f" {e.bubble:>6.1%} {e.step_time:>7.2f} {e.mfu:>6.1%} {fits}")
+    if any(not e.runnable for e in res[:top]):
+        lines.append("* etp > 1: modelled, not yet runnable (expert-tensor parallelism is not implemented)")
+    lines.append("memory: the worst pipeline rank; comm: bytes sent per GPU per step; step time = compute / (1 - "
+                 "bubble) + exposed communication")
+    return "\n".join(lines)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    try:
+        overrides = [o if o.split("=", 1)[0].split(".")[0] in ("model", "train", "parallel", "data", "run")
+                     else f"model.{o}" for o in args.overrides]
+        if args.mtp_blocks >= 0:
+            overrides.append(f"model.mtp.num_blocks={args.mtp_blocks}")
+        cfg = load_config(args.config, overrides).model
+        A = Assumptions(compute_efficiency=args.efficiency, reserve_gb=args.reserve_gb, kernel=args.kernel,
+                        micro_batch_size=args.micro_batch_size)
+        hw = GPUS[args.gpu]
+        hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs),
+                                              ("peak_tflops", args.peak_tflops)) if v})
+        p = plan(cfg, args.gpus, args.gpu, args.seq, args.global_batch, args.precision, A, hw)
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"mimo-train plan: {e}", file=sys.stderr)
+        return 2
+    if not p["results"]:
+        print(f"mimo-train plan: no valid layout for {args.gpus} GPUs at seq {args.seq}", file=sys.stderr)
+        return 1
+    if args.json:
+        out = {k: v for k, v in p.items() if k != "results"}
+        out["results"] = [e.to_dict() for e in p["results"][: args.top]]
+        out["num_layouts"] = len(p["results"])
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(p, args.top))
+    return 0
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="rank parallel layouts for a GPU count: memory per GPU, communication, step time, MFU",
+        description="Enumerate the valid TP/PP(+schedule)/CP/DP/EP/ETP/recompute layouts for a number of GPUs and "
+                    "estimate memory per GPU, communication per step, step time and MFU (see mimo_train/planner.py "
+                    "for the model and its assumptions).")
+    p.add_argument("--config", required=True, help="a model YAML (configs/model/*.yaml) or a training YAML")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per step (default: 2^26 tokens / seq, the recipe: 2048 at 32k, 256 at 256k)")
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--mtp-blocks", type=int, default=1,
+                   help="MTP blocks trained (default 1, the pre-training recipe; -1: as in the config)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
+    p.add_argument("--kernel", choices=("fused", "torch"), default="fused",
+                   help="attention kernels for the activation model (fused: TE/flash on GPUs)")
+    p.add_argument("--efficiency", type=float, default=Assumptions.compute_efficiency,
+                   help="achieved fraction of peak FLOP/s on compute (default %(default)s)")
+    p.add_argument("--reserve-gb", type=float, default=Assumptions.reserve_gb,
+                   help="GPU memory kept free for the CUDA context, NCCL and fragmentation (default %(default)s)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="override the GPU's peak")
+    p.add_argument("--nvlink-gbs", type=float, default=0.0, help="override the intra-node bandwidth (GB/s)")
+    p.add_argument("--ib-gbs", type=float, default=0.0, help="override the inter-node bandwidth per GPU (GB/s)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. model.num_layers=24")
+    p.set_defaults(func=run_plan)
+    return p
