@@ -87,6 +87,15 @@ class WindowReader:
         return windows, eos
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Prefetch workers leave stopping to the trainer: Slurm signals every process of a job step (SIGTERM on
+    preemption), and a worker that died of it would crash the trainer before it could checkpoint."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def rank_sample_indices(start: int, global_batch_size: int, dp_rank: int, dp_size: int) -> np.ndarray:
     """Global sample indices of one rank's slice of the global batch that starts at ``start``."""
     per_rank = global_batch_size // dp_size
@@ -250,7 +259,7 @@ class GlobalSampleStream:
             self._stop_prefetch()
             dataset = _PrefetchedSteps(self.reader, stage, start, global_batch_size, self.dp_rank, self.dp_size)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
-                                prefetch_factor=self.data.prefetch_factor)
+                                prefetch_factor=self.data.prefetch_factor, worker_init_fn=_ignore_stop_signals)
             self._prefetch = [key, iter(loader)]
         windows, eos = next(self._prefetch[1])
         self._prefetch[0] = (id(stage), start + global_batch_size, global_batch_size)

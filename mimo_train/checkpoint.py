@@ -244,6 +244,7 @@ class CheckpointManager:
         self.pending: dict[str, Any] | None = None
         self.last_published: int | None = None
         self.timings: dict[str, float] = {}  # of the last save: stall_s (training blocked), write_s (to publish)
+        self.completed: list[dict[str, float]] = []  # {step, write_s} of saves published since last drained
         # Background writes use their own gloo group, so their collectives never interleave with training's.
         self.group = dist.new_group(backend="gloo") if distributed else None
         if rank == 0:
@@ -298,6 +299,11 @@ class CheckpointManager:
             self.last_published = pending["step"]
             self.apply_retention()
         self.timings["write_s"] = time.perf_counter() - pending["t0"]
+        self.completed.append({"step": pending["step"], "write_s": self.timings["write_s"]})
+
+    def drain_completed(self) -> list[dict[str, float]]:
+        done, self.completed = self.completed, []
+        return done
 
     def apply_retention(self) -> None:
         """Keep the newest `keep_last`, every step that is a multiple of `keep_every`, and stage boundaries;

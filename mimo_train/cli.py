@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mimo_train.slurm import add_submit_parser
 
     add_submit_parser(sub)
+    from mimo_train.planner import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

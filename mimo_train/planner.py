@@ -99,7 +99,10 @@ PRECISIONS = {
 
 @dataclass(frozen=True)
 class Assumptions:
-    compute_efficiency: float = 0.55  # achieved fraction of peak on the model's matmuls and attention
+    compute_efficiency: float = 0.5  # achieved fraction of peak on the model's matmuls and attention
+    # Grouped expert GEMMs lose efficiency when each expert gets few rows per micro-batch: their FLOPs run at
+    # rows / (rows + expert_half_rows) of the efficiency above (rows = ep x tokens per rank x top-k / experts).
+    expert_half_rows: float = 128.0
     reserve_gb: float = 8.0  # per GPU: CUDA context, NCCL buffers, allocator fragmentation
     overlap_tp: float = 0.5  # fraction of each kind's communication hidden behind compute
     overlap_ep: float = 0.5  # (DualPipeV overlaps the EP all-to-all of one micro-batch with another's compute)
@@ -371,6 +374,28 @@ def _dense_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recomput
     return s.tokens * (gathers * h + inter) * a
 
 
+def layer_transient(cfg: ModelConfig, shape: LayerShape, s: ActShape, a: int, A: Assumptions) -> float:
+    """Working memory of one layer's backward on top of what is saved: the gradients of its largest saved tensors
+    (torch kernel: the GA S x S probabilities, or the SWA score tiles, twice: softmax backward's input and output;
+    MoE: the gradient of the expert fc1 output)."""
+    hq, _ = _heads(cfg, shape.kv_heads, s.tp)
+    t = 0.0
+    if A.kernel == "torch":
+        if not shape.sliding and A.packed_documents:
+            if s.cp > 1:
+                L = s.seq / (2 * s.cp)
+                t = 2 * a * s.mbs * hq * L * L * (2 * s.cp + 1) / 2  # one chunk at a time (the larger)
+            else:
+                t = 2 * a * s.mbs * hq * s.seq * s.seq
+        elif shape.sliding:
+            W = cfg.window_keys - 1
+            C = max(16, min(W, s.seq)) if W > 0 else min(64, s.seq)
+            t = 2 * a * s.tokens * hq * (C + W)
+    if shape.moe:
+        t = max(t, s.sp_tokens * cfg.num_experts_per_tok * 2 * cfg.moe_intermediate_size * a)
+    return t
+
+
 def layer_bytes(cfg: ModelConfig, shape: LayerShape, s: ActShape, a: int, A: Assumptions, recompute: str) -> float:
     """Saved activation bytes of one decoder layer for one micro-batch."""
     if recompute == "full":
@@ -454,7 +479,7 @@ class Estimate:
 
 
 def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Hardware, prec: Precision,
-             A: Assumptions, flops_per_token: float) -> Estimate:
+             A: Assumptions, flops_per_token: float, expert_flops_per_token: float = 0.0) -> Estimate:
     cfg = geo.cfg
     a = prec.act_bytes
     mbs = A.micro_batch_size
@@ -482,8 +507,10 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
             act += max(layer_bytes(cfg, geo.shapes[i], s, a, A, "none") for i in layer_ids)
         hb = head_bytes(cfg, geo.mtp_blocks, s, a, A, "none" if L.recompute == "full" else L.recompute)
         head = hb["head"] if has_last else 0.0
-        mem.update({"activations": act, "head_and_mtp": head,
-                    "loss_transient": hb["loss_transient"] if has_last else 0.0})
+        # The backward's working memory on top of what is saved: the loss (last stage) or one layer's core.
+        transient = max([hb["loss_transient"] if has_last else 0.0]
+                        + [layer_transient(cfg, geo.shapes[i], s, a, A) for i in layer_ids])
+        mem.update({"activations": act, "head_and_mtp": head, "transient": transient})
         mem["total"] = sum(mem.values())
         mem["pp_rank"] = r
         if worst is None or mem["total"] > worst["total"]:
@@ -541,7 +568,10 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
         hw_flops *= 4 / 3  # one more forward of every layer
     elif L.recompute == "selective":
         hw_flops *= 1.06  # the attention core and the expert fc1 + SwiGLU again (about 6% of the step)
-    compute = hw_flops / L.world / (hw.peak_tflops * 1e12 * A.compute_efficiency)
+    rows = L.ep * s.sp_tokens * cfg.num_experts_per_tok / cfg.num_experts
+    expert_share = expert_flops_per_token / flops_per_token
+    slowdown = (1 - expert_share) + expert_share * (rows + A.expert_half_rows) / rows
+    compute = hw_flops * slowdown / L.world / (hw.peak_tflops * 1e12 * A.compute_efficiency)
     bub = bubble(L, m)
     exposed = sum(t * (1 - overlap[kind]) for kind, t in comm_time.items())
     step = compute / (1 - bub) + exposed
@@ -615,7 +645,8 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
     flops = float(model_report(cfg, seq)["flops_per_token"]["total"])
     if layouts is None:
         layouts = enumerate_layouts(cfg, gpus, seq, global_batch, micro_batch_size=A.micro_batch_size)
-    results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops) for L in layouts]
+    expert_flops = 6 * sum(u.expert for u in geo.layers) * cfg.num_experts_per_tok / cfg.num_experts
+    results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops, expert_flops) for L in layouts]
     results.sort(key=lambda e: (not e.fits, not e.runnable, e.step_time if e.fits else e.memory["total"]))
     return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": asdict(prec),
             "assumptions": asdict(A), "flops_per_token": flops, "params": geo.total_params, "results": results}
@@ -655,7 +686,7 @@ def format_plan(p: dict[str, Any], top: int) -> str:
         lines.append(
             f"{i:>3} {e.layout.describe():<34} {e.layout.recompute:<9} {_gb(mem['total']):>7} {_gb(mem['params']):>5} "
             f"{_gb(mem['grads']):>5} {_gb(mem['optimizer']):>5} {_gb(mem['activations']):>6} "
-            f"{_gb(mem['head_and_mtp'] + mem['loss_transient']):>6} "
+            f"{_gb(mem['head_and_mtp'] + mem['transient']):>6} "
             + " ".join(f"{_gb(c[k]):>6}" for k in ("tp", "ep", "cp", "pp", "dp"))
             + f" {e.bubble:>6.1%} {e.step_time:>7.2f} {e.mfu:>6.1%} {fits}")
     if any(not e.runnable for e in res[:top]):

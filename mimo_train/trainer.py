@@ -164,9 +164,10 @@ class Trainer:
     def _relaunch_exit(self, stage: Stage, why: str) -> None:
         n = stage.parallel.world_size
         if self.is_logger:
-            print(f"{why}; stage {stage.name!r} runs under the layout {stage.layout_str()}, which needs {n} "
-                  f"processes, and this run has {self.world}. Relaunch with {n} processes (`mimo-train train "
-                  f"--nproc {n} ...`, or {n} Slurm tasks); `--resume auto` continues from the newest checkpoint.",
+            procs = f"{n} process" + ("es" if n != 1 else "")
+            print(f"{why}; stage {stage.name!r} runs under the layout {stage.layout_str()}, which needs {procs}, "
+                  f"and this run has {self.world}. Relaunch with {procs} (`mimo-train train --nproc {n} ...`, or "
+                  f"{n} Slurm tasks); `--resume auto` continues from the newest checkpoint.",
                   file=sys.stderr, flush=True)
         raise SystemExit(EXIT_RELAUNCH)
 
@@ -365,8 +366,9 @@ class Trainer:
         ok = False
         try:
             while True:
-                if self.ckpt.poll() and "write_s" in self.ckpt.timings:
-                    logger.note({"checkpoint/write_s": self.ckpt.timings["write_s"]})
+                self.ckpt.poll()
+                for done_save in self.ckpt.drain_completed():  # reported with the next step
+                    logger.note({"checkpoint/write_s": done_save["write_s"], "checkpoint/written_step": done_save["step"]})
                 if self.plan.done(self.step, self.tokens) or self._agreed_stop():
                     break
                 index = self.plan.stage_index(self.tokens)

@@ -268,12 +268,11 @@ class TestOneNode:
                                                                                     tmp_path):
         """A job in the `urgent` partition preempts ours (PreemptMode=REQUEUE, GraceTime): Slurm sends TERM to the
         tasks, the trainer checkpoints and exits 0 within the grace time, and the script requeues the job (Slurm
-        does not requeue a job that ended by itself). data.num_workers=0: with data-loader worker processes, the
-        TERM that Slurm sends to every process of the step kills the workers (torch's worker SIGTERM handler) and
-        the trainer fails instead of checkpointing; the job is still requeued, from the previous checkpoint."""
+        does not requeue a job that ended by itself). With a data-loader prefetch worker: the TERM that Slurm sends
+        to every process of the step must not kill it before the trainer has checkpointed."""
         run_dir = tmp_path / "run"
         t0 = time.time()
-        job = Job(one_node, run_dir, 1, 2, "data.num_workers=0")
+        job = Job(one_node, run_dir, 1, 2, "data.num_workers=1")
         job.wait_for(lambda: len(read_metrics(run_dir)) >= 3, "3 training steps")
         res = one_node._run(["sbatch", "--parsable", "-p", "urgent", "-n", "2", "-o", str(tmp_path / "urgent.out"),
                              "--wrap", "sleep 2"])

@@ -49,7 +49,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def strip_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("memory/")} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith(("memory/", "checkpoint/"))}
+            for r in records]
 
 
 def max_rel_diff(a: list[dict], b: list[dict], keys=TRAJECTORY_KEYS) -> float:
