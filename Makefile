@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The staged CPU demo: 2 processes, seq 256 (DP2) then seq 1024 (TP2), checkpoints and resume; run again, it
+# says the run is complete (delete runs/tiny_cpu_staged to start over).
 train: setup
-	$(VENV)/bin/mimo-train train --config configs/train/tiny_cpu.yaml
+	$(VENV)/bin/mimo-train train --config configs/train/tiny_cpu_staged.yaml --nproc 2
 
 test: setup
 	$(PY) -m pytest -q

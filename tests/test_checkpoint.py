@@ -18,7 +18,12 @@ from torch.distributed.checkpoint import FileSystemReader
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import load_config
 from mimo_train.trainer import Trainer
-from tests.scripts.staged import REPO, env, metrics, reference_run, strip_timing, write_config
+from tests.scripts.staged import REPO, env, metrics, reference_run, strip_timing, write_config, single_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_thread()
 
 
 # ---- the checkpoint manager on its own ---------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 A checkpoint saved under one layout at step 4 of the staged test run (mid stage "a", the ramp-up done) is resumed
 under another; the run then crosses the stage boundary (step 7: sequence 64 -> 128, batch 4 -> 2) and ends at
-step 11. The losses (total, LM, MTP) stay within a relative 1e-5 of the uninterrupted single-process run, (gradient norms and the
-balance loss within 1e-4), and the global batches are identical (no sample repeated or skipped).
+step 11. The losses (total, LM, MTP) stay within a relative 1e-5 of the uninterrupted single-process run
+(gradient norms and the balance loss within 1e-4), and the global batches are identical (no sample repeated or
+skipped).
 
 Adding a layout is one line: pipeline and context parallelism (PP2, CP2) enter LAYOUTS when they land, and a pair
 in RESHARD (e.g. ("DP2", "PP2"), ("DP2", "CP2")).

@@ -16,7 +16,13 @@ import mimo_train.trainer as trainer_module
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import load_config
 from mimo_train.trainer import EXIT_DIVERGED, Trainer
-from tests.scripts.staged import REPO, env
+from tests.scripts.staged import REPO, env, single_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_thread()
+
 
 TINY = ["train.seq_len=64", "train.global_batch_size=2", "train.micro_batch_size=2", "train.warmup_steps=2",
         "run.wandb_mode=disabled", "data.num_workers=0"]

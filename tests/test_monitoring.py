@@ -14,7 +14,13 @@ from mimo_train.config import load_config
 from mimo_train.info import model_report
 from mimo_train.metrics import peak_tflops, resolve_wandb_mode
 from mimo_train.trainer import Trainer
-from tests.scripts.staged import write_config
+from tests.scripts.staged import write_config, single_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_thread()
+
 
 EXPECTED = ["loss", "lm_loss", "mtp_loss", "mtp_loss_depth1", "aux_loss", "grad_norm", "lr", "tokens",
             "tokens_per_s", "model_tflops_per_device", "mfu", "memory/rss_gib", "memory/peak_rss_gib",

@@ -15,7 +15,13 @@ from mimo_train import checkpoint as ckpt
 from mimo_train.config import ConfigError, load_config
 from mimo_train.stages import BatchSchedule, StagePlan, StageStart, rampup_batch_size
 from mimo_train.trainer import Trainer
-from tests.scripts.staged import BASE_CONFIG, write_config
+from tests.scripts.staged import BASE_CONFIG, write_config, single_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    yield from single_thread()
+
 
 RECIPE = "configs/train/mimo_v2_flash_pretrain.yaml"
 T, B = 10**12, 10**9

@@ -73,3 +73,14 @@ def reference_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, 12))
     return run_dir, records
+
+
+def single_thread():
+    """For an autouse fixture: in-process training on one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1).
+    On a busy 2-core machine two spinning OpenMP threads make a tiny step 10-30 times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
