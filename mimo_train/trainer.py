@@ -243,6 +243,19 @@ class Trainer:
             self._flops_per_token[seq_len] = float(model_report(self.cfg.model, seq_len)["flops_per_token"]["total"])
         return self._flops_per_token[seq_len]
 
+    def _take_router_margin(self) -> float:
+        """The smallest gap between the k-th and (k+1)-th biased router score of any token in this step, over all
+        ranks. A margin near float rounding (~1e-7) means two parallel layouts may route that token differently.
+        (Under pipeline parallelism the first step also sees the schedule's shape-inference pass.)"""
+        margins = [m.gate.min_margin for m in self.model.moe_layers() if m.gate.min_margin is not None]
+        for m in self.model.moe_layers():
+            m.gate.min_margin = None
+        value = torch.stack(margins).min().reshape(1).double() if margins else torch.full((1,), math.inf,
+                                                                                           dtype=torch.float64)
+        if self.topo.distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value.item()
+
     def train_step(self) -> dict[str, Any]:
         t, topo, stage = self.cfg.train, self.topo, self.stage
         step_start = time.time()
@@ -264,6 +277,7 @@ class Trainer:
         run = self.pipeline.forward_backward if self.pipeline is not None else partial(forward_backward, self.model)
         result = run(micro_batches, spec, bf16=t.bf16)
         parts, expert_counts = result.parts, result.expert_counts
+        router_margin = self._take_router_margin()
 
         # Experts that received no token have no gradient; give them zeros so every rank and step treats them alike.
         for p in self.model.parameters():
@@ -324,6 +338,7 @@ class Trainer:
             "skipped": skipped,
             "skipped_steps": self.skipped_steps,
             "batch_digest": digest,
+            "router/min_margin": router_margin,
         }
         if torch.cuda.is_available():
             record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30

@@ -67,7 +67,9 @@ def reference(tmp_path_factory):
 # Context and pipeline layouts train on many short packed documents (3 to 40 tokens, so every window holds
 # several document boundaries) at a sequence length that is not a multiple of the window (136 = 8.5 x 16):
 # under CP4 each chunk is 17 tokens, so windows straddle rank boundaries everywhere.
-PACKED = ["train.seq_len=136", "train.micro_batch_size=1"]
+# (The seed is one whose reference run routes every token with a margin well above float rounding, see
+# _check_layout; the default seed meets a near-tie in this data.)
+PACKED = ["train.seq_len=136", "train.micro_batch_size=1", "train.seed=7"]
 LAYOUTS_CP_PP = {
     "CP2": (2, ["parallel.cp=2"]),
     "CP4": (4, ["parallel.cp=4"]),
@@ -129,6 +131,11 @@ def test_packed_reference_really_packs_documents(packed_data, tmp_path):
 
 def _check_layout(name, nproc, overrides, reference, tmp_path):
     ref_records, ref_state = reference
+    # MoE top-k routing is discontinuous: a token whose k-th and (k+1)-th scores differ by less than float
+    # rounding (~1e-7) may be routed differently by any two layouts. The comparison is only meaningful when the
+    # reference routes every token with a clear margin.
+    margin = min(r["router/min_margin"] for r in ref_records)
+    assert margin > 1e-6, f"ill-conditioned reference: a routing margin of {margin:.1e}; pick another train.seed"
     records = _train(tmp_path / name, nproc, overrides)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [r["batch_digest"] for r in records] == [r["batch_digest"] for r in ref_records]
@@ -139,13 +146,19 @@ def _check_layout(name, nproc, overrides, reference, tmp_path):
     state = _final_state(tmp_path / name)
     # Per tensor, the relative L2 difference ||ours - ref|| / ||ref||. (Elementwise ratios are meaningless for
     # entries whose gradients are float noise: Adam's normalised update moves those by ~lr either way.)
-    worst_param = 0.0
+    worst_param = worst_moment = 0.0
     for key, t in ref_state.items():
-        diff = (state[key].double() - t.double()).norm().item()
-        worst_param = max(worst_param, diff / max(t.double().norm().item(), 1e-30))
-    print(f"{name}: max relative difference: metrics {worst:.2e}, parameters and Adam moments {worst_param:.2e}")
+        diff = (state[key].double() - t.double()).norm().item() / max(t.double().norm().item(), 1e-30)
+        if key.startswith("optim."):
+            worst_moment = max(worst_moment, diff)
+        else:
+            worst_param = max(worst_param, diff)
+    print(f"{name}: max relative difference: metrics {worst:.2e}, parameters {worst_param:.2e}, "
+          f"Adam moments {worst_moment:.2e}")
     assert worst <= 1e-5
     assert worst_param <= 1e-5
+    # Second moments square the gradients' rounding noise, most for experts that saw few tokens.
+    assert worst_moment <= 1e-4
 
 
 def test_fully_imbalanced_routing_with_idle_expert_ranks(tmp_path):

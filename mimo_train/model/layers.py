@@ -130,6 +130,7 @@ class TopKRouter(nn.Module):
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.min_margin: torch.Tensor | None = None  # smallest routing margin since the trainer last read it
 
     def forward(self, x: torch.Tensor):
         """x: [T, H]. Returns (scores [T, E] fp32, top-k weights [T, k] fp32, top-k expert indices [T, k])."""
@@ -145,7 +146,15 @@ class TopKRouter(nn.Module):
                 )
                 keep = keep.bool().unsqueeze(-1).expand_as(grouped).reshape(-1, self.num_experts)
                 biased = biased.masked_fill(~keep, float("-inf"))
-            indices = biased.topk(self.top_k, dim=-1, sorted=False).indices
+            if self.top_k < self.num_experts:
+                # One more than needed: the gap between the k-th and (k+1)-th biased score is the routing margin.
+                # Parallel layouts compute scores with other rounding (~1e-7); a smaller margin can flip a choice.
+                top = biased.topk(self.top_k + 1, dim=-1)
+                indices = top.indices[:, : self.top_k]
+                margin = (top.values[:, self.top_k - 1] - top.values[:, self.top_k]).min()
+                self.min_margin = torch.minimum(self.min_margin, margin) if self.min_margin is not None else margin
+            else:
+                indices = biased.topk(self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
