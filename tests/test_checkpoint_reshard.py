@@ -6,8 +6,7 @@ step 11. The losses (total, LM, MTP) stay within a relative 1e-5 of the uninterr
 (gradient norms and the balance loss within 1e-4), and the global batches are identical (no sample repeated or
 skipped).
 
-Adding a layout is one line: pipeline and context parallelism (PP2, CP2) enter LAYOUTS when they land, and a pair
-in RESHARD (e.g. ("DP2", "PP2"), ("DP2", "CP2")).
+Adding a layout is one line in LAYOUTS and a pair in RESHARD.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ LAYOUTS = {
     "DP2": (2, ["parallel.dp=2"]),
     "TP2": (2, ["parallel.tp=2"]),
     "EP2": (2, ["parallel.dp=2", "parallel.ep=2"]),
-    # "PP2": (2, ["parallel.pp=2"]),  # when pipeline parallelism lands
-    # "CP2": (2, ["parallel.cp=2"]),  # when context parallelism lands
+    "PP2": (2, ["parallel.pp=2"]),
+    "CP2": (2, ["parallel.cp=2"]),
 }
 # (saved under, resumed under)
 RESHARD = [
@@ -37,8 +36,9 @@ RESHARD = [
     ("DP2", "TP2"),
     ("DP2", "EP2"),
     ("TP2", "EP2"),
-    # ("DP2", "PP2"),
-    # ("DP2", "CP2"),
+    ("DP2", "PP2"),
+    ("DP2", "CP2"),
+    ("PP2", "CP2"),
 ]
 
 
