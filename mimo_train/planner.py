@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
 from typing import Any
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig, load_config

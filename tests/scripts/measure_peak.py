@@ -23,7 +23,6 @@ import argparse
 import ctypes
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
