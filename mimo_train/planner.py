@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig, load_config
+from parallel.pipeline import stage_layers, stage_ranks
 
 GB = 1e9
 
@@ -240,24 +241,6 @@ class Layout:
         if self.etp > 1:
             s += f" ETP{self.etp}"
         return " ".join(s.split())
-
-
-def stage_layers(num_layers: int, n_stages: int) -> list[list[int]]:
-    """`parallel/pipeline.py`'s even split: the first `num_layers % n_stages` stages take one layer more."""
-    base, extra = divmod(num_layers, n_stages)
-    out, first = [], 0
-    for s in range(n_stages):
-        n = base + (1 if s < extra else 0)
-        out.append(list(range(first, first + n)))
-        first += n
-    return out
-
-
-def stage_ranks(layout: Layout) -> list[int]:
-    n = layout.pp * layout.pp_virtual
-    if layout.pp_schedule in ("zbv", "dualpipev"):
-        return [s if s < layout.pp else 2 * layout.pp - 1 - s for s in range(n)]
-    return [s % layout.pp for s in range(n)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -484,8 +467,9 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
     m = global_batch // (L.dp * mbs)  # micro-batches per pipeline per step
     s = ActShape(tokens=mbs * seq / L.cp, sp_tokens=mbs * seq / L.cp / L.tp, seq=seq, cp=L.cp, tp=L.tp, mbs=mbs)
     n_stages = L.pp * L.pp_virtual
-    stages = stage_layers(cfg.num_layers, n_stages) if L.pp > 1 else [list(range(cfg.num_layers))]
-    ranks = stage_ranks(L) if L.pp > 1 else [0]
+    # The pipeline's own split and placement (an even split; the planner does not search pp_layout).
+    stages = stage_layers(L.parallel_config(), cfg) if L.pp > 1 else [list(range(cfg.num_layers))]
+    ranks = stage_ranks(L.parallel_config()) if L.pp > 1 else [0]
     last = len(stages) - 1
 
     worst: dict[str, float] | None = None
