@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test clean
 
 setup: $(VENV)/.installed
 
