@@ -38,10 +38,14 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=_default_sources)
     tokenizer: str = BUILTIN_TOKENIZER  # "builtin" (byte-level BPE trained on the stdlib) or a path to a tokenizer.json
     vocab_size: int = 4096  # size for the builtin tokenizer
-    cache_dir: str = ".cache/mimo-train"  # builtin tokenizer and shards; env var MIMO_TRAIN_CACHE overrides
+    # builtin tokenizer and corpus, copies of remote shards, checksum verdicts. Empty: <run.dir>/cache. A relative
+    # path is taken under run.dir (never the working directory). The env var MIMO_TRAIN_CACHE overrides both.
+    cache_dir: str = ""
     seed: int = 1234
     num_workers: int = 1  # DataLoader workers for prefetch (0: read in the calling process)
     prefetch_factor: int = 2
+    shuffle_group_shards: int = 64  # shards whose documents are interleaved together (see source.py)
+    verify_checksums: bool = True  # sha256 of each shard on its first read (the size is always checked)
 
     def validate(self) -> None:
         if not isinstance(self.sources, list) or not self.sources:
@@ -65,10 +69,25 @@ class DataConfig:
             raise ValueError(f"data.num_workers: must be an integer >= 0, got {self.num_workers!r}")
         if not isinstance(self.prefetch_factor, int) or self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor: must be an integer >= 1, got {self.prefetch_factor!r}")
+        if isinstance(self.shuffle_group_shards, bool) or not isinstance(self.shuffle_group_shards, int) \
+                or self.shuffle_group_shards < 1:
+            raise ValueError(f"data.shuffle_group_shards: must be an integer >= 1, got {self.shuffle_group_shards!r}")
+        if not isinstance(self.verify_checksums, bool):
+            raise ValueError(f"data.verify_checksums: must be true or false, got {self.verify_checksums!r}")
 
-    def resolved_cache_dir(self) -> str:
-        """The cache directory: $MIMO_TRAIN_CACHE if set, else ``cache_dir`` (relative to the CWD)."""
-        return os.path.abspath(os.environ.get(CACHE_ENV_VAR) or self.cache_dir)
+    def resolved_cache_dir(self, run_dir: str | None = None) -> str:
+        """The cache directory: $MIMO_TRAIN_CACHE if set, else ``cache_dir`` (under ``run_dir`` if relative)."""
+        return resolve_cache_dir(os.environ.get(CACHE_ENV_VAR) or self.cache_dir, run_dir)
+
+
+def resolve_cache_dir(cache_dir: str, run_dir: str | None) -> str:
+    """An absolute cache directory; a relative or empty one lives under the run directory, never under the CWD."""
+    if os.path.isabs(cache_dir):
+        return cache_dir
+    if run_dir is None:
+        raise ValueError(f"data.cache_dir: {cache_dir!r} is not an absolute path and there is no run directory to put "
+                         f"it under; give an absolute data.cache_dir or set ${CACHE_ENV_VAR}")
+    return os.path.join(os.path.abspath(run_dir), cache_dir or "cache")
 
 
 def check_weight(where: str, weight: object) -> None:

@@ -10,6 +10,11 @@ window restarts ``position_ids`` at 0, so the model treats the continuation as a
 document-masked attention it cannot see the part in the previous window (as in Megatron with reset position
 ids). A stage boundary behaves the same way: the source's next stage window starts at the first token that
 was not yet an input, whatever the new ``seq_len``.
+
+What travels from the host to the training device is only the windows as int32 token ids and each window's EOS
+id: 4 bytes per token (plus one per window). Labels and positions are derived from them where the batch lands
+(``windows_to_batch`` runs on the device of its input), so the host builds and copies 4 bytes per token instead
+of the 24 of three int64 tensors.
 """
 
 from __future__ import annotations
@@ -20,29 +25,33 @@ import torch
 IGNORE_INDEX = -100
 
 
-def windows_to_batch(windows: np.ndarray, eos_ids: np.ndarray) -> dict[str, torch.Tensor]:
-    """Model inputs from windows ``[n, seq_len + 1]`` (``eos_ids``: the EOS id of each window's source).
+def windows_to_batch(windows, eos_ids) -> dict[str, torch.Tensor]:
+    """Model inputs (int64) from windows ``[n, seq_len + 1]`` (``eos_ids``: the EOS id of each window's source).
 
-    input_ids are the first seq_len tokens and labels the next token. No loss is taken where the input is EOS:
-    the token after it opens another document, which the attention mask keeps out of sight.
-    position_ids count tokens since the last document start (window start or the token after an EOS); the
-    model reads document boundaries from position_ids == 0.
+    Runs on the device of ``windows`` (numpy arrays are taken as CPU tensors). input_ids are the first seq_len
+    tokens and labels the next token. No loss is taken where the input is EOS: the token after it opens another
+    document, which the attention mask keeps out of sight. position_ids count tokens since the last document
+    start (window start or the token after an EOS); the model reads document boundaries from position_ids == 0.
     """
-    windows = np.asarray(windows, dtype=np.int64)
-    eos = np.asarray(eos_ids, dtype=np.int64).reshape(-1, 1)
-    inputs = windows[:, :-1]
-    labels = windows[:, 1:].copy()
+    windows = torch.as_tensor(windows)
+    eos = torch.as_tensor(eos_ids, device=windows.device).reshape(-1, 1)
+    inputs = windows[:, :-1].long()
     at_eos = inputs == eos
-    labels[at_eos] = IGNORE_INDEX
+    labels = windows[:, 1:].long().masked_fill(at_eos, IGNORE_INDEX)
 
     seq_len = inputs.shape[1]
-    columns = np.broadcast_to(np.arange(seq_len, dtype=np.int64), inputs.shape)
-    document_start = np.zeros(inputs.shape, dtype=bool)
+    columns = torch.arange(seq_len, device=windows.device).expand_as(inputs)
+    document_start = torch.zeros_like(at_eos)
     document_start[:, 0] = True
     document_start[:, 1:] = at_eos[:, :-1]
-    last_start = np.maximum.accumulate(np.where(document_start, columns, 0), axis=1)
-    return {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(columns - last_start),
-    }
+    last_start = torch.cummax(torch.where(document_start, columns, 0), dim=1).values
+    return {"input_ids": inputs.contiguous(), "labels": labels, "position_ids": columns - last_start}
+
+
+def to_device(windows: torch.Tensor, eos_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compact form on the training device: pinned memory and an asynchronous copy for CUDA."""
+    if device is None or torch.device(device).type == "cpu":
+        return windows, eos_ids
+    if torch.device(device).type == "cuda":
+        windows, eos_ids = windows.pin_memory(), eos_ids.pin_memory()
+    return windows.to(device, non_blocking=True), eos_ids.to(device, non_blocking=True)

@@ -123,24 +123,6 @@ def write_token_shard(path: str, documents: Iterable[np.ndarray]) -> ShardInfo:
     )
 
 
-def shard_problem(url: str, info: ShardInfo) -> str | None:
-    """Why a shard cannot be used (missing, wrong size, checksum mismatch, unreadable tar), or None if it is sound."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        size = fs.size(path)
-    except FileNotFoundError:
-        return "missing"
-    if size != info.filesize:
-        return f"truncated or resized: {size} bytes, manifest says {info.filesize}"
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    if digest.hexdigest() != info.sha256:
-        return "sha256 mismatch"
-    return None
-
-
 class TokenShard:
     """Random access to the documents of one local shard, by index, without reading the others.
 

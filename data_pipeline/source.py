@@ -1,33 +1,46 @@
 """One source's virtual token stream, addressable by token offset without reading what comes before.
 
 A source (a directory of shards plus its manifest) is seen as an endless stream of tokens: epoch after epoch of
-its documents, each followed by EOS. Epoch ``e`` visits the shards in a seeded permutation and, inside each
-shard, the documents in a seeded permutation (a two-level shuffle, as webdataset's shard shuffle plus sample
-shuffle, but exact and addressable). Token offsets are resolved with the manifest's per-shard token counts and
-the tar index of the one shard that holds the offset, so seeking costs O(log shards) and opens one shard.
+its documents, each followed by EOS. The order of an epoch mixes documents across the whole corpus in two levels,
+both seeded by (data.seed, source name, epoch), so every epoch has a new order:
 
-Unusable shards (missing, truncated, checksum mismatch) are found when the source is opened, skipped with a
-warning and counted. They keep their place in the shard permutation with a length of zero, so the documents of
-all other shards keep their relative order.
+1. the shards are visited in a seeded permutation, cut into groups of ``group_shards`` consecutive shards;
+2. inside a group, the documents of all its shards are interleaved: each shard's documents in a seeded
+   permutation, spread evenly over the group with a seeded phase per shard (slot ``j`` of a shard with ``n``
+   documents sits at ``(j + phase) / n``; the group is visited by increasing slot position).
+
+The even spread is what gives a bound rather than an expectation: between two documents of a shard with ``n_s``
+of the group's ``D`` documents lie at most ``D / n_s + G - 1`` others, so **any run of ``D / n_s + G``
+consecutive documents of a group holds a document of that shard**; with equal-sized shards, any ``2G``
+consecutive documents hold one of every shard of their group. A global batch that spans ``4G`` documents of one
+source therefore reads from at least ``G`` of its shards, whatever order the shards were written in.
+
+Addressing needs, in memory, per shard: its manifest entry as arrays (about 200 bytes with the url and sha256),
+plus per epoch the shard permutation (8 bytes); per document, only for the groups being read: 16 bytes (which
+shard, which document, stream offset). Nothing is read at start-up: a group's layout opens its shards (the tar
+index gives each document's length) when the stream first reads from it.
+
+A shard found unusable when it is opened (missing, wrong size, checksum mismatch, unreadable, or an object store
+that keeps failing) is skipped in place: its documents keep their slots with the lengths the manifest implies,
+filled with EOS, which carries no loss (``packing.py``). Every other document keeps its position in the stream, so
+the verdict, which each process reaches on its own and lazily, never shifts the data of any other shard, of any
+rank or of a resumed run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import warnings
 from collections import Counter, OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
-from .locking import file_lock
-from .shards import ShardInfo, TokenShard, is_local, join_url, local_path, read_manifest, shard_problem, write_atomically
+from .remote import ShardUnavailable, cached_remote_shard
+from .shards import ShardInfo, TokenShard, is_local, join_url, local_path, read_manifest
+from .verify import ChecksumLedger, size_problem
 
-OPEN_SHARDS = 8  # open shards kept per process (LRU): consecutive windows of a source come from neighbouring shards
-CACHED_LAYOUTS = 64  # per-shard document permutations kept per process (LRU)
+CACHED_GROUP_LAYOUTS = 2  # the group being read and the next one
 
 
 class DataWarning(UserWarning):
@@ -60,60 +73,50 @@ class _LRU(OrderedDict):
         return value
 
 
+@dataclass
+class GroupLayout:
+    """The visiting order of one group's documents in one epoch."""
+    shards: np.ndarray  # the group's shard indices
+    members: np.ndarray  # per visited document: its shard, as an index into ``shards`` (int32)
+    documents: np.ndarray  # per visited document: its index inside that shard (int32)
+    starts: np.ndarray  # stream offset of each visited document within the group, and the group's length (int64)
+
+
 class TokenSource:
-    def __init__(self, name: str, directory: str, *, seed: int, cache_dir: str):
+    def __init__(self, name: str, directory: str, *, seed: int, cache_dir: str, group_shards: int = 64,
+                 verify_checksums: bool = True):
         self.name, self.directory, self.cache_dir = name, directory, cache_dir
+        self.group_shards, self.verify_checksums = group_shards, verify_checksums
         manifest = read_manifest(directory)
         self.eos_id = manifest.eos_id
         self.tokenizer_info = manifest.tokenizer
-        self.shards = manifest.shards
-        if not self.shards or sum(s.tokens for s in self.shards) == 0:
+        self.shards: list[ShardInfo] = manifest.shards
+        self._documents = np.array([s.nsamples for s in self.shards], dtype=np.int64)
+        self._tokens = np.array([s.tokens for s in self.shards], dtype=np.int64)
+        # Each shard's share of an epoch's stream: its tokens plus one EOS per document.
+        self.epoch_length = int(self._tokens.sum() + self._documents.sum())
+        if not self.shards or int(self._tokens.sum()) == 0:
             raise ValueError(f"data source {name!r} ({directory}) is empty: its manifest lists no tokens")
         self._seed_keys = (seed, stable_key(name))
-
-        self.bad_shards = self._find_bad_shards()
-        for index, reason in sorted(self.bad_shards.items()):
-            warnings.warn(f"data source {name!r}: skipping shard {self.shards[index].url}: {reason}", DataWarning, 2)
-        # Each shard's share of an epoch's stream: its tokens plus one EOS per document; zero for a skipped shard.
-        self._stream_lengths = np.array(
-            [0 if i in self.bad_shards else s.tokens + s.nsamples for i, s in enumerate(self.shards)], dtype=np.int64
-        )
-        self.epoch_length = int(self._stream_lengths.sum())
-        if self.epoch_length == 0:
-            raise ValueError(f"data source {name!r} ({directory}): every shard is unusable: {self.bad_shards}")
+        self.bad_shards: dict[int, str] = {}  # found by this process (and reported to it by its workers)
+        self.new_problems: list[tuple[int, str]] = []  # found since the last take_new_problems()
         self.counters: Counter = Counter()
         self._reset_caches()
 
     # ---- bad input -------------------------------------------------------------------------------------------
 
-    def _find_bad_shards(self) -> dict[int, str]:
-        """Check every shard (existence, size, sha256) once; the verdicts of unchanged files are kept in a ledger
-        under the cache dir, so a restart (or the other ranks of a node) do not hash the corpus again."""
-        ledger_path = os.path.join(self.cache_dir, "verified-shards", f"{stable_key(self.directory):016x}.json")
-        os.makedirs(os.path.dirname(ledger_path), exist_ok=True)
-        with file_lock(ledger_path + ".lock"):
-            try:
-                with open(ledger_path) as f:
-                    ledger = json.load(f)
-            except (FileNotFoundError, ValueError):
-                ledger = {}
-            urls = [join_url(self.directory, s.url) for s in self.shards]
-            with ThreadPoolExecutor(8) as pool:
-                fingerprints = list(pool.map(_file_fingerprint, urls))
+    def _mark_bad(self, shard: int, reason: str) -> None:
+        if shard in self.bad_shards:
+            return
+        self.bad_shards[shard] = reason
+        self.new_problems.append((shard, reason))
+        warnings.warn(f"data source {self.name!r}: skipping shard {self.shards[shard].url}: {reason}", DataWarning, 3)
+        if len(self.bad_shards) == len(self.shards):
+            raise ValueError(f"data source {self.name!r} ({self.directory}): every shard is unusable: {self.bad_shards}")
 
-            def verdict(i: int) -> str | None:
-                entry = ledger.get(urls[i])
-                if fingerprints[i] is not None and entry and entry["fingerprint"] == [*fingerprints[i], self.shards[i].sha256]:
-                    return entry["problem"]
-                return shard_problem(urls[i], self.shards[i])
-
-            with ThreadPoolExecutor(8) as pool:  # hashing releases the GIL: shards are checked in parallel
-                verdicts = list(pool.map(verdict, range(len(urls))))
-            for url, fingerprint, info, problem in zip(urls, fingerprints, self.shards, verdicts):
-                if fingerprint is not None:
-                    ledger[url] = {"fingerprint": [*fingerprint, info.sha256], "problem": problem}
-            write_atomically(ledger_path, json.dumps(ledger).encode())
-        return {i: problem for i, problem in enumerate(verdicts) if problem is not None}
+    def take_new_problems(self) -> list[tuple[int, str]]:
+        problems, self.new_problems = self.new_problems, []
+        return problems
 
     def skipped(self) -> dict[str, int]:
         bad = [self.shards[i] for i in self.bad_shards]
@@ -122,48 +125,61 @@ class TokenSource:
     # ---- addressing ------------------------------------------------------------------------------------------
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Shard visiting order of an epoch and the stream offset at which each visited shard starts."""
+        """Shard visiting order of an epoch and the stream offset at which each group of shards starts."""
 
         def make():
             order = seeded_rng(*self._seed_keys, epoch).permutation(len(self.shards))
-            starts = np.concatenate([[0], np.cumsum(self._stream_lengths[order])[:-1]])
-            return order, starts
+            lengths = (self._tokens + self._documents)[order]
+            group_lengths = np.add.reduceat(lengths, np.arange(0, len(order), self.group_shards))
+            return order, np.concatenate([[0], np.cumsum(group_lengths)[:-1]])
 
         return self._epoch_layouts.get_or_make(epoch, make)
 
-    def _shard_layout(self, epoch: int, shard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Document visiting order inside a shard for an epoch, each document's offset and length (with EOS)."""
-
+    def _group_layout(self, epoch: int, group: int) -> GroupLayout:
         def make():
-            lengths = self._open(shard).document_lengths
-            order = seeded_rng(*self._seed_keys, epoch, shard).permutation(len(lengths))
-            with_eos = lengths[order] + 1
-            return order, np.concatenate([[0], np.cumsum(with_eos)[:-1]]), with_eos
+            order, _ = self._epoch_layout(epoch)
+            shards = order[group * self.group_shards : (group + 1) * self.group_shards]
+            lengths = [self._document_lengths(int(s)) for s in shards]
+            counts = np.array([len(x) for x in lengths], dtype=np.int64)
+            slot_member = np.repeat(np.arange(len(shards)), counts)
+            slot_rank = np.concatenate([np.arange(c) for c in counts])
+            phases = seeded_rng(*self._seed_keys, epoch, group).random(len(shards))
+            visit = np.argsort((slot_rank + phases[slot_member]) / counts[slot_member], kind="stable")
+            # the j-th slot of a shard takes the j-th document of the shard's own seeded permutation
+            slot_document = np.concatenate([seeded_rng(*self._seed_keys, epoch, int(s)).permutation(c)
+                                            for s, c in zip(shards, counts)])
+            first_of_member = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            members, documents = slot_member[visit], slot_document[visit]
+            with_eos = np.concatenate(lengths)[first_of_member[members] + documents] + 1
+            starts = np.concatenate([[0], np.cumsum(with_eos)])
+            return GroupLayout(shards, members.astype(np.int32), documents.astype(np.int32), starts)
 
-        return self._shard_layouts.get_or_make((epoch, shard), make)
+        return self._group_layouts.get_or_make((epoch, group), make)
 
     def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens ``[start, start + length)`` of the virtual stream (int64)."""
-        out = np.empty(length, dtype=np.int64)
+        """Tokens ``[start, start + length)`` of the virtual stream (int32)."""
+        out = np.empty(length, dtype=np.int32)
         filled = 0
         while filled < length:
             epoch, offset = divmod(start + filled, self.epoch_length)
-            order, starts = self._epoch_layout(epoch)
-            # the last shard starting at or before `offset`; zero-length (skipped) shards are never picked
-            slot = int(np.searchsorted(starts, offset, side="right")) - 1
-            shard = int(order[slot])
-            doc_order, doc_starts, doc_lengths = self._shard_layout(epoch, shard)
-            in_shard = offset - int(starts[slot])
-            position = int(np.searchsorted(doc_starts, in_shard, side="right")) - 1
-            within = in_shard - int(doc_starts[position])
-            reader = self._open(shard)
-            while filled < length and position < len(doc_order):
-                tokens = reader.document(int(doc_order[position]))
-                take = min(int(doc_lengths[position]) - within, length - filled)
-                body = tokens[within : within + take]  # the EOS after the document is not stored in the shard
-                out[filled : filled + len(body)] = body
-                if len(body) < take:
-                    out[filled + len(body)] = self.eos_id
+            _, group_starts = self._epoch_layout(epoch)
+            # the last group starting at or before `offset` (a group without documents is never picked)
+            group = int(np.searchsorted(group_starts, offset, side="right")) - 1
+            layout = self._group_layout(epoch, group)
+            in_group = offset - int(group_starts[group])
+            position = int(np.searchsorted(layout.starts, in_group, side="right")) - 1
+            within = in_group - int(layout.starts[position])
+            while filled < length and position < len(layout.members):
+                shard = int(layout.shards[layout.members[position]])
+                take = min(int(layout.starts[position + 1] - layout.starts[position]) - within, length - filled)
+                reader = self._open(shard)
+                if reader is None:  # skipped in place: the slot is kept, filled with EOS (no loss is taken on it)
+                    out[filled : filled + take] = self.eos_id
+                else:
+                    body = reader.document(int(layout.documents[position]))[within : within + take]
+                    out[filled : filled + len(body)] = body
+                    if len(body) < take:  # the EOS after the document is not stored in the shard
+                        out[filled + len(body)] = self.eos_id
                 filled += take
                 self.counters["document_reads"] += 1
                 position, within = position + 1, 0
@@ -171,54 +187,62 @@ class TokenSource:
 
     # ---- shard files -----------------------------------------------------------------------------------------
 
-    def _open(self, shard: int) -> TokenShard:
-        def make():
-            self.counters["shard_opens"] += 1
-            info = self.shards[shard]
-            return TokenShard(self._local_copy(join_url(self.directory, info.url), info), info.nsamples)
+    def _document_lengths(self, shard: int) -> np.ndarray:
+        """Token count of each document of a shard: from its tar index, or, for a skipped shard, the manifest's
+        tokens spread evenly over its documents (the slots only have to have a fixed, known size)."""
+        reader = self._open(shard)
+        if reader is not None:
+            return reader.document_lengths
+        n, tokens = int(self._documents[shard]), int(self._tokens[shard])
+        return np.full(n, tokens // max(n, 1), dtype=np.int64) + (np.arange(n) < tokens % max(n, 1))
 
-        return self._open_shards.get_or_make(shard, make)
+    def _open(self, shard: int) -> TokenShard | None:
+        """The open shard, or None if it is unusable (found now, on its first open, or before)."""
+        if shard in self.bad_shards:
+            return None
+        try:
+            return self._open_shards.get_or_make(shard, lambda: self._open_checked(shard))
+        except ShardUnavailable as problem:
+            self._mark_bad(shard, str(problem))
+            return None
 
-    def _local_copy(self, url: str, info: ShardInfo) -> str:
-        """A local path for the shard: itself if local, else a copy fetched through fsspec into the cache dir
-        (named by its sha256, so every process and run shares it; the copy appears atomically)."""
+    def _open_checked(self, shard: int) -> TokenShard:
+        info = self.shards[shard]
+        url = join_url(self.directory, info.url)
         if is_local(url):
-            return local_path(url)
-        path = os.path.join(self.cache_dir, "remote-shards", f"{info.sha256}.tar")
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with fsspec.open(url, "rb") as f:
-                write_atomically(path, f.read())
-        return path
+            path = local_path(url)
+            problem = size_problem(path, info)
+            if problem is None and self.verify_checksums:
+                problem = ChecksumLedger(self.cache_dir).checksum_problem(path, info.sha256)
+            if problem is not None:
+                raise ShardUnavailable(problem)
+        else:
+            path = cached_remote_shard(url, info, self.cache_dir, self.verify_checksums)
+        self.counters["shard_opens"] += 1
+        try:
+            reader = TokenShard(path, info.nsamples)
+        except Exception as error:  # noqa: BLE001 - a damaged tar fails in many ways inside the tar index
+            raise ShardUnavailable(f"unreadable: {error}") from None
+        if len(reader.document_lengths) != info.nsamples or int(reader.document_lengths.sum()) != info.tokens:
+            reader.close()
+            raise ShardUnavailable("its documents disagree with the manifest")
+        return reader
 
     def _reset_caches(self) -> None:
-        self._epoch_layouts = _LRU(4)
-        self._shard_layouts = _LRU(CACHED_LAYOUTS)
-        self._open_shards = _LRU(OPEN_SHARDS, on_evict=TokenShard.close)
+        self._epoch_layouts = _LRU(2)
+        self._group_layouts = _LRU(CACHED_GROUP_LAYOUTS)
+        # the shards of the groups being read stay open (an mmap and a tar index each)
+        self._open_shards = _LRU(CACHED_GROUP_LAYOUTS * self.group_shards, on_evict=TokenShard.close)
 
     def __getstate__(self):
         # DataLoader workers get a copy without open mmaps; each reopens the shards it needs
         state = self.__dict__.copy()
-        for key in ("_epoch_layouts", "_shard_layouts", "_open_shards"):
+        for key in ("_epoch_layouts", "_group_layouts", "_open_shards"):
             state.pop(key)
         state["counters"] = Counter()
+        state["new_problems"] = []
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._reset_caches()
-
-
-def _file_fingerprint(url: str) -> tuple | None:
-    """(size, modification stamp) of a file, to tell whether a ledger verdict still applies; None if unknown."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        return None
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
-    if stamp is None:
-        return None
-    if is_local(url):
-        stamp = os.stat(local_path(url)).st_mtime_ns
-    return (int(info["size"]), str(stamp))

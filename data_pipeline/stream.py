@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import BUILTIN_SOURCE, DataConfig, check_weight
 from .mixture import MixtureSchedule
-from .packing import windows_to_batch
+from .packing import to_device, windows_to_batch
 from .source import DataWarning, TokenSource, stable_key
 
 STATE_VERSION = 1
@@ -69,9 +69,10 @@ class WindowReader:
         self.sources = sources
 
     def read(self, stage: Stage, global_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Windows ``[n, seq_len + 1]`` (int32) of global samples, and each window's EOS id (int32)."""
         sources, offsets = stage.windows(global_indices)
         seq_len = stage.seq_len
-        windows = np.empty((len(sources), seq_len + 1), dtype=np.int64)
+        windows = np.empty((len(sources), seq_len + 1), dtype=np.int32)
         # Consecutive samples of a source are consecutive windows of its stream: read each such run as one token
         # range and cut it into windows, rather than resolving every window on its own.
         run_start = 0
@@ -83,15 +84,27 @@ class WindowReader:
             for k in range(count):
                 windows[run_start + k] = tokens[k * seq_len : (k + 1) * seq_len + 1]
             run_start = row
-        eos = np.array([self.sources[s].eos_id for s in sources], dtype=np.int64)
+        eos = np.array([self.sources[s].eos_id for s in sources], dtype=np.int32)
         return windows, eos
 
+    def take_new_problems(self) -> list[tuple[int, int, str]]:
+        """(source, shard, reason) of the shards found unusable since the last call."""
+        return [(i, shard, reason) for i, s in enumerate(self.sources) for shard, reason in s.take_new_problems()]
 
-def _ignore_stop_signals(worker_id: int) -> None:
+    def absorb_problems(self, problems: list[tuple[int, int, str]]) -> None:
+        """Record shards that a prefetch worker found unusable (warned and counted in this process)."""
+        for source, shard, reason in problems:
+            self.sources[source]._mark_bad(shard, reason)
+        self.take_new_problems()
+
+
+def _init_worker(worker_id: int) -> None:
     """Prefetch workers leave stopping to the trainer: Slurm signals every process of a job step (SIGTERM on
-    preemption), and a worker that died of it would crash the trainer before it could checkpoint."""
+    preemption), and a worker that died of it would crash the trainer before it could checkpoint. They leave
+    reporting bad shards to it too: each step's item carries what the worker found."""
     import signal
 
+    warnings.simplefilter("ignore", DataWarning)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -102,7 +115,10 @@ def rank_sample_indices(start: int, global_batch_size: int, dp_rank: int, dp_siz
     return np.arange(start + dp_rank * per_rank, start + (dp_rank + 1) * per_rank)
 
 
-def split_micro_batches(windows: np.ndarray, eos: np.ndarray, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+def split_micro_batches(windows: torch.Tensor, eos: torch.Tensor, micro_batch_size: int,
+                        device=None) -> list[dict[str, torch.Tensor]]:
+    """Model-ready micro-batches on ``device``: one copy of the compact int32 windows, then the derivation there."""
+    windows, eos = to_device(windows, eos, device)
     return [windows_to_batch(windows[m : m + micro_batch_size], eos[m : m + micro_batch_size])
             for m in range(0, len(windows), micro_batch_size)]
 
@@ -110,8 +126,9 @@ def split_micro_batches(windows: np.ndarray, eos: np.ndarray, micro_batch_size: 
 class _PrefetchedSteps(IterableDataset):
     """This rank's windows for the steps ahead, assuming the global batch size stays the same.
 
-    An item is one step's windows as a single int64 tensor: one shared-memory transfer per step, of the
-    smallest form of the data (the three model tensors are 3x its size and cheap to build in the trainer). DataLoader workers take steps
+    An item is one step's windows as a single int32 tensor: one shared-memory transfer per step, of the
+    smallest form of the data (the three int64 model tensors are 6x its size and are built where the batch lands),
+    with the shards the worker found unusable meanwhile. DataLoader workers take steps
     round-robin (worker w builds steps w, w+W, ...) and the DataLoader returns them in order, so prefetching
     never changes the order. If the trainer asks for anything else (another batch size, a new stage, a
     resume), the stream discards this iterator and starts a new one.
@@ -129,7 +146,7 @@ class _PrefetchedSteps(IterableDataset):
             indices = rank_sample_indices(self.start + step * self.global_batch_size, self.global_batch_size,
                                           self.dp_rank, self.dp_size)
             windows, eos = self.reader.read(self.stage, indices)
-            yield torch.from_numpy(windows), torch.from_numpy(eos)
+            yield torch.from_numpy(windows), torch.from_numpy(eos), self.reader.take_new_problems()
             step += workers
 
 
@@ -140,18 +157,22 @@ class _Served:
     start: int
     global_batch_size: int
     micro_batch_size: int
+    device: object
+    windows: torch.Tensor  # this rank's int32 windows on the host, kept for the step's sample digests
+    eos: torch.Tensor
     batches: list
 
 
 class GlobalSampleStream:
-    def __init__(self, data: DataConfig, *, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, data: DataConfig, *, dp_rank: int = 0, dp_size: int = 1, run_dir: str | None = None):
         data.validate()
         if not (isinstance(dp_size, int) and dp_size >= 1 and isinstance(dp_rank, int) and 0 <= dp_rank < dp_size):
             raise ValueError(f"dp_rank/dp_size: need 0 <= dp_rank < dp_size, got {dp_rank}/{dp_size}")
         self.data, self.dp_rank, self.dp_size = data, dp_rank, dp_size
-        cache_dir = data.resolved_cache_dir()
+        cache_dir = data.resolved_cache_dir(run_dir)
         self.sources = [TokenSource(s.name, self._source_directory(s.path, data, cache_dir), seed=data.seed,
-                                    cache_dir=cache_dir) for s in data.sources]
+                                    cache_dir=cache_dir, group_shards=data.shuffle_group_shards,
+                                    verify_checksums=data.verify_checksums) for s in data.sources]
         self.names = [s.name for s in data.sources]
         self._check_tokenizers(cache_dir)
         self.reader = WindowReader(self.sources)
@@ -232,38 +253,49 @@ class GlobalSampleStream:
         raise ValueError(f"step {step} requested, but the stream is at step {self._next_step} "
                          f"(steps must be requested in order; the last one may be repeated)")
 
-    def micro_batches(self, step: int, global_batch_size: int, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches for optimizer step ``step``. Steps are requested in order; asking again for
-        the step just served returns the same micro-batches (idempotent)."""
+    def micro_batches(self, step: int, global_batch_size: int, micro_batch_size: int,
+                      device=None) -> list[dict[str, torch.Tensor]]:
+        """This rank's model-ready micro-batches for optimizer step ``step``, on ``device`` (None: the CPU).
+
+        The windows cross to the device as int32 ids; labels and positions are derived there. Steps are requested
+        in order; asking again for the step just served returns the same micro-batches (idempotent)."""
         self._check_sizes(global_batch_size, micro_batch_size)
         served = self._served
         if served is not None and step == served.step:
             if (served.global_batch_size, served.micro_batch_size) != (global_batch_size, micro_batch_size):
                 raise ValueError(f"step {step} was already served with global/micro batch size "
                                  f"{served.global_batch_size}/{served.micro_batch_size}")
+            if served.device != device:
+                served.batches = split_micro_batches(served.windows, served.eos, micro_batch_size, device)
+                served.device = device
             return served.batches
         start = self._step_start(step)
-        batches = self._read_step(start, global_batch_size, micro_batch_size)
-        self._served = _Served(step, start, global_batch_size, micro_batch_size, batches)
+        windows, eos = self._read_step(start, global_batch_size)
+        batches = split_micro_batches(windows, eos, micro_batch_size, device)
+        self._served = _Served(step, start, global_batch_size, micro_batch_size, device, windows, eos, batches)
         self._consumed = start + global_batch_size
         self._next_step = step + 1
         return batches
 
-    def _read_step(self, start: int, global_batch_size: int, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    def _read_step(self, start: int, global_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's windows (int32) and their EOS ids for the step starting at global sample ``start``."""
         stage = self._current_stage()
         if self.data.num_workers == 0:
             indices = rank_sample_indices(start, global_batch_size, self.dp_rank, self.dp_size)
-            return split_micro_batches(*self.reader.read(stage, indices), micro_batch_size)
+            windows, eos = self.reader.read(stage, indices)
+            self.reader.take_new_problems()  # already recorded (and warned) in this process
+            return torch.from_numpy(windows), torch.from_numpy(eos)
         key = (id(stage), start, global_batch_size)
         if self._prefetch is None or self._prefetch[0] != key:
             self._stop_prefetch()
             dataset = _PrefetchedSteps(self.reader, stage, start, global_batch_size, self.dp_rank, self.dp_size)
             loader = DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
-                                prefetch_factor=self.data.prefetch_factor, worker_init_fn=_ignore_stop_signals)
+                                prefetch_factor=self.data.prefetch_factor, worker_init_fn=_init_worker)
             self._prefetch = [key, iter(loader)]
-        windows, eos = next(self._prefetch[1])
+        windows, eos, problems = next(self._prefetch[1])
+        self.reader.absorb_problems(problems)
         self._prefetch[0] = (id(stage), start + global_batch_size, global_batch_size)
-        return split_micro_batches(windows.numpy(), eos.numpy(), micro_batch_size)
+        return windows, eos
 
     def _stop_prefetch(self) -> None:
         if self._prefetch is not None:
@@ -274,15 +306,24 @@ class GlobalSampleStream:
     # ---- digests ---------------------------------------------------------------------------------------------
 
     def local_token_windows(self, step: int, global_batch_size: int) -> torch.Tensor:
-        """This rank's windows ``[global_batch_size // dp_size, seq_len + 1]`` (int64) of ``step``."""
+        """This rank's windows ``[global_batch_size // dp_size, seq_len + 1]`` (int32) of ``step``."""
         self._check_sizes(global_batch_size)
+        served = self._served
+        if served is not None and (served.step, served.global_batch_size) == (step, global_batch_size):
+            return served.windows
         start = self._step_start(step)
         indices = rank_sample_indices(start, global_batch_size, self.dp_rank, self.dp_size)
         return torch.from_numpy(self.reader.read(self._current_stage(), indices)[0])
 
+    def local_sample_digests(self, step: int, global_batch_size: int) -> torch.Tensor:
+        """sha256 of each of this rank's samples of ``step`` (``[n, 32]`` uint8), from the windows it read for the
+        step: a rank hashes only its own slice. The trainer all-gathers them over data-parallel ranks (rank order
+        is global sample order) and combines them with ``combine_sample_digests``."""
+        return sample_digests(self.local_token_windows(step, global_batch_size))
+
     def global_batch_digest(self, step: int, global_batch_size: int) -> str:
-        """sha256 of the global batch of ``step`` (all ranks' windows in global order); the same for any DP size.
-        Reads the whole global batch: meant for tests and occasional checks (or all-gather local_token_windows)."""
+        """The digest of the global batch of ``step``, the same for any DP size, computed by reading the whole
+        global batch: for tests and checks (training combines every rank's ``local_sample_digests`` instead)."""
         self._check_sizes(global_batch_size)
         start = self._step_start(step)
         windows, _ = self.reader.read(self._current_stage(), np.arange(start, start + global_batch_size))
@@ -361,10 +402,22 @@ class GlobalSampleStream:
         self._stop_prefetch()
 
 
+def sample_digests(windows: torch.Tensor) -> torch.Tensor:
+    """sha256 of each window (a row of little-endian int32 token ids), as ``[n, 32]`` uint8."""
+    rows = np.ascontiguousarray(windows.detach().to("cpu", torch.int32).numpy(), dtype="<i4")
+    digests = b"".join(hashlib.sha256(row).digest() for row in rows)
+    return torch.frombuffer(bytearray(digests), dtype=torch.uint8).reshape(len(rows), 32)
+
+
+def combine_sample_digests(digests: torch.Tensor) -> str:
+    """The batch digest: sha256 hex of its samples' digests in global sample order."""
+    return hashlib.sha256(digests.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes()).hexdigest()
+
+
 def digest_token_windows(windows: torch.Tensor) -> str:
-    """sha256 hex of token windows as contiguous little-endian int64, in row order."""
-    array = windows.detach().to("cpu", torch.int64).contiguous().numpy()
-    return hashlib.sha256(array.astype("<i8", copy=False).tobytes()).hexdigest()
+    """The batch digest of windows in global sample order (= combine_sample_digests of their sample digests)."""
+    return combine_sample_digests(sample_digests(windows))
 
 
-__all__ = ["GlobalSampleStream", "Stage", "digest_token_windows", "stable_key"]
+__all__ = ["GlobalSampleStream", "Stage", "combine_sample_digests", "digest_token_windows", "sample_digests",
+           "stable_key"]

@@ -1,4 +1,4 @@
-"""The `mimo-train` command line: train, info, hf-import, hf-export, prepare-data."""
+"""The `mimo-train` command line: train, info, hf-import, hf-export, prepare-data, verify-data."""
 
 from __future__ import annotations
 
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.prepare import add_prepare_data_parser
 
     add_prepare_data_parser(sub)
+    from data_pipeline.verify import add_verify_data_parser
+
+    add_verify_data_parser(sub)
     from mimo_train.slurm import add_submit_parser
 
     add_submit_parser(sub)

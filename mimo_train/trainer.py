@@ -89,6 +89,12 @@ class Trainer:
         if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
             raise ConfigError(f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size "
                               f"({cfg.data.vocab_size}), got {cfg.model.vocab_size}")
+        from data_pipeline.checks import DataConfigError, check_data_sources
+
+        try:  # sources, manifests, tokenizer and vocabulary: before the model is built
+            check_data_sources(cfg.data, cfg.model.vocab_size)
+        except DataConfigError as error:
+            raise ConfigError(str(error)) from None
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if self.is_logger:
@@ -150,7 +156,7 @@ class Trainer:
 
         if self.data is not None:
             self.data.close()
-        self.data = GlobalSampleStream(cfg.data, dp_rank=self.topo.rank_in("dp"), dp_size=p.dp)
+        self.data = GlobalSampleStream(cfg.data, dp_rank=self.topo.rank_in("dp"), dp_size=p.dp, run_dir=cfg.run.dir)
         self.layout_key = stage.layout_key()
 
     def _apply_stage(self, stage: Stage) -> None:
@@ -256,13 +262,26 @@ class Trainer:
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return value.item()
 
+    def _batch_digest(self, gbs: int) -> str:
+        """The global batch's digest, identical for every layout: each data-parallel rank hashes only the samples
+        it read, and the per-sample digests (32 bytes each) are gathered in rank order, which is sample order."""
+        from data_pipeline import combine_sample_digests
+
+        local = self.data.local_sample_digests(self.step, gbs)
+        group = self.topo.group("dp")
+        if comm.group_size(group) > 1:
+            parts = [torch.empty_like(local) for _ in range(comm.group_size(group))]
+            dist.all_gather(parts, local, group=group)
+            local = torch.cat(parts)
+        return combine_sample_digests(local)
+
     def train_step(self) -> dict[str, Any]:
         t, topo, stage = self.cfg.train, self.topo, self.stage
         step_start = time.time()
         gbs = self.batches.global_batch_size(self.samples - self.stage_start.samples)
         mbs = stage.micro_batch_size
         micro_batches = self.data.micro_batches(self.step, gbs, mbs)
-        digest = self.data.global_batch_digest(self.step, gbs)
+        digest = self._batch_digest(gbs)
         local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
         # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
         targets = _sum_over(local_targets, topo.group("dp")).clamp(min=1)

@@ -62,16 +62,21 @@ def test_missing_truncated_and_corrupt_shards_are_skipped_without_reordering(tmp
     assert not np.isin(damaged, bad_tokens).any()
 
 
-def test_verification_verdicts_are_reused_until_a_file_changes(tmp_path):
+def test_checksum_verdicts_are_reused_until_a_file_changes(tmp_path):
+    """Nothing is hashed at start-up; the first read hashes a shard once and remembers the verdict in the cache."""
     write_source(tmp_path / "src", shards=2, docs_per_shard=4, first_token=1)
     config = DataConfig(sources=[SourceConfig("src", str(tmp_path / "src"))], cache_dir=str(tmp_path / "cache"),
                         num_workers=0)
+    ledger = tmp_path / "cache" / "verified-shards"
     GlobalSampleStream(config)
+    assert not ledger.exists()  # opening the stream read no shard
+    source_tokens(config, 4)
+    assert len(os.listdir(ledger)) == 2
     with open(tmp_path / "src" / "shard-000000.tar", "r+b") as f:
         f.seek(600)
         f.write(b"\x00\x01")  # same size, new mtime: the ledger entry no longer applies
     with pytest.warns(DataWarning, match="sha256 mismatch"):
-        stream = GlobalSampleStream(config)
+        _, stream = source_tokens(config, 4)
     assert stream.stats()["data/skipped_shards"] == 1
 
 
@@ -117,6 +122,7 @@ def test_an_empty_source_is_a_config_error(tmp_path):
 def test_a_source_with_only_broken_shards_is_an_error(tmp_path):
     write_source(tmp_path / "src", shards=1, docs_per_shard=3, first_token=1)
     os.remove(tmp_path / "src" / "shard-000000.tar")
-    config = DataConfig(sources=[SourceConfig("src", str(tmp_path / "src"))], cache_dir=str(tmp_path / "cache"))
+    config = DataConfig(sources=[SourceConfig("src", str(tmp_path / "src"))], cache_dir=str(tmp_path / "cache"),
+                        num_workers=0)
     with pytest.warns(DataWarning), pytest.raises(ValueError, match="every shard is unusable"):
-        GlobalSampleStream(config)
+        source_tokens(config, 1)  # found on the first read: nothing is checked at start-up
