@@ -38,8 +38,8 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=_default_sources)
     tokenizer: str = BUILTIN_TOKENIZER  # "builtin" (byte-level BPE trained on the stdlib) or a path to a tokenizer.json
     vocab_size: int = 4096  # size for the builtin tokenizer
-    # builtin tokenizer and corpus, copies of remote shards, checksum verdicts. Empty: <run.dir>/cache. A relative
-    # path is taken under run.dir (never the working directory). The env var MIMO_TRAIN_CACHE overrides both.
+    # builtin tokenizer and corpus, copies of remote shards, checksum verdicts. Empty: $MIMO_TRAIN_CACHE if set,
+    # else <run.dir>/cache. A relative path is taken under run.dir (never the working directory).
     cache_dir: str = ""
     seed: int = 1234
     num_workers: int = 1  # DataLoader workers for prefetch (0: read in the calling process)
@@ -76,8 +76,9 @@ class DataConfig:
             raise ValueError(f"data.verify_checksums: must be true or false, got {self.verify_checksums!r}")
 
     def resolved_cache_dir(self, run_dir: str | None = None) -> str:
-        """The cache directory: $MIMO_TRAIN_CACHE if set, else ``cache_dir`` (under ``run_dir`` if relative)."""
-        return resolve_cache_dir(os.environ.get(CACHE_ENV_VAR) or self.cache_dir, run_dir)
+        """The cache directory: ``cache_dir`` if set (under ``run_dir`` if relative), else $MIMO_TRAIN_CACHE, else
+        ``<run_dir>/cache``."""
+        return resolve_cache_dir(self.cache_dir or os.environ.get(CACHE_ENV_VAR, ""), run_dir)
 
 
 def resolve_cache_dir(cache_dir: str, run_dir: str | None) -> str:

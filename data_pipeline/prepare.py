@@ -4,8 +4,14 @@ The work is planned before anything is tokenized: one scan of the inputs assigns
 (by document count, or by an estimated token count), so shard ``i`` always holds the same documents. Worker
 processes then tokenize and write the shards independently. Each shard is written to a hidden partial file and
 renamed into place when complete, and its record (documents, tokens, sha256) is saved next to the plan; a
-restarted run skips the shards that have a record, so a killed run costs at most the shards in flight, and
-no reader ever sees half a shard. ``manifest.json`` is written last.
+restarted run skips the shards whose record is still valid (the record holds a hash of the exact input bytes of
+the shard's documents), so a killed run costs at most the shards in flight, a fixed input file redoes only the
+shards whose documents changed, and no reader ever sees half a shard. ``manifest.json`` is written last.
+
+Undecodable input (bytes that are not UTF-8, or a lone surrogate escape such as ``"\ud800"`` in a JSON string,
+which no tokenizer can encode) follows ``--on-decode-error``: ``replace`` (the default) puts U+FFFD in place of
+each offending sequence and keeps the document; ``skip`` drops the document. Either way the offending sequences
+are counted per file and the first few ``file:line`` positions are reported at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import argparse
 import glob
 import json
 import multiprocessing
+import hashlib
 import os
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -31,6 +39,9 @@ INPUT_SUFFIXES = (".jsonl", ".parquet", *TEXT_SUFFIXES)
 DEFAULT_SHARD_TOKENS = 1 << 26  # ~256 MB of uint32 ids per shard, a usual webdataset shard size
 ESTIMATE_SAMPLE_BYTES = 1 << 20  # text tokenized to estimate bytes per token for --shard-tokens
 WORK_DIR = ".prepare"  # plan and per-shard records, inside the output directory
+DECODE_POLICIES = ("replace", "skip")
+REPORTED_POSITIONS = 5  # offending file:line positions printed at the end
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -40,6 +51,38 @@ class Segment:
     first: int
     stop: int
     byte_offset: int = 0
+    line: int = 1  # line number of document ``first`` (jsonl), for messages
+
+
+@dataclass
+class DecodeProblems:
+    """Undecodable sequences met while reading one shard's documents: counts per file, first positions."""
+    counts: dict
+    positions: list
+
+    def add(self, file: str, line: int, count: int) -> None:
+        self.counts[file] = self.counts.get(file, 0) + count
+        if len(self.positions) < REPORTED_POSITIONS:
+            self.positions.append(f"{file}:{line}")
+
+
+def decode_text(data: bytes, file: str, line: int, problems: DecodeProblems) -> tuple[str, int]:
+    """UTF-8 text with each undecodable sequence replaced by U+FFFD, and how many were replaced."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError as error:
+        text = data.decode("utf-8", errors="replace")
+        count = text.count("\ufffd") - data.count("\ufffd".encode())
+        problems.add(file, line + data[: error.start].count(b"\n"), count)
+        return text, count
+
+
+def clean_surrogates(text: str, file: str, line: int, problems: DecodeProblems) -> tuple[str, int]:
+    """A lone surrogate (from a JSON escape) cannot be encoded as UTF-8: replaced by U+FFFD, and counted."""
+    text, count = LONE_SURROGATE.subn("\ufffd", text)
+    if count:
+        problems.add(file, line, count)
+    return text, count
 
 
 # ---- reading inputs ------------------------------------------------------------------------------------------
@@ -66,43 +109,76 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def document_sizes(path: str, text_field: str):
-    """(byte offset, size in bytes) of each document of a file, without parsing jsonl records."""
+    """(byte offset, size in bytes, line number) of each document of a file, without parsing jsonl records."""
     if path.endswith(".jsonl"):
         offset = 0
         with open(path, "rb") as f:
-            for line in f:
+            for number, line in enumerate(f, start=1):
                 if line.strip():
-                    yield offset, len(line)
+                    yield offset, len(line), number
                 offset += len(line)
     elif path.endswith(".parquet"):
-        for text in _parquet_texts(path, text_field):
-            yield 0, len(text.encode())
+        for index, text in enumerate(_parquet_texts(path, text_field)):
+            yield 0, len(text.encode("utf-8", errors="surrogatepass")), index + 1
     else:
-        yield 0, os.path.getsize(path)
+        yield 0, os.path.getsize(path), 1
 
 
-def read_documents(segment: Segment, text_field: str) -> list[str]:
+def read_documents(segment: Segment, text_field: str, policy: str = "replace",
+                   problems: DecodeProblems | None = None) -> list[str]:
+    """The texts of a segment's documents, undecodable ones replaced or skipped per ``policy`` (see the top)."""
+    problems = problems if problems is not None else DecodeProblems({}, [])
+    texts = []
+    for line, raw in _raw_documents(segment, text_field):
+        if isinstance(raw, bytes):
+            raw, bad = decode_text(raw, segment.file, line, problems)
+        else:
+            bad = 0
+        if segment.file.endswith(".jsonl"):
+            try:
+                record = json.loads(raw)
+            except ValueError as error:
+                raise ValueError(f"{segment.file}:{line}: not a JSON record: {error}") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise ValueError(f"{segment.file}:{line}: no string field {text_field!r}")
+            raw = record[text_field]
+        text, surrogates = clean_surrogates(raw, segment.file, line, problems)
+        if policy == "skip" and bad + surrogates:
+            continue
+        texts.append(text)
+    return texts
+
+
+def _raw_documents(segment: Segment, text_field: str):
+    """(line number, bytes or str) of each document of a segment."""
     if segment.file.endswith(".jsonl"):
-        texts = []
         with open(segment.file, "rb") as f:
             f.seek(segment.byte_offset)
-            line_number = segment.byte_offset  # for messages only
-            while len(texts) < segment.stop - segment.first:
-                line = f.readline()
-                if not line:
+            line, found = segment.line, 0
+            while found < segment.stop - segment.first:
+                data = f.readline()
+                if not data:
                     raise ValueError(f"{segment.file}: ended early (was it changed during preparation?)")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if not isinstance(record.get(text_field), str):
-                    raise ValueError(f"{segment.file} (near byte {line_number}): no string field {text_field!r}")
-                texts.append(record[text_field])
-                line_number = f.tell()
-        return texts
-    if segment.file.endswith(".parquet"):
-        return _parquet_texts(segment.file, text_field)[segment.first : segment.stop]
-    with open(segment.file, encoding="utf-8", errors="replace") as f:
-        return [f.read()]
+                if data.strip():
+                    yield line, data
+                    found += 1
+                line += 1
+    elif segment.file.endswith(".parquet"):
+        texts = _parquet_texts(segment.file, text_field)[segment.first : segment.stop]
+        yield from ((segment.first + 1 + i, text) for i, text in enumerate(texts))
+    else:
+        with open(segment.file, "rb") as f:
+            yield 1, f.read()
+
+
+def segments_fingerprint(segments: list[Segment], text_field: str) -> str:
+    """sha256 of exactly what a shard reads (its documents' bytes), to tell whether a finished shard is valid."""
+    digest = hashlib.sha256()
+    for segment in segments:
+        digest.update(repr((os.path.abspath(segment.file), segment.first, segment.stop)).encode())
+        for _, raw in _raw_documents(segment, text_field):
+            digest.update(raw if isinstance(raw, bytes) else raw.encode("utf-8", errors="surrogatepass"))
+    return digest.hexdigest()
 
 
 def _parquet_texts(path: str, text_field: str) -> list[str]:
@@ -121,11 +197,11 @@ def plan_shards(files: list[str], text_field: str, shard_docs: int | None, shard
     current: list[Segment] = []
     docs = size = 0
     for path in files:
-        for index, (offset, nbytes) in enumerate(document_sizes(path, text_field)):
+        for index, (offset, nbytes, line) in enumerate(document_sizes(path, text_field)):
             if current and current[-1].file == path and current[-1].stop == index:
                 current[-1].stop += 1
             else:
-                current.append(Segment(path, index, index + 1, offset))
+                current.append(Segment(path, index, index + 1, offset, line))
             docs, size = docs + 1, size + nbytes
             if (shard_docs and docs >= shard_docs) or (shard_bytes and size >= shard_bytes):
                 shards.append(current)
@@ -140,8 +216,8 @@ def estimate_bytes_per_token(files: list[str], text_field: str, tokenizer_path: 
     tokenizer = load_tokenizer(tokenizer_path)
     texts, total = [], 0
     for path in files:
-        for index, (offset, nbytes) in enumerate(document_sizes(path, text_field)):
-            texts += read_documents(Segment(path, index, index + 1, offset), text_field)
+        for index, (offset, nbytes, line) in enumerate(document_sizes(path, text_field)):
+            texts += read_documents(Segment(path, index, index + 1, offset, line), text_field)
             total += nbytes
             if total >= ESTIMATE_SAMPLE_BYTES:
                 break
@@ -161,15 +237,17 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
-def _write_shard(task) -> ShardInfo:
-    index, segments, out_dir, text_field = task
-    texts = [text for segment in segments for text in read_documents(segment, text_field) if text]
+def _write_shard(task) -> tuple[ShardInfo, DecodeProblems]:
+    index, segments, out_dir, text_field, policy, fingerprint = task
+    problems = DecodeProblems({}, [])
+    texts = [text for segment in segments for text in read_documents(segment, text_field, policy, problems) if text]
     encodings = _worker_tokenizer.encode_batch(texts, add_special_tokens=False)
     info = write_token_shard(os.path.join(out_dir, shard_name(index)),
                              (np.asarray(e.ids, dtype=np.uint32) for e in encodings))
     # the record is written after the shard is in place: a record always describes a complete shard
-    write_atomically(record_path(out_dir, index), json.dumps(asdict(info)).encode())
-    return info
+    record = {"shard": asdict(info), "inputs_sha256": fingerprint, "policy": policy, "decode": asdict(problems)}
+    write_atomically(record_path(out_dir, index), json.dumps(record).encode())
+    return info, problems
 
 
 def shard_name(index: int) -> str:
@@ -180,22 +258,45 @@ def record_path(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, WORK_DIR, f"shard-{index:06d}.json")
 
 
-def finished_shard(out_dir: str, index: int) -> ShardInfo | None:
+def finished_shard(out_dir: str, index: int, fingerprint: str, policy: str) -> tuple[ShardInfo, DecodeProblems] | None:
+    """The record of a complete shard made from exactly these input bytes with this policy, else None."""
     try:
         with open(record_path(out_dir, index)) as f:
-            info = ShardInfo(**json.load(f))
-    except (FileNotFoundError, ValueError, TypeError):
+            record = json.load(f)
+        info, problems = ShardInfo(**record["shard"]), DecodeProblems(**record["decode"])
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
         return None
+    if (record.get("inputs_sha256"), record.get("policy")) != (fingerprint, policy):
+        return None  # its input changed (e.g. was fixed) since: the shard is redone
     path = os.path.join(out_dir, info.url)
-    return info if os.path.exists(path) and os.path.getsize(path) == info.filesize else None
+    return (info, problems) if os.path.exists(path) and os.path.getsize(path) == info.filesize else None
+
+
+def report_decode_problems(results: list[DecodeProblems], policy: str) -> str:
+    """One line on undecodable input (empty if there was none)."""
+    counts: dict = {}
+    positions: list = []
+    for problems in results:
+        for file, count in problems.counts.items():
+            counts[file] = counts.get(file, 0) + count
+        positions += problems.positions
+    if not counts:
+        return ""
+    action = "replaced by U+FFFD" if policy == "replace" else "skipped (their documents dropped)"
+    per_file = ", ".join(f"{file}: {count}" for file, count in sorted(counts.items()))
+    return (f"prepare-data: {sum(counts.values())} undecodable sequences {action} (--on-decode-error {policy}) in "
+            f"{len(counts)} files ({per_file}); first at {', '.join(positions[:REPORTED_POSITIONS])}")
 
 
 # ---- the whole preparation -----------------------------------------------------------------------------------
 
 def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, workers: int = 1,
                     shard_docs: int | None = None, shard_tokens: int | None = None, text_field: str = "text",
-                    progress: bool = True) -> Manifest:
-    """Tokenize ``inputs`` into shards under ``out_dir`` and write its manifest; resumes an interrupted run."""
+                    progress: bool = True, on_decode_error: str = "replace") -> Manifest:
+    """Tokenize ``inputs`` into shards under ``out_dir`` and write its manifest; resumes an interrupted run (also
+    after an input was fixed: only the shards whose input bytes changed are redone)."""
+    if on_decode_error not in DECODE_POLICIES:
+        raise ValueError(f"--on-decode-error: must be one of {', '.join(DECODE_POLICIES)}, got {on_decode_error!r}")
     if shard_docs is not None and shard_tokens is not None:
         raise ValueError("give --shard-docs or --shard-tokens, not both")
     if shard_docs is None and shard_tokens is None:
@@ -207,38 +308,44 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
     tokenizer_sha = file_sha256(tokenizer_path)
 
     os.makedirs(os.path.join(out_dir, WORK_DIR), exist_ok=True)
+    # The options and the input files (by name) fix the plan; their contents are checked per shard (fingerprints).
     plan_key = {
-        "inputs": [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files],
+        "inputs": [os.path.abspath(f) for f in files],
         "shard_docs": shard_docs, "shard_tokens": shard_tokens, "text_field": text_field,
         "tokenizer_sha256": tokenizer_sha,
     }
     plan_file = os.path.join(out_dir, WORK_DIR, "plan.json")
     if os.path.exists(plan_file):
         with open(plan_file) as f:
-            if json.load(f) != plan_key:
-                raise ValueError(f"{out_dir} holds a preparation of other inputs or options; use another --out")
+            stored = json.load(f)
+        if {k: v for k, v in stored.items() if k != "bytes_per_token"} != plan_key:
+            raise ValueError(f"{out_dir} holds a preparation of other inputs or options; use another --out")
+        bytes_per_token = stored.get("bytes_per_token")
     else:
-        write_atomically(plan_file, json.dumps(plan_key).encode())
+        # measured once and kept, so a fixed input does not move every shard boundary
+        bytes_per_token = estimate_bytes_per_token(files, text_field, tokenizer_path) if shard_tokens else None
+        write_atomically(plan_file, json.dumps({**plan_key, "bytes_per_token": bytes_per_token}).encode())
 
-    shard_bytes = shard_tokens * estimate_bytes_per_token(files, text_field, tokenizer_path) if shard_tokens else None
-    plan = plan_shards(files, text_field, shard_docs, shard_bytes)
-    infos: list[ShardInfo | None] = [finished_shard(out_dir, i) for i in range(len(plan))]
-    todo = [(i, plan[i], out_dir, text_field) for i, info in enumerate(infos) if info is None]
+    plan = plan_shards(files, text_field, shard_docs, shard_tokens * bytes_per_token if shard_tokens else None)
+    fingerprints = [segments_fingerprint(segments, text_field) for segments in plan]
+    results = [finished_shard(out_dir, i, fingerprints[i], on_decode_error) for i in range(len(plan))]
+    todo = [(i, plan[i], out_dir, text_field, on_decode_error, fingerprints[i])
+            for i, result in enumerate(results) if result is None]
 
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="prepare-data", unit="shard",
               disable=not progress) as bar:
         if workers <= 1 or len(todo) <= 1:
             _init_worker(tokenizer_path)
-            results = map(_write_shard, todo)
+            written = map(_write_shard, todo)
             pool = None
         else:
             # each process tokenizes one shard at a time; the Rust thread pool would only oversubscribe the cores
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_path,))
-            results = pool.imap(_write_shard, todo)
+            written = pool.imap(_write_shard, todo)
         try:
-            for (index, *_), info in zip(todo, results):
-                infos[index] = info
+            for (index, *_), result in zip(todo, written):
+                results[index] = result
                 bar.update(1)
         finally:
             if pool is not None:
@@ -246,8 +353,11 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
 
     shutil.copyfile(tokenizer_path, os.path.join(out_dir, ".tokenizer.json.partial"))
     os.replace(os.path.join(out_dir, ".tokenizer.json.partial"), os.path.join(out_dir, "tokenizer.json"))
+    report = report_decode_problems([problems for _, problems in results], on_decode_error)
+    if report:
+        print(report, file=sys.stderr)
     manifest = Manifest(
-        shards=[info for info in infos if info is not None],
+        shards=[info for info, _ in results],
         eos_id=eos_token_id(tokenizer),
         tokenizer={"file": "tokenizer.json", "sha256": tokenizer_sha, "vocab_size": tokenizer.get_vocab_size()},
     )
@@ -282,6 +392,9 @@ def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
     size.add_argument("--shard-docs", type=int, help="documents per shard")
     size.add_argument("--shard-tokens", type=int, help=f"approximate tokens per shard (default {DEFAULT_SHARD_TOKENS})")
     parser.add_argument("--text-field", default="text", help="the text field of jsonl / parquet records")
+    parser.add_argument("--on-decode-error", choices=DECODE_POLICIES, default="replace",
+                        help="input that is not valid UTF-8 (or a lone surrogate escape): replace each offending "
+                             "sequence by U+FFFD, or skip its document; counted and reported either way")
     parser.set_defaults(func=run_prepare_data)
     return parser
 
@@ -291,7 +404,8 @@ def run_prepare_data(args) -> int:
         tokenizer_path = resolve_tokenizer(args.tokenizer, os.path.abspath(args.cache_dir), args.vocab_size)
         manifest = prepare_dataset(args.inputs, args.out, tokenizer_path, workers=args.workers,
                                    shard_docs=args.shard_docs, shard_tokens=args.shard_tokens,
-                                   text_field=args.text_field, progress=True)
+                                   text_field=args.text_field, progress=True,
+                                   on_decode_error=args.on_decode_error)
     except (ValueError, FileNotFoundError) as error:
         print(f"prepare-data: error: {error}", file=sys.stderr)
         return 2

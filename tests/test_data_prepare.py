@@ -146,3 +146,42 @@ def test_shards_stream_identically_from_an_fsspec_url(tmp_path, cache_dir):
         streams[-1].set_stage(32)
     assert streams[0].global_batch_digest(0, 16) == streams[1].global_batch_digest(0, 16)
     assert glob.glob(str(tmp_path / "c" / "remote-shards" / "*.tar"))  # remote shards are read via a local copy
+
+
+def test_undecodable_input_is_replaced_or_skipped_counted_and_a_fixed_input_resumes(tmp_path, tokenizer_path, capsys):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = [json.dumps({"text": f"document {i} " * 5}).encode() for i in range(4)]
+    broken = [good[0], b'{"text": "bad \xff byte"}', b'{"text": "lone \\ud800 surrogate"}', good[3]]
+    (raw / "a.jsonl").write_bytes(b"\n".join(broken) + b"\n")
+    (raw / "b.txt").write_bytes(b"line one\nline two\nthree \xfe\xfe here\n")
+    (raw / "c.jsonl").write_bytes(b"\n".join(good) + b"\n")
+    out = tmp_path / "shards"
+    argv = [str(raw), "--out", str(out), "--tokenizer", tokenizer_path, "--workers", "1", "--shard-docs", "2"]
+
+    assert run_cli(argv) == 0
+    report = capsys.readouterr().err
+    assert "4 undecodable sequences replaced by U+FFFD (--on-decode-error replace) in 2 files" in report
+    assert f"{raw / 'a.jsonl'}: 2" in report and f"{raw / 'b.txt'}: 2" in report
+    assert f"first at {raw / 'a.jsonl'}:2, {raw / 'a.jsonl'}:3, {raw / 'b.txt'}:3" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["documents"] == 9
+    text = load_tokenizer(tokenizer_path).decode(
+        np.frombuffer(next(iter(wds.WebDataset(str(out / "shard-000001.tar"), shardshuffle=False,
+                                               empty_check=False)))["tokens.bin"], "<u4").tolist())
+    assert text == "lone \ufffd surrogate"
+
+    skipped = tmp_path / "skipped"
+    assert run_cli([*argv[:2], str(skipped), *argv[3:], "--on-decode-error", "skip"]) == 0
+    assert "skipped (their documents dropped)" in capsys.readouterr().err
+    assert json.loads((skipped / "manifest.json").read_text())["documents"] == 6
+
+    # The input is fixed: the same --out resumes, redoing only the two shards made from a.jsonl.
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    (raw / "a.jsonl").write_bytes(b"\n".join(good) + b"\n")
+    assert run_cli(argv) == 0
+    report = capsys.readouterr().err
+    assert "a.jsonl" not in report and "2 undecodable sequences" in report  # b.txt is still broken
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    assert sorted(name for name in after if after[name] != before[name]) == ["shard-000000.tar", "shard-000001.tar"]
+    assert json.loads((out / "manifest.json").read_text())["documents"] == 9
