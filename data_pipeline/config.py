@@ -18,14 +18,17 @@ CACHE_ENV_VAR = "MIMO_TRAIN_CACHE"
 @dataclass
 class SourceConfig:
     name: str
-    path: str  # a directory (local or fsspec URL) holding shards + manifest.json, or the literal "builtin:stdlib"
+    # a directory (local or fsspec URL) holding shards + manifest.json, or the literal "builtin:stdlib"; no default,
+    # but an absent one is reported by validate() with the field's name rather than as a TypeError
+    path: str = ""
     weight: float = 1.0
 
     def validate(self, where: str = "data.sources[0]") -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"{where}.name: must be a non-empty string, got {self.name!r}")
         if not isinstance(self.path, str) or not self.path:
-            raise ValueError(f"{where}.path: must be a non-empty string, got {self.path!r}")
+            raise ValueError(f"{where}.path: every data source needs a path (a shard directory, an fsspec URL or "
+                             f"{BUILTIN_SOURCE!r}); source {self.name!r} has {self.path!r}")
         check_weight(f"{where}.weight", self.weight)
 
 
