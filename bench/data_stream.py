@@ -56,17 +56,26 @@ def stream_tokens_per_second(config: DataConfig, seq_len: int, global_batch: int
 
 
 def planner_demand() -> dict:
-    """Tokens/s per GPU and per rank's loader at the planner's best layout for the 309B model on 512 H100s."""
-    from mimo_train.config import load_config
-    from mimo_train.planner import plan
+    """Tokens/s per GPU and per rank's loader at the planner's best layout for the 309B model on 512 H100s, as
+    ``mimo-train plan --config configs/model/mimo_v2_flash.yaml --gpus 512 --gpu h100`` recommends it."""
+    import contextlib
+    import io
+    import json
 
-    # as `mimo-train plan --config configs/model/mimo_v2_flash.yaml --gpus 512 --gpu h100` computes it
-    result = plan(load_config("configs/model/mimo_v2_flash.yaml").model, PLANNER_GPUS, PLANNER_GPU, RECIPE_SEQ)
+    from mimo_train.cli import main as cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli(["plan", "--config", "configs/model/mimo_v2_flash.yaml", "--gpus", str(PLANNER_GPUS), "--gpu",
+                    PLANNER_GPU, "--seq", str(RECIPE_SEQ), "--json", "--top", "1"])
+    if code != 0:
+        raise RuntimeError(f"mimo-train plan failed with status {code}")
+    result = json.loads(out.getvalue())
     best = result["results"][0]
     step_tokens = result["global_batch"] * result["seq"]
-    return {"layout": best.layout.describe(), "step_time": best.step_time,
-            "gpu_tok_s": step_tokens / best.step_time / PLANNER_GPUS,
-            "rank_tok_s": step_tokens / best.layout.dp / best.step_time}
+    return {"layout": best["layout"]["name"], "step_time": best["step_time"],
+            "gpu_tok_s": step_tokens / best["step_time"] / PLANNER_GPUS,
+            "rank_tok_s": step_tokens / best["layout"]["dp"] / best["step_time"]}
 
 
 def demo_data_wait(steps: int, cache_dir: str) -> tuple[float, float]:

@@ -385,8 +385,9 @@ def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output directory for the shards and manifest.json")
     parser.add_argument("--tokenizer", default=BUILTIN_TOKENIZER, help="'builtin' or a path to a tokenizer.json")
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the builtin tokenizer")
-    parser.add_argument("--cache-dir", default=os.environ.get(CACHE_ENV_VAR, ".cache/mimo-train"),
-                        help="where the builtin tokenizer is cached")
+    parser.add_argument("--cache-dir", default=os.environ.get(CACHE_ENV_VAR)
+                        or os.path.join(os.path.expanduser("~"), ".cache", "mimo-train"),
+                        help="where the builtin tokenizer is cached (default: $MIMO_TRAIN_CACHE, else ~/.cache/mimo-train)")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard-docs", type=int, help="documents per shard")

@@ -15,9 +15,10 @@ consecutive documents of a group holds a document of that shard**; with equal-si
 consecutive documents hold one of every shard of their group. A global batch that spans ``4G`` documents of one
 source therefore reads from at least ``G`` of its shards, whatever order the shards were written in.
 
-Addressing needs, in memory, per shard: its manifest entry as arrays (about 200 bytes with the url and sha256),
-plus per epoch the shard permutation (8 bytes); per document, only for the groups being read: 16 bytes (which
-shard, which document, stream offset). Nothing is read at start-up: a group's layout opens its shards (the tar
+Addressing needs, in memory, per shard: its manifest entry (url, sha256, counts: about 0.8 KB as Python objects,
+75 MiB measured for 100,000 shards) and per epoch its place in the permutation and its group's offset (16 bytes);
+per document, only for the groups being read: 16 bytes (which shard, which document, stream offset), plus the
+tar index of each open shard. Nothing is read at start-up: a group's layout opens its shards (the tar
 index gives each document's length) when the stream first reads from it.
 
 A shard found unusable when it is opened (missing, wrong size, checksum mismatch, unreadable, or an object store
