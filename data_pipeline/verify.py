@@ -6,8 +6,9 @@ Verdicts are remembered in a ledger under the cache directory, one small file pe
 other ranks of a node, the DataLoader workers and every restart reuse them instead of hashing again; one file per
 verdict needs no lock, and a changed file gets a new key.
 
-``mimo-train verify-data DIR`` checks a whole corpus ahead of a run (in parallel, with a progress bar) and fills
-the same ledger, so the run then hashes nothing.
+``mimo-train verify-data DIR`` checks a whole corpus ahead of a run (in parallel threads, with a progress bar; with
+``--part K/N`` on N machines at once, each taking every N-th shard) and fills the same ledger, so the run then
+hashes nothing.
 """
 
 from __future__ import annotations
@@ -84,18 +85,21 @@ def shard_problem(url: str, info: ShardInfo, ledger: ChecksumLedger, progress=No
     return None if sha256_of_file(url, progress) == info.sha256 else "sha256 mismatch"
 
 
-def verify_directory(directory: str, *, workers: int, cache_dir: str | None, progress: bool = True) -> dict[str, str]:
-    """Check every shard of a source directory; returns {shard url: problem} for the unusable ones."""
-    manifest = read_manifest(directory)
+def verify_directory(directory: str, *, workers: int, cache_dir: str | None, progress: bool = True,
+                     part: tuple[int, int] = (0, 1)) -> tuple[int, dict[str, str]]:
+    """Check the shards of a source directory (those of ``part`` = (k, n): every n-th from the k-th); returns how
+    many were checked and {shard url: problem} for the unusable ones."""
+    k, n = part
+    shards = read_manifest(directory).shards[k::n]
     ledger = ChecksumLedger(cache_dir)
-    total = sum(s.filesize for s in manifest.shards)
+    total = sum(s.filesize for s in shards)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify-data {directory}", disable=not progress) as bar:
         def check(info: ShardInfo) -> str | None:
             return shard_problem(join_url(directory, info.url), info, ledger, bar.update)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            verdicts = list(pool.map(check, manifest.shards))
-    return {info.url: problem for info, problem in zip(manifest.shards, verdicts) if problem is not None}
+            verdicts = list(pool.map(check, shards))
+    return len(shards), {info.url: problem for info, problem in zip(shards, verdicts) if problem is not None}
 
 
 # ---- command line --------------------------------------------------------------------------------------------
@@ -107,6 +111,8 @@ def add_verify_data_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("directories", nargs="+", metavar="DIR", help="shard directories (local or fsspec URLs)")
     parser.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)),
                         help="shards hashed at the same time")
+    parser.add_argument("--part", default="0/1", metavar="K/N",
+                        help="check only every N-th shard from the K-th (run K = 0..N-1 on N machines)")
     parser.add_argument("--cache-dir", default=None,
                         help="where verdicts are remembered for training runs (default: $MIMO_TRAIN_CACHE; the "
                              "run uses <run.dir>/cache unless data.cache_dir or $MIMO_TRAIN_CACHE say otherwise)")
@@ -117,16 +123,24 @@ def add_verify_data_parser(subparsers) -> argparse.ArgumentParser:
 def run_verify_data(args) -> int:
     cache_dir = args.cache_dir or os.environ.get("MIMO_TRAIN_CACHE")
     cache_dir = os.path.abspath(cache_dir) if cache_dir else None  # a path typed on the command line
+    try:
+        k, n = (int(x) for x in args.part.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+    except ValueError:
+        print(f"verify-data: error: --part: must be K/N with 0 <= K < N, got {args.part!r}", file=sys.stderr)
+        return 2
     bad_total = 0
     for directory in args.directories:
         try:
-            bad = verify_directory(directory, workers=args.workers, cache_dir=cache_dir, progress=True)
+            checked, bad = verify_directory(directory, workers=args.workers, cache_dir=cache_dir, progress=True,
+                                            part=(k, n))
         except ValueError as error:
             print(f"verify-data: error: {error}", file=sys.stderr)
             return 2
         for url, problem in sorted(bad.items()):
             print(f"verify-data: {directory}: {url}: {problem}")
-        shards = len(read_manifest(directory).shards)
-        print(f"verify-data: {directory}: {shards - len(bad)} of {shards} shards sound")
+        print(f"verify-data: {directory}: {checked - len(bad)} of {checked} shards sound"
+              + (f" (part {k}/{n})" if n > 1 else ""))
         bad_total += len(bad)
     return 1 if bad_total else 0

@@ -131,14 +131,17 @@ def test_verify_data_command_checks_every_shard_and_fills_the_ledger(tmp_path):
     with open(tmp_path / "src" / "shard-000002.tar", "r+b") as f:
         f.seek(700)
         f.write(b"\xff" * 16)
-    os.remove(tmp_path / "src" / "shard-000004.tar")
+    os.remove(tmp_path / "src" / "shard-000005.tar")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "mimo_train.cli", "verify-data", str(tmp_path / "src"),
-                             "--workers", "2", "--cache-dir", str(tmp_path / "cache")],
-                            capture_output=True, text=True, env=env, timeout=120)
+    command = [sys.executable, "-m", "mimo_train.cli", "verify-data", str(tmp_path / "src"), "--workers", "2",
+               "--cache-dir", str(tmp_path / "cache")]
+    half = subprocess.run([*command, "--part", "1/2"], capture_output=True, text=True, env=env, timeout=120)
+    assert half.returncode == 1 and "2 of 3 shards sound (part 1/2)" in half.stdout  # shards 1, 3, 5: 5 is missing
+    assert "shard-000002" not in half.stdout
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "shard-000002.tar: sha256 mismatch" in result.stdout
-    assert "shard-000004.tar: missing" in result.stdout
+    assert "shard-000005.tar: missing" in result.stdout
     assert "4 of 6 shards sound" in result.stdout
     assert "verify-data" in result.stderr and "B/s" in result.stderr  # the progress bar
     # a run using the same cache hashes nothing again: every present shard has a verdict in the ledger
