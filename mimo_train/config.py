@@ -144,7 +144,9 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    # "auto" (the default, as in Megatron-LM and torchtitan): world size / (tp x pp x cp), resolved per stage when
+    # the world size is known (`resolve_dp`). An explicit value must match the world size.
+    dp: int | str = "auto"
     cp: int = 1
     ep: int = 1
     etp: int = 1
@@ -159,7 +161,9 @@ class ParallelConfig:
     PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tp", "pp", "dp", "cp", "ep", "etp", "pp_virtual"):
+        _require(self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1),
+                 f"{prefix}.dp", "must be 'auto' or an integer >= 1", self.dp)
+        for name in ("tp", "pp", "cp", "ep", "etp", "pp_virtual"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
         _require(self.pp_schedule in self.PP_SCHEDULES, f"{prefix}.pp_schedule",
                  f"must be one of {', '.join(self.PP_SCHEDULES)}", self.pp_schedule)
@@ -178,7 +182,21 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
+        if self.dp == "auto":
+            raise ConfigError("parallel.dp is 'auto': resolve it against the world size first (resolve_dp)")
         return self.tp * self.pp * self.dp * self.cp
+
+    def resolve_dp(self, world_size: int | None, prefix: str = "parallel") -> "ParallelConfig":
+        """A copy with `dp: auto` replaced by world_size / (tp x pp x cp); without a world size, auto means 1."""
+        if self.dp != "auto":
+            return dataclasses.replace(self)
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size is None:
+            return dataclasses.replace(self, dp=1)
+        if world_size % model_parallel:
+            raise ConfigError(f"{prefix}.dp: 'auto' needs the world size {world_size} to be a multiple of tp x pp x "
+                              f"cp = {self.tp}x{self.pp}x{self.cp} = {model_parallel}")
+        return dataclasses.replace(self, dp=world_size // model_parallel)
 
 
 _TOKEN_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -261,7 +279,7 @@ class StageConfig:
     aux_loss_coeff: float | None = None
     rope_theta: float | None = None  # GA layers' RoPE base (SWA layers keep model.swa_rope_theta)
     data_weights: dict[str, float] = field(default_factory=dict)  # source name -> mixture weight
-    parallel: dict[str, int] = field(default_factory=dict)  # layout overrides, e.g. {cp: 2, dp: 1}
+    parallel: dict[str, int | str] = field(default_factory=dict)  # layout overrides, e.g. {cp: 2, dp: auto}
 
     def validate(self, prefix: str) -> None:
         p = prefix
@@ -280,7 +298,8 @@ class StageConfig:
         _require(self.rope_theta is None or self.rope_theta > 0, f"{p}.rope_theta", "must be > 0", self.rope_theta)
         for k, v in self.parallel.items():
             _require(k in STAGE_LAYOUT_KEYS, f"{p}.parallel.{k}", f"unknown key (valid keys: {', '.join(STAGE_LAYOUT_KEYS)})", k)
-            _require(isinstance(v, int) and v >= 1, f"{p}.parallel.{k}", "must be an integer >= 1", v)
+            _require((k == "dp" and v == "auto") or (isinstance(v, int) and v >= 1), f"{p}.parallel.{k}",
+                     "must be an integer >= 1" + (" or 'auto'" if k == "dp" else ""), v)
         for k, v in self.data_weights.items():
             _require(v > 0, f"{p}.data_weights.{k}", "must be > 0", v)
 
@@ -398,6 +417,12 @@ class Config:
         self.train.validate("train")
         self.parallel.validate("parallel")
         self.run.validate("run")
+        limit = self.model.max_position_embeddings
+        _require(self.train.seq_len <= limit, "train.seq_len",
+                 f"must be <= model.max_position_embeddings ({limit})", self.train.seq_len)
+        for i, stage in enumerate(self.train.stages):
+            _require(stage.seq_len <= limit, f"train.stages[{i}].seq_len",
+                     f"must be <= model.max_position_embeddings ({limit})", stage.seq_len)
         try:
             self.data.validate()
         except ValueError as e:  # the data section raises plain ValueErrors naming its fields
@@ -505,10 +530,23 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}:{_yaml_position(e)}: YAML syntax error: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
+
+
+def _yaml_position(e: "yaml.YAMLError") -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}" if mark is not None else "?"
+
+
+def _yaml_problem(e: "yaml.YAMLError") -> str:
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(e).splitlines()[0]
 
 
 def _resolve_model_section(value: Any, base_dir: Path) -> dict[str, Any]:
@@ -537,7 +575,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r}: empty key segment")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}, column "
+                          f"{len(key) + 1 + e.problem_mark.column + 1 if getattr(e, 'problem_mark', None) else '?'})"
+                          ) from None
     return parts, value
 
 

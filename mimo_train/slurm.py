@@ -62,12 +62,20 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         raise ConfigError(f"--tasks-per-node={tasks_per_node}: must equal --gpus-per-node={args.gpus_per_node} "
                           f"(one task per GPU)")
     ntasks = args.nodes * tasks_per_node
-    from parallel.topology import validate_layout
+    from mimo_train.preflight import check_layouts
 
+    allocation = f"--nodes {args.nodes} x {tasks_per_node} tasks per node = {ntasks} ranks"
     try:
-        validate_layout(cfg.parallel, cfg.model, ntasks, cfg.train.seq_len)
+        plan = check_layouts(cfg, ntasks, batches=False)  # every stage, dp: auto resolved against the task count
     except ConfigError as e:
-        raise ConfigError(f"{e} (--nodes {args.nodes} x {tasks_per_node} tasks per node = {ntasks} ranks)") from None
+        raise ConfigError(f"{e} ({allocation})") from None
+    try:
+        plan.check_batches()
+    except ConfigError as e:
+        if not args.dry_run:  # a job whose tasks would refuse to start is not queued
+            raise ConfigError(f"{e} ({allocation})") from None
+        print(f"warning: {e} ({allocation}): the job's tasks would refuse to start; override the batch sizes",
+              file=sys.stderr, flush=True)
     if args.signal_lead < 1:
         raise ConfigError(f"--signal-lead: must be >= 1 second (got {args.signal_lead})")
 

@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from functools import partial
@@ -34,7 +33,9 @@ from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.forward_backward import LossSpec, forward_backward
 from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
+from mimo_train.preflight import check_resume_config
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
+from mimo_train.stopping import StopRequest
 from parallel import comm
 from parallel.data_parallel import ShardedAdamW, sync_gradients
 from parallel.initialize import materialize
@@ -83,7 +84,7 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_logger = self.rank == 0
-        self.plan = StagePlan(cfg)
+        self.plan = StagePlan(cfg, self.world)
         for s in self.plan.stages:  # every stage's layout is checked before any work (each against its own size)
             validate_layout(s.parallel, cfg.model, s.parallel.world_size, s.seq_len)
         if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
@@ -104,13 +105,24 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.last_save_seconds = 0.0
         self._stop_requested = False
+        self._signals = StopRequest(announce=False)
         self._flops_per_token: dict[int, float] = {}
         self.data = None
         self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, self.rank, async_save=t.async_save, keep_last=t.keep_last,
                                            keep_every=t.keep_every, distributed=self.world > 1)
 
-        path = self._agreed(ckpt.resolve_resume(resume, self.ckpt_dir))
+        try:
+            self._start(resume)
+        except BaseException:
+            self.close()  # stop the data workers now: a failed start must exit, not wait for them at exit
+            raise
+
+    def _start(self, resume: str) -> None:
+        """Pick the checkpoint, build everything under its stage's layout and load it."""
+        path = self._resume_path(resume)
         meta = ckpt.read_meta(path) if path is not None else None
+        if meta is not None and "trainer" in meta:
+            check_resume_config(meta.get("config"), self.cfg, meta["trainer"].get("stage", 0), path)
         stage_index = min(meta["trainer"].get("stage", 0), len(self.plan.stages) - 1) if meta else 0
         self.stage = self.plan.stages[stage_index]
         if meta is not None and self.stage.parallel.world_size != self.world:
@@ -122,14 +134,28 @@ class Trainer:
             self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
         self._apply_stage(self.stage)
 
+    def close(self) -> None:
+        """Stop the data workers (idempotent). Called on every failure, so a crash exits promptly."""
+        if self.data is not None:
+            self.data.close()
+
     # ---- building and stages ----------------------------------------------------------------------------------
-    def _agreed(self, path: Path | None) -> Path | None:
-        """Rank 0's choice of checkpoint, for every rank."""
+    def _resume_path(self, resume: str) -> Path | None:
+        """Rank 0 picks (and verifies) the checkpoint to resume from; every rank gets its choice, or its error."""
+        choice: dict[str, Any] = {"path": None, "error": None}
+        if self.is_logger:
+            try:
+                path = ckpt.resolve_resume(resume, self.ckpt_dir)
+                choice["path"] = None if path is None else str(path)
+            except ckpt.CheckpointError as e:
+                choice["error"] = str(e)
         if self.world > 1:
-            box = [None if path is None else str(path)]
+            box = [choice]
             dist.broadcast_object_list(box, src=0)
-            path = None if box[0] is None else Path(box[0])
-        return path
+            choice = box[0]
+        if choice["error"] is not None:
+            raise ckpt.CheckpointError(choice["error"])
+        return None if choice["path"] is None else Path(choice["path"])
 
     def _build(self, stage: Stage) -> None:
         """Topology, model, optimizer and data stream for `stage`'s layout (collective)."""
@@ -218,7 +244,8 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
-        meta = ckpt.load_checkpoint(path, state)
+        meta = ckpt.load_checkpoint(path, state, verified=True)  # rank 0 verified it (or this run just wrote it)
+        self.ckpt.resumed_from = meta["trainer"]["step"]
         copy_loaded_model_state(self.model, state["model"])
         tr = meta["trainer"]
         self.step = tr["step"]
@@ -351,11 +378,9 @@ class Trainer:
         return record
 
     # ---- the run ----------------------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame) -> None:
-        self._stop_requested = True
-
     def _agreed_stop(self) -> bool:
         """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
+        self._stop_requested = self._stop_requested or self._signals.requested
         flag = torch.tensor([1.0 if self._stop_requested else 0.0])
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -376,7 +401,7 @@ class Trainer:
              "config": self.cfg.to_dict()},
             enabled=log and self.is_logger,
         )
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self._signals = StopRequest(announce=self.is_logger).__enter__()
         records = []
         ok = False
         try:
@@ -415,12 +440,12 @@ class Trainer:
             self.ckpt.wait()
             ok = True
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self._signals.__exit__()
             if ok:
                 logger.finish()
             else:
                 logger.finish(exit_code=1)
+                self.close()  # the data workers are stopped now, not joined forever at interpreter exit
         if self.is_logger and self._stop_requested:
             print(f"stopped by a signal at step {self.step}; checkpoint {self.ckpt_dir / ckpt.checkpoint_name(self.step)}",
                   flush=True)
