@@ -54,13 +54,15 @@ def _train(args) -> int:
 
 
 def _run_trainer(cfg, resume: str):
+    from mimo_train.console_log import tee_console
     from mimo_train.trainer import Trainer
 
-    trainer = Trainer(cfg, resume=resume)
-    try:
-        return trainer, trainer.fit()
-    finally:
-        trainer.close()
+    with tee_console(cfg.run.dir, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))):
+        trainer = Trainer(cfg, resume=resume)
+        try:
+            return trainer, trainer.fit()
+        finally:
+            trainer.close()
 
 
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
@@ -91,20 +93,31 @@ def _hf_export(args) -> int:
     from mimo_train.model import MiMoForCausalLM
 
     src = Path(args.ckpt_dir)
-    path = src if (src / ckpt.META).is_file() else ckpt.find_latest(src)
+    path = src if (src / ckpt.META).is_file() else ckpt.find_verified(src, set_aside=False)
     if path is None:
-        raise FileNotFoundError(f"{src}: no complete checkpoint")
+        raise ckpt.CheckpointError(f"{src}: no checkpoint that verifies")
     config_file = next((p for p in (path.parent / "config.yaml", path.parent.parent / "config.yaml") if p.is_file()), None)
     if config_file is None:
-        raise FileNotFoundError(f"{src}: no config.yaml beside the checkpoint")
+        raise ckpt.CheckpointError(f"{src}: no config.yaml beside the checkpoint")
     cfg = load_config(config_file)
     model = MiMoForCausalLM(cfg.model)
     state = {"model": model.state_dict()}
     ckpt.load_checkpoint(path, state)
     model.load_state_dict(state["model"])
     hf.save_hf(model, args.hf_dir)
-    print(f"exported {path} -> {args.hf_dir}")
+    hf.save_tokenizer(_tokenizer_file(cfg), args.hf_dir, cfg.model.max_position_embeddings)
+    hf.make_readable(args.hf_dir)
+    print(f"exported {path} -> {args.hf_dir} (weights, config, tokenizer)")
     return 0
+
+
+def _tokenizer_file(cfg) -> str:
+    """The tokenizer the run's data was tokenized with (the builtin one is cached, trained if missing)."""
+    if cfg.data.tokenizer != "builtin":
+        return cfg.data.tokenizer
+    from data_pipeline.builtin_corpus import ensure_builtin_tokenizer
+
+    return ensure_builtin_tokenizer(cfg.data.resolved_cache_dir(), cfg.data.vocab_size)
 
 
 def build_parser() -> argparse.ArgumentParser:

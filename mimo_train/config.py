@@ -396,8 +396,13 @@ class RunConfig:
     # is matched (case-insensitively, longest key first) against the CUDA device name, or "cpu" on CPUs.
     peak_tflops: float = 0.0
     device_peak_tflops: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PEAK_TFLOPS))
+    # How long a collective may wait for the other ranks before the run fails (torch.distributed's timeout): it
+    # must cover the slowest step plus a checkpoint load; a dead rank is usually detected at once anyway.
+    process_group_timeout_s: int = 600
 
     def validate(self, prefix: str = "run") -> None:
+        _require(self.process_group_timeout_s >= 1, f"{prefix}.process_group_timeout_s", "must be >= 1 second",
+                 self.process_group_timeout_s)
         _require(bool(self.dir), f"{prefix}.dir", "must be a non-empty path", self.dir)
         _require(self.peak_tflops >= 0, f"{prefix}.peak_tflops", "must be >= 0", self.peak_tflops)
         _require(self.wandb_mode in ("auto", "online", "offline", "disabled"), f"{prefix}.wandb_mode",

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.forward_backward import LossSpec, forward_backward
+from mimo_train.info import startup_banner
 from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.preflight import check_resume_config
@@ -80,7 +81,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
         self.cfg = cfg
         t = cfg.train
-        init_distributed()
+        init_distributed(timeout_s=cfg.run.process_group_timeout_s)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_logger = self.rank == 0
@@ -393,6 +394,8 @@ class Trainer:
             if self.is_logger:
                 print(f"run {self.run_dir} is complete: step {self.step} of {total}, {self.tokens:,} tokens", flush=True)
             return []
+        if self.is_logger:
+            print(startup_banner(self.cfg, self.plan, self.stage, self.world, self.ckpt_dir, self.step), flush=True)
         if self.is_logger and self.plan.staged and self.step == 0:
             print(self.plan.describe(), flush=True)
         logger = MetricsLogger(
@@ -421,6 +424,7 @@ class Trainer:
                     print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
                           f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
                 done = self.plan.done(self.step, self.tokens)
+                record.update(self.data.stats())  # skipped shards, documents and tokens, among others
                 logger.log(record, console=(self.step % t.log_interval == 0 or done))
                 if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
                     if self.is_logger:
@@ -446,6 +450,9 @@ class Trainer:
             else:
                 logger.finish(exit_code=1)
                 self.close()  # the data workers are stopped now, not joined forever at interpreter exit
+        skipped = self.data.report() if self.data is not None else ""
+        if self.is_logger and skipped:
+            print(f"data: {skipped}", flush=True)
         if self.is_logger and self._stop_requested:
             print(f"stopped by a signal at step {self.step}; checkpoint {self.ckpt_dir / ckpt.checkpoint_name(self.step)}",
                   flush=True)
