@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, SourceConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -334,6 +334,10 @@ class TrainConfig:
     keep_every: int = 0  # ...and every checkpoint whose step is a multiple of K (0: none)
     # Faults: a non-finite loss or gradient norm skips the update; this many in a row stop the run (0: never).
     max_consecutive_skips: int = 5
+    # Validation on data.eval_sources every `eval_interval` steps (0: never), over each source's first
+    # `eval_samples` sequences (mimo_train/evaluation.py).
+    eval_interval: int = 0
+    eval_samples: int = 8
     # Staged schedule (spec section 2): stages switch at token counts. Empty: one stage from the fields above.
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -353,7 +357,8 @@ class TrainConfig:
         _require(self.clip_grad >= 0, f"{p}.clip_grad", "must be >= 0 (0 disables clipping)", self.clip_grad)
         for name in ("mtp_loss_weight", "aux_loss_coeff", "expert_bias_update_rate", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
-        for name in ("keep_last", "keep_every", "max_consecutive_skips"):
+        _require(self.eval_samples >= 1, f"{p}.eval_samples", "must be >= 1", self.eval_samples)
+        for name in ("keep_last", "keep_every", "max_consecutive_skips", "eval_interval"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
         previous_end = 0
         names = set()
@@ -410,11 +415,28 @@ class RunConfig:
 
 
 @dataclass
+class TrainingDataConfig(DataConfig):
+    """The data pipeline's section plus what only training reads: held-out sources for validation (prepared like
+    the training sources, e.g. a second `prepare-data` directory; never read by the training stream)."""
+
+    eval_sources: list[SourceConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        super().validate()
+        names = set()
+        for i, source in enumerate(self.eval_sources):
+            source.validate(f"data.eval_sources[{i}]")
+            if source.name in names:
+                raise ValueError(f"data.eval_sources[{i}].name: duplicate source name {source.name!r}")
+            names.add(source.name)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TrainingDataConfig = field(default_factory=TrainingDataConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":

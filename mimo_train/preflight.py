@@ -14,6 +14,7 @@ from typing import Any
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError
+from mimo_train.evaluation import check_eval_config
 from mimo_train.stages import StagePlan
 
 # What a resume may change (README "Resuming"): the layout (DCP reshards), batch sizes, stages not yet reached,
@@ -35,6 +36,7 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
         name = f"train.stages[{s.index}] ({s.name}): " if plan.staged else ""
         try:
             validate_layout(s.parallel, cfg.model, s.parallel.world_size, s.seq_len)
+            check_eval_config(cfg, s)
         except ConfigError as e:
             raise ConfigError(f"{name}{e}") from None
     first = plan.stages[min(start_stage, len(plan.stages) - 1)]

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
+from mimo_train.evaluation import Evaluator
 from mimo_train.forward_backward import LossSpec, forward_backward
 from mimo_train.info import startup_banner
 from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
@@ -378,6 +379,12 @@ class Trainer:
             record["expert_bias_norm_per_layer"] = [round(v, 6) for v in norms]
         return record
 
+    def _evaluate_if_due(self, record: dict[str, Any]) -> None:
+        """Validation losses and MTP acceptance on data.eval_sources, added to this step's record."""
+        evaluator = Evaluator(self.cfg, self.model, self.topo)
+        if evaluator.due(self.step):
+            record.update(evaluator.evaluate(self.stage))
+
     # ---- the run ----------------------------------------------------------------------------------------------
     def _agreed_stop(self) -> bool:
         """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
@@ -419,6 +426,7 @@ class Trainer:
                     self._cross_boundary(index)
                     logger.note({"checkpoint/stall_s": self.last_save_seconds})
                 record = self.train_step()
+                self._evaluate_if_due(record)
                 records.append(record)
                 if self.consecutive_skips and self.is_logger:
                     print(f"step {self.step}: non-finite loss or gradient norm, update skipped "

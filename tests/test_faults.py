@@ -88,12 +88,28 @@ def _start_and_wait_for_steps(tmp_path, *extra, steps=2):
                          ids=["SIGTERM", "SIGUSR1", "SIGINT", "SIGTERM-launcher-nproc2"])
 def test_signal_checkpoints_at_the_next_step_and_exits_0(tmp_path, signum, nproc):
     """With --nproc 2 the signal goes to the launcher, which forwards it to both ranks (before: the launcher died
-    with 143 and the ranks trained on; a SIGTERM to torchrun exited 1 with a traceback)."""
-    proc = _start_and_wait_for_steps(tmp_path, "--nproc", str(nproc), "train.global_batch_size=4",
-                                     "train.micro_batch_size=2")
+    with 143 and the ranks trained on; a SIGTERM to torchrun exited 1 with a traceback). That launch names no
+    parallel.dp (auto: 2) and uses EP2; its validation losses and MTP acceptance at step 2 equal the single
+    process's (tests/test_evaluation.py)."""
+    from tests.test_evaluation import eval_overrides
+
+    extra = ["train.global_batch_size=4", "train.micro_batch_size=2"]
+    if nproc > 1:
+        extra = [*eval_overrides(tmp_path), "parallel.ep=2"]
+    proc = _start_and_wait_for_steps(tmp_path / "run", "--nproc", str(nproc), *extra)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    tmp_path = tmp_path / "run"
+    if nproc > 1:
+        reference_dir = tmp_path.parent / "single"
+        cfg = load_config("configs/train/tiny_cpu.yaml", [*TINY, *extra[:-1], "train.steps=2", f"run.dir={reference_dir}"])
+        Trainer(cfg, resume="none").fit()
+        single = json.loads((reference_dir / "metrics.jsonl").read_text().splitlines()[1])
+        launched = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+        keys = [k for k in single if k.startswith("eval/")]
+        assert len(keys) == 7 and all(abs(launched[k] - single[k]) <= 1e-5 * abs(single[k]) for k in keys), (
+            {k: (single[k], launched[k]) for k in keys})
     if signum == signal.SIGINT:
         assert "Ctrl-C: checkpointing at the end of this step" in err
     lines = tmp_path / "metrics.jsonl"
