@@ -432,7 +432,9 @@ class Trainer:
                     print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
                           f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
                 done = self.plan.done(self.step, self.tokens)
-                record.update(self.data.stats())  # skipped shards, documents and tokens, among others
+                # Skipped shards, documents and tokens (the stream's read counters are per process: not logged,
+                # so a resumed run's metrics equal an uninterrupted run's).
+                record.update({k: v for k, v in self.data.stats().items() if k.startswith("data/skipped_")})
                 logger.log(record, console=(self.step % t.log_interval == 0 or done))
                 if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
                     if self.is_logger:
