@@ -181,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from mimo_train.checkpoint import CheckpointError
 
+    from mimo_train.preflight import RelaunchNeeded
+
     try:
         return args.func(args)
+    except RelaunchNeeded as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_status
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,12 @@ FROZEN_ON_RESUME = ("model", "train.seed", "data.seed", "data.tokenizer", "data.
 STAGE_FIELDS_FREE = ("micro_batch_size", "parallel")
 
 
+class RelaunchNeeded(ConfigError):
+    """The run continues in a stage whose layout needs another process count (exit status 3, as at a boundary)."""
+
+    exit_status = 3
+
+
 def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str = "",
                   batches: bool = True) -> StagePlan:
     """Every stage's layout and (with `batches`) batch rules, resolved against `world_size` (dp: auto); the stage
@@ -40,6 +46,12 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
         except ConfigError as e:
             raise ConfigError(f"{name}{e}") from None
     first = plan.stages[min(start_stage, len(plan.stages) - 1)]
+    if first.index > 0 and first.parallel.world_size != world_size:
+        n = first.parallel.world_size
+        procs = f"{n} process" + ("es" if n != 1 else "")
+        raise RelaunchNeeded(f"the checkpoint to resume is in stage {first.name!r}, which runs under the layout "
+                             f"{first.layout_str()}, which needs {procs}, and this run has {world_size}. Relaunch "
+                             f"with {procs} (`mimo-train train --nproc {n} ...`, or {n} Slurm tasks)")
     if first.parallel.world_size != world_size:
         p = first.parallel
         stage = f" of stage {first.name!r}" if plan.staged else ""
