@@ -280,16 +280,19 @@ def _structure_problem(path: Path) -> str | None:
     return None
 
 
-def verify(path: str | Path) -> str | None:
+def verify(path: str | Path, share: tuple[int, int] = (0, 1)) -> str | None:
     """None when the checkpoint is complete and every file has the checksum recorded when it was written; else
-    what is wrong (naming the file). Checkpoints written before checksums existed are checked for sizes only."""
+    what is wrong (naming the file). `share = (rank, world)`: check the checksums of every world-th file only, so
+    that the ranks of a job read a large checkpoint together. Checkpoints written before checksums existed are
+    checked for sizes only."""
     path = Path(path)
     problem = _structure_problem(path)
     if problem is not None:
         return problem
     meta = read_meta(path)
     algorithm = meta.get("checksum_algorithm")
-    for name, expected in meta.get("checksums", {}).items():
+    rank, world = share
+    for name, expected in sorted(meta.get("checksums", {}).items())[rank::world]:
         actual = file_checksum(path / name, algorithm)
         if actual != expected:
             return f"{name}: checksum {actual} differs from the {expected} recorded when it was written ({algorithm})"
@@ -313,14 +316,22 @@ def find_latest(root: str | Path) -> Path | None:
     return None
 
 
-def find_verified(root: str | Path, set_aside: bool = True) -> Path | None:
+def _alone(problem: str | None) -> str | None:
+    return problem
+
+
+def find_verified(root: str | Path, set_aside: bool = True, share: tuple[int, int] = (0, 1),
+                  agree=_alone) -> Path | None:
     """The newest checkpoint that verifies (checksums included). Each newer one that fails is reported by name on
     stderr and, with `set_aside`, renamed to `step_X.corrupt` (kept for inspection; never loaded, never counted
-    by retention)."""
+    by retention). Distributed: every rank calls it with its `share` of the files and an `agree` that returns the
+    first problem any rank found; rank 0 reports and sets aside."""
     for path in reversed(list_checkpoints(root)):
-        problem = verify(path)
+        problem = agree(verify(path, share))
         if problem is None:
             return path
+        if share[0] != 0:
+            continue
         action = ""
         if set_aside:
             aside = path.with_name(path.name + CORRUPT)
@@ -353,17 +364,15 @@ def load_checkpoint(path: str | Path, tensors: dict[str, Any], verified: bool = 
     return read_meta(path)
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path | None:
+def resolve_resume(resume: str, root: str | Path, share: tuple[int, int] = (0, 1), agree=_alone) -> Path | None:
     """`auto`: the newest checkpoint that verifies, if any; `none`: start fresh; otherwise a checkpoint path (which
-    must verify). Call on rank 0 only (it reads every file and may set corrupt checkpoints aside)."""
+    must verify). Distributed, every rank calls it (see `find_verified`) and gets the same answer or error."""
     if resume == "none":
         return None
     if resume == "auto":
-        return find_verified(root)
+        return find_verified(root, share=share, agree=agree)
     path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
-    problem = verify(path)
+    problem = agree(verify(path, share) if path.is_dir() else "no such checkpoint directory")
     if problem is not None:
         raise CheckpointError(f"--resume {resume}: not a usable checkpoint ({problem})")
     return path

@@ -143,21 +143,16 @@ class Trainer:
 
     # ---- building and stages ----------------------------------------------------------------------------------
     def _resume_path(self, resume: str) -> Path | None:
-        """Rank 0 picks (and verifies) the checkpoint to resume from; every rank gets its choice, or its error."""
-        choice: dict[str, Any] = {"path": None, "error": None}
-        if self.is_logger:
-            try:
-                path = ckpt.resolve_resume(resume, self.ckpt_dir)
-                choice["path"] = None if path is None else str(path)
-            except ckpt.CheckpointError as e:
-                choice["error"] = str(e)
-        if self.world > 1:
-            box = [choice]
-            dist.broadcast_object_list(box, src=0)
-            choice = box[0]
-        if choice["error"] is not None:
-            raise ckpt.CheckpointError(choice["error"])
-        return None if choice["path"] is None else Path(choice["path"])
+        """The checkpoint to resume from, verified by all ranks together (each reads a share of its files)."""
+        return ckpt.resolve_resume(resume, self.ckpt_dir, share=(self.rank, self.world), agree=self._first_problem)
+
+    def _first_problem(self, problem: str | None) -> str | None:
+        """The first problem any rank found (collective)."""
+        if self.world == 1:
+            return problem
+        problems = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p is not None), None)
 
     def _build(self, stage: Stage) -> None:
         """Topology, model, optimizer and data stream for `stage`'s layout (collective)."""

@@ -92,6 +92,9 @@ def test_async_save_publishes_only_when_complete_and_retention(tmp_path, monkeyp
     raw[len(raw) // 2] ^= 0xFF
     metadata.write_bytes(bytes(raw))
     assert ckpt.find_latest(root).name == "step_00000009"  # sizes alone do not see it
+    # Ranks verify a share of the files each: exactly one of two ranks reads the damaged file.
+    shares = [ckpt.verify(root / "step_00000009", share=(r, 2)) for r in range(2)]
+    assert sum(p is not None for p in shares) == 1 and victim.name in next(p for p in shares if p)
     capsys.readouterr()
     assert ckpt.resolve_resume("auto", root).name == "step_00000005"
     err = capsys.readouterr().err
