@@ -7,7 +7,10 @@
    same number of bytes to one file with `write` + `fsync` (+ fsync of the directory, as our publish does) and
    reads them back with `readinto` into a preallocated buffer. Both reads come right after the writes, so they are
    served by the page cache (nothing is dropped): the load figures are memory-copy speeds, not disk speeds.
-   ratio = our bytes/s over raw bytes/s (1.0 means no overhead).
+   ratio = our bytes/s over raw bytes/s (1.0 means no overhead). The checksum (`ckpt.Checksum`, xxh3-64 or
+   crc32, computed while writing) is timed on its own over the same bytes in memory: `checksum_frac` is that time
+   over the whole save, the share of the write it costs; `verify_frac` is `ckpt.verify` (read back + checksum,
+   done before every load and included in the load figure) over the load.
 
 2. Asynchronous save. `torch.distributed.checkpoint.async_save` of the tiny model's training state (model and
    AdamW, configs/model/mimo_tiny.yaml with its MTP block) between training steps of that model (the CPU demo's
@@ -158,6 +161,18 @@ def raw_read(path: Path, buffer: bytearray) -> int:
     return n
 
 
+def time_checksum(path: Path) -> float:
+    """Seconds the write-time checksum takes over a checkpoint's bytes (read into memory first, outside the
+    timing): the CPU work `ChecksummingFileSystem` adds to a save."""
+    blobs = [p.read_bytes() for p in sorted(path.iterdir()) if p.name != ckpt.META]
+    t0 = time.perf_counter()
+    for blob in blobs:
+        h = ckpt.Checksum(ckpt.ChecksummingFileSystem.algorithm)
+        h.update(blob)
+        h.hexdigest()
+    return time.perf_counter() - t0
+
+
 def measure_throughput(training: TinyTraining, workdir: Path, repeats: int) -> dict:
     state = training.state()
     tensors = tensors_of(state)
@@ -166,13 +181,14 @@ def measure_throughput(training: TinyTraining, workdir: Path, repeats: int) -> d
     root = workdir / "checkpoints"
     raw_path = workdir / "raw.bin"
     buffer = bytearray(nbytes)  # allocated (and zero-filled) once, outside the timing
-    save_s, load_s, raw_w_s, raw_r_s, ckpt_files = [], [], [], [], 0
+    save_s, load_s, raw_w_s, raw_r_s, ckpt_files, checksum_s, verify_s = [], [], [], [], 0, [], []
     for i in range(repeats):
         # Interleaved, so that a noisy neighbour on the machine slows both alike.
         t0 = time.perf_counter()
         path = ckpt.save_checkpoint(root, i + 1, state, meta)
         save_s.append(time.perf_counter() - t0)
         ckpt_files = sum(p.stat().st_size for p in path.iterdir())
+        checksum_s.append(time_checksum(path))
         t0 = time.perf_counter()
         written = raw_write(raw_path, tensors)
         raw_w_s.append(time.perf_counter() - t0)
@@ -181,6 +197,9 @@ def measure_throughput(training: TinyTraining, workdir: Path, repeats: int) -> d
         t0 = time.perf_counter()
         ckpt.load_checkpoint(path, state)
         load_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        assert ckpt.verify(path) is None
+        verify_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         got = raw_read(raw_path, buffer)
         raw_r_s.append(time.perf_counter() - t0)
@@ -192,6 +211,8 @@ def measure_throughput(training: TinyTraining, workdir: Path, repeats: int) -> d
            "save_s": med(save_s), "raw_write_s": med(raw_w_s), "load_s": med(load_s), "raw_read_s": med(raw_r_s)}
     out["save_ratio"] = out["raw_write_s"] / out["save_s"]  # = (bytes / save_s) / (bytes / raw_write_s)
     out["load_ratio"] = out["raw_read_s"] / out["load_s"]
+    out["checksum_frac"] = med(checksum_s) / out["save_s"]
+    out["verify_frac"] = med(verify_s) / out["load_s"]
     shutil.rmtree(root, ignore_errors=True)
     raw_path.unlink(missing_ok=True)
     return out
@@ -299,6 +320,9 @@ def run(workdir: str | None = None, threads: int = 2, repeats: int = 3, override
                 f"{mib(tp['bytes']) / raw_s:>10.0f} {ratio:>6.2f}")
         say("save: DCP + meta.json + atomic rename, all fsynced, vs write+fsync of the same bytes; load: DCP load "
             "in place vs readinto. Reads follow the writes, so both are served from the page cache (not dropped).")
+        say(f"checksum ({ckpt.ChecksummingFileSystem.algorithm}, computed while writing): "
+            f"{100 * tp['checksum_frac']:.1f}% of the save time; verification before a load (read back + checksum): "
+            f"{100 * tp['verify_frac']:.1f}% of the load time")
 
         # 2. async save
         tiny = TinyTraining((), batch=tiny_batch, seq_len=tiny_seq_len)
@@ -344,7 +368,7 @@ def run(workdir: str | None = None, threads: int = 2, repeats: int = 3, override
     fields = {"ratio": tp["save_ratio"], "load_ratio": tp["load_ratio"],
               "save_mib_s": mib(tp["bytes"]) / tp["save_s"], "raw_write_mib_s": mib(tp["bytes"]) / tp["raw_write_s"],
               "load_mib_s": mib(tp["bytes"]) / tp["load_s"], "raw_read_mib_s": mib(tp["bytes"]) / tp["raw_read_s"],
-              "state_mib": mib(tp["bytes"])}
+              "state_mib": mib(tp["bytes"]), "checksum_frac": tp["checksum_frac"], "verify_frac": tp["verify_frac"]}
     best = min(async_results.values(), key=lambda r: r["stall_frac"]) if async_results else None
     if best is not None:
         fields.update(async_stall_frac=best["stall_frac"], async_mode=best["mode"])

@@ -388,7 +388,8 @@ def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default=os.environ.get(CACHE_ENV_VAR)
                         or os.path.join(os.path.expanduser("~"), ".cache", "mimo-train"),
                         help="where the builtin tokenizer is cached (default: $MIMO_TRAIN_CACHE, else ~/.cache/mimo-train)")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                        help="tokenizer processes (default: the CPU count, at most 8)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--shard-docs", type=int, help="documents per shard")
     size.add_argument("--shard-tokens", type=int, help=f"approximate tokens per shard (default {DEFAULT_SHARD_TOKENS})")

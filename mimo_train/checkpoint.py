@@ -4,13 +4,19 @@ Layout of a run directory's `checkpoints/`:
 
     step_00000040/            one complete checkpoint
         .metadata, *.distcp   DCP: model and optimizer tensors under their global (fully qualified) names
-        meta.json             step, trainer and data-cursor state, file sizes; written last
+        meta.json             step, trainer and data-cursor state, each file's size and checksum; written last
+    step_00000032.corrupt/    a checkpoint that failed verification at a resume: set aside (never deleted)
     latest                    the name of the newest published checkpoint (moved after the directory is in place)
 
 A checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only when every file, `meta.json` last, is
 on disk (fsynced); a killed writer therefore leaves a `.tmp` directory that is never picked up. `find_latest` trusts
 no pointer: it takes the newest `step_XXXXXXXX` directory whose meta.json lists files that all exist with the
 recorded sizes (the integrity check, repeated before every load). `latest` is moved last, for people and scripts.
+
+Every file's checksum (xxh3-64, or zlib's crc32 where xxhash is not installed) is computed while DCP writes it
+(`ChecksummingFileSystem` hashes each buffer on its way to the file; no second read), recorded in meta.json, and
+verified before a load. `find_verified` walks the checkpoints newest first, reports each one that fails by name,
+sets it aside as `step_X.corrupt`, and returns the newest that verifies.
 
 `CheckpointManager` adds what a training run needs: asynchronous saves (DCP `async_save` on a thread with its own
 gloo group; the state is staged into a CPU copy before training goes on, and the checkpoint is published at a
@@ -24,7 +30,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,9 @@ import torch.distributed.checkpoint as dcp
 META = "meta.json"
 LATEST = "latest"
 PREFIX = "step_"
+CORRUPT = ".corrupt"
 _NAME = re.compile(r"^step_(\d{8,})$")
+CHECKSUM_SUFFIX = ".sum"  # a file's checksum, written beside it by the rank that wrote it; folded into meta.json
 
 
 def fault_point(name: str, step: int) -> None:
@@ -60,6 +71,113 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# ---- checksums, computed while writing ---------------------------------------------------------------------------
+
+
+def checksum_algorithm() -> str:
+    try:
+        import xxhash  # noqa: F401
+
+        return "xxh3_64"
+    except ImportError:
+        return "crc32"
+
+
+class Checksum:
+    """A running checksum of a byte stream: xxh3-64 (about 25 GB/s on one core) or zlib's crc32 (about 4 GB/s)."""
+
+    def __init__(self, algorithm: str):
+        self.algorithm = algorithm
+        if algorithm == "xxh3_64":
+            import xxhash
+
+            self._h = xxhash.xxh3_64()
+        elif algorithm == "crc32":
+            self._crc = 0
+        else:
+            raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+
+    def update(self, data) -> None:
+        if self.algorithm == "crc32":
+            self._crc = zlib.crc32(data, self._crc)
+        else:
+            self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return f"{self._crc:08x}" if self.algorithm == "crc32" else self._h.hexdigest()
+
+
+def file_checksum(path: Path, algorithm: str, chunk: int = 16 << 20) -> str:
+    h = Checksum(algorithm)
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class _ChecksummingStream:
+    """A write stream that hashes every buffer before passing it on (everything else is the file's own)."""
+
+    def __init__(self, raw, checksum: Checksum):
+        self._raw, self._checksum = raw, checksum
+        self.bytes_written = 0
+
+    def write(self, data) -> int:
+        self._checksum.update(data)
+        n = self._raw.write(data)
+        self.bytes_written += n
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+def _fs_base():
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    return FileSystem
+
+
+class ChecksummingFileSystem(_fs_base()):
+    """DCP's local file system, with a checksum of every file it writes kept beside it in `<name>.sum`
+    (`{"size", "checksum"}`), so that each rank records its own files and rank 0 collects them at publication."""
+
+    algorithm = checksum_algorithm()
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        path = Path(path)
+        checksum = Checksum(self.algorithm)
+        with super().create_stream(path, mode) as stream:
+            hashed = _ChecksummingStream(stream, checksum)
+            yield hashed
+        _write_synced(_sum_path(path), json.dumps({"size": hashed.bytes_written, "checksum": checksum.hexdigest(),
+                                                   "algorithm": self.algorithm}))
+
+    def rename(self, path, new_path) -> None:  # DCP writes `.metadata.tmp` and renames it
+        super().rename(path, new_path)
+        if _sum_path(Path(path)).is_file():
+            os.replace(_sum_path(Path(path)), _sum_path(Path(new_path)))
+
+
+def _sum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def collect_checksums(directory: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {size, checksum, algorithm}} from the `.sum` files of a written checkpoint (which it removes)."""
+    sums = {}
+    for p in sorted(directory.glob("*" + CHECKSUM_SUFFIX)):
+        sums[p.name[: -len(CHECKSUM_SUFFIX)]] = json.loads(p.read_text())
+    return sums
+
+
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: dict[str, Any], rank: int = 0) -> Path:
     """Save `tensors` (a DCP state dict: model and optimizer) and `meta` (JSON-able) as checkpoint `step`,
     synchronously.
@@ -68,7 +186,7 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, Any], meta: 
     alone writes meta.json, renames the directory into place and moves `latest`."""
     root = Path(root)
     tmp = prepare_tmp(root, step, rank)
-    dcp.save(tensors, checkpoint_id=str(tmp))
+    dcp.save(tensors, storage_writer=_storage_writer(tmp))
     _barrier()
     final = root / checkpoint_name(step)
     if rank == 0:
@@ -105,9 +223,18 @@ def publish(root: Path, step: int, meta: dict[str, Any]) -> Path:
     final = root / checkpoint_name(step)
     tmp = root / f"{final.name}.tmp"
     fault_point("before_meta", step)
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if not p.name.endswith(".partial")}
-    meta = {**meta, "step": step, "files": files, "complete": True}
+    sums = collect_checksums(tmp)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())
+             if not p.name.endswith((".partial", CHECKSUM_SUFFIX))}
+    missing = sorted(set(files) - set(sums))
+    if missing:
+        raise RuntimeError(f"{tmp}: no checksum was recorded while writing {missing}")
+    meta = {**meta, "step": step, "files": files, "complete": True,
+            "checksums": {name: sums[name]["checksum"] for name in files},
+            "checksum_algorithm": sums[next(iter(files))]["algorithm"]}
     _write_synced(tmp / META, json.dumps(meta, indent=1))
+    for p in tmp.glob("*" + CHECKSUM_SUFFIX):
+        p.unlink()
     _fsync_dir(tmp)
     fault_point("before_rename", step)
     if final.exists():  # a re-save of the same step (e.g. after a resume) replaces the old copy
@@ -126,18 +253,50 @@ def publish(root: Path, step: int, meta: dict[str, Any]) -> Path:
     return final
 
 
-def is_complete(path: Path) -> bool:
-    """Every file that meta.json lists exists with its recorded size (integrity check before any load)."""
-    meta_path = path / META
-    if not meta_path.is_file():
-        return False
+def _read_meta_safely(path: Path) -> dict[str, Any] | None:
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+        return json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def is_complete(path: Path) -> bool:
+    """Every file that meta.json lists exists with its recorded size (the cheap structural check; `verify` reads
+    the files and compares their checksums)."""
+    return _structure_problem(Path(path)) is None
+
+
+def _structure_problem(path: Path) -> str | None:
+    meta = _read_meta_safely(path)
+    if meta is None:
+        return "meta.json is missing or unreadable"
     if not meta.get("complete") or not meta.get("files"):
-        return False
-    return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in meta["files"].items())
+        return "meta.json does not describe a complete checkpoint"
+    for name, size in meta["files"].items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size != size:
+            return f"{name} has {(path / name).stat().st_size} bytes, {size} were written"
+    return None
+
+
+def verify(path: str | Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None when the checkpoint is complete and every file has the checksum recorded when it was written; else
+    what is wrong (naming the file). `share = (rank, world)`: check the checksums of every world-th file only, so
+    that the ranks of a job read a large checkpoint together. Checkpoints written before checksums existed are
+    checked for sizes only."""
+    path = Path(path)
+    problem = _structure_problem(path)
+    if problem is not None:
+        return problem
+    meta = read_meta(path)
+    algorithm = meta.get("checksum_algorithm")
+    rank, world = share
+    for name, expected in sorted(meta.get("checksums", {}).items())[rank::world]:
+        actual = file_checksum(path / name, algorithm)
+        if actual != expected:
+            return f"{name}: checksum {actual} differs from the {expected} recorded when it was written ({algorithm})"
+    return None
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -150,9 +309,38 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def find_latest(root: str | Path) -> Path | None:
+    """The newest structurally complete checkpoint (sizes only: cheap; resumes use `find_verified`)."""
     for path in reversed(list_checkpoints(root)):
         if is_complete(path):
             return path
+    return None
+
+
+def _alone(problem: str | None) -> str | None:
+    return problem
+
+
+def find_verified(root: str | Path, set_aside: bool = True, share: tuple[int, int] = (0, 1),
+                  agree=_alone) -> Path | None:
+    """The newest checkpoint that verifies (checksums included). Each newer one that fails is reported by name on
+    stderr and, with `set_aside`, renamed to `step_X.corrupt` (kept for inspection; never loaded, never counted
+    by retention). Distributed: every rank calls it with its `share` of the files and an `agree` that returns the
+    first problem any rank found; rank 0 reports and sets aside."""
+    for path in reversed(list_checkpoints(root)):
+        problem = agree(verify(path, share))
+        if problem is None:
+            return path
+        if share[0] != 0:
+            continue
+        action = ""
+        if set_aside:
+            aside = path.with_name(path.name + CORRUPT)
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(path, aside)
+            action = f"; set aside as {aside.name}"
+        print(f"checkpoint {path} is corrupt or incomplete ({problem}){action}; trying the next older one",
+              file=sys.stderr, flush=True)
     return None
 
 
@@ -160,24 +348,33 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
 
 
-def load_checkpoint(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Load into `tensors` in place (DCP reshards to whatever layout they have) and return the meta dict."""
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: the message names it and what is wrong."""
+
+
+def load_checkpoint(path: str | Path, tensors: dict[str, Any], verified: bool = False) -> dict[str, Any]:
+    """Load into `tensors` in place (DCP reshards to whatever layout they have) and return the meta dict. The
+    checkpoint is verified first unless the caller just did (`verified`)."""
     path = Path(path)
-    if not is_complete(path):
-        raise RuntimeError(f"{path}: checkpoint is incomplete or corrupt (meta.json missing or file sizes differ)")
+    if verified is False:
+        problem = verify(path)
+        if problem is not None:
+            raise CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({problem})")
     dcp.load(tensors, checkpoint_id=str(path))
     return read_meta(path)
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """`auto`: the newest complete checkpoint, if any; `none`: start fresh; otherwise a checkpoint path."""
+def resolve_resume(resume: str, root: str | Path, share: tuple[int, int] = (0, 1), agree=_alone) -> Path | None:
+    """`auto`: the newest checkpoint that verifies, if any; `none`: start fresh; otherwise a checkpoint path (which
+    must verify). Distributed, every rank calls it (see `find_verified`) and gets the same answer or error."""
     if resume == "none":
         return None
     if resume == "auto":
-        return find_latest(root)
+        return find_verified(root, share=share, agree=agree)
     path = Path(resume)
-    if not is_complete(path):
-        raise RuntimeError(f"--resume {resume}: not a complete checkpoint directory")
+    problem = agree(verify(path, share) if path.is_dir() else "no such checkpoint directory")
+    if problem is not None:
+        raise CheckpointError(f"--resume {resume}: not a usable checkpoint ({problem})")
     return path
 
 
@@ -226,7 +423,9 @@ def _storage_writer(path: Path):
     """The DCP writer (a function so tests can slow it down to kill a process in the middle of a write)."""
     from torch.distributed.checkpoint import FileSystemWriter
 
-    return FileSystemWriter(str(path), sync_files=True)
+    writer = FileSystemWriter(str(path), sync_files=True)
+    writer.fs = ChecksummingFileSystem()
+    return writer
 
 
 class CheckpointManager:
@@ -243,6 +442,9 @@ class CheckpointManager:
         self.keep_every = keep_every
         self.pending: dict[str, Any] | None = None
         self.last_published: int | None = None
+        # The checkpoint this run resumed from (verified before the load): retention never deletes it before this
+        # run has published a newer one of its own.
+        self.resumed_from: int | None = None
         self.timings: dict[str, float] = {}  # of the last save: stall_s (training blocked), write_s (to publish)
         self.completed: list[dict[str, float]] = []  # {step, write_s} of saves published since last drained
         # Background writes use their own gloo group, so their collectives never interleave with training's.
@@ -256,7 +458,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return
         for p in self.root.iterdir():
-            if p.is_dir() and p.name.startswith(PREFIX) and not _NAME.match(p.name):
+            if p.is_dir() and p.name.startswith(PREFIX) and not _NAME.match(p.name) and not p.name.endswith(CORRUPT):
                 shutil.rmtree(p, ignore_errors=True)
 
     def save(self, step: int, tensors: dict[str, Any], meta: dict[str, Any], block: bool = False) -> None:
@@ -307,16 +509,19 @@ class CheckpointManager:
 
     def apply_retention(self) -> None:
         """Keep the newest `keep_last`, every step that is a multiple of `keep_every`, and stage boundaries;
-        never the newest complete checkpoint. A deleted checkpoint is renamed out of the `step_X` namespace
-        first, so a kill mid-deletion never leaves a half-deleted checkpoint that looks loadable."""
+        never the newest complete checkpoint, nor the newest one this run trusts (the one it published last, or
+        else the verified one it resumed from), whatever other directories (an older run's later steps) exist.
+        A deleted checkpoint is renamed out of the `step_X` namespace first, so a kill mid-deletion never
+        leaves a half-deleted checkpoint that looks loadable."""
         if self.keep_last <= 0:
             return
         published = list_checkpoints(self.root)
         newest = find_latest(self.root)
+        trusted = self.last_published if self.last_published is not None else self.resumed_from
         keep = set(published[-self.keep_last:])
         for path in published:
             step = int(_NAME.match(path.name).group(1))
-            if path == newest or (self.keep_every and step % self.keep_every == 0):
+            if path == newest or step == trusted or (self.keep_every and step % self.keep_every == 0):
                 keep.add(path)
             else:
                 try:

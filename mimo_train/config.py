@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, SourceConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -144,7 +144,9 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    # "auto" (the default, as in Megatron-LM and torchtitan): world size / (tp x pp x cp), resolved per stage when
+    # the world size is known (`resolve_dp`). An explicit value must match the world size.
+    dp: int | str = "auto"
     cp: int = 1
     ep: int = 1
     etp: int = 1
@@ -159,7 +161,9 @@ class ParallelConfig:
     PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tp", "pp", "dp", "cp", "ep", "etp", "pp_virtual"):
+        _require(self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1),
+                 f"{prefix}.dp", "must be 'auto' or an integer >= 1", self.dp)
+        for name in ("tp", "pp", "cp", "ep", "etp", "pp_virtual"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
         _require(self.pp_schedule in self.PP_SCHEDULES, f"{prefix}.pp_schedule",
                  f"must be one of {', '.join(self.PP_SCHEDULES)}", self.pp_schedule)
@@ -178,7 +182,21 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
+        if self.dp == "auto":
+            raise ConfigError("parallel.dp is 'auto': resolve it against the world size first (resolve_dp)")
         return self.tp * self.pp * self.dp * self.cp
+
+    def resolve_dp(self, world_size: int | None, prefix: str = "parallel") -> "ParallelConfig":
+        """A copy with `dp: auto` replaced by world_size / (tp x pp x cp); without a world size, auto means 1."""
+        if self.dp != "auto":
+            return dataclasses.replace(self)
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size is None:
+            return dataclasses.replace(self, dp=1)
+        if world_size % model_parallel:
+            raise ConfigError(f"{prefix}.dp: 'auto' needs the world size {world_size} to be a multiple of tp x pp x "
+                              f"cp = {self.tp}x{self.pp}x{self.cp} = {model_parallel}")
+        return dataclasses.replace(self, dp=world_size // model_parallel)
 
 
 _TOKEN_UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
@@ -261,7 +279,7 @@ class StageConfig:
     aux_loss_coeff: float | None = None
     rope_theta: float | None = None  # GA layers' RoPE base (SWA layers keep model.swa_rope_theta)
     data_weights: dict[str, float] = field(default_factory=dict)  # source name -> mixture weight
-    parallel: dict[str, int] = field(default_factory=dict)  # layout overrides, e.g. {cp: 2, dp: 1}
+    parallel: dict[str, int | str] = field(default_factory=dict)  # layout overrides, e.g. {cp: 2, dp: auto}
 
     def validate(self, prefix: str) -> None:
         p = prefix
@@ -280,7 +298,8 @@ class StageConfig:
         _require(self.rope_theta is None or self.rope_theta > 0, f"{p}.rope_theta", "must be > 0", self.rope_theta)
         for k, v in self.parallel.items():
             _require(k in STAGE_LAYOUT_KEYS, f"{p}.parallel.{k}", f"unknown key (valid keys: {', '.join(STAGE_LAYOUT_KEYS)})", k)
-            _require(isinstance(v, int) and v >= 1, f"{p}.parallel.{k}", "must be an integer >= 1", v)
+            _require((k == "dp" and v == "auto") or (isinstance(v, int) and v >= 1), f"{p}.parallel.{k}",
+                     "must be an integer >= 1" + (" or 'auto'" if k == "dp" else ""), v)
         for k, v in self.data_weights.items():
             _require(v > 0, f"{p}.data_weights.{k}", "must be > 0", v)
 
@@ -315,6 +334,10 @@ class TrainConfig:
     keep_every: int = 0  # ...and every checkpoint whose step is a multiple of K (0: none)
     # Faults: a non-finite loss or gradient norm skips the update; this many in a row stop the run (0: never).
     max_consecutive_skips: int = 5
+    # Validation on data.eval_sources every `eval_interval` steps (0: never), over each source's first
+    # `eval_samples` sequences (mimo_train/evaluation.py).
+    eval_interval: int = 0
+    eval_samples: int = 8
     # Staged schedule (spec section 2): stages switch at token counts. Empty: one stage from the fields above.
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -334,7 +357,8 @@ class TrainConfig:
         _require(self.clip_grad >= 0, f"{p}.clip_grad", "must be >= 0 (0 disables clipping)", self.clip_grad)
         for name in ("mtp_loss_weight", "aux_loss_coeff", "expert_bias_update_rate", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
-        for name in ("keep_last", "keep_every", "max_consecutive_skips"):
+        _require(self.eval_samples >= 1, f"{p}.eval_samples", "must be >= 1", self.eval_samples)
+        for name in ("keep_last", "keep_every", "max_consecutive_skips", "eval_interval"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
         previous_end = 0
         names = set()
@@ -377,8 +401,13 @@ class RunConfig:
     # is matched (case-insensitively, longest key first) against the CUDA device name, or "cpu" on CPUs.
     peak_tflops: float = 0.0
     device_peak_tflops: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PEAK_TFLOPS))
+    # How long a collective may wait for the other ranks before the run fails (torch.distributed's timeout): it
+    # must cover the slowest step plus a checkpoint load; a dead rank is usually detected at once anyway.
+    process_group_timeout_s: int = 600
 
     def validate(self, prefix: str = "run") -> None:
+        _require(self.process_group_timeout_s >= 1, f"{prefix}.process_group_timeout_s", "must be >= 1 second",
+                 self.process_group_timeout_s)
         _require(bool(self.dir), f"{prefix}.dir", "must be a non-empty path", self.dir)
         _require(self.peak_tflops >= 0, f"{prefix}.peak_tflops", "must be >= 0", self.peak_tflops)
         _require(self.wandb_mode in ("auto", "online", "offline", "disabled"), f"{prefix}.wandb_mode",
@@ -386,11 +415,28 @@ class RunConfig:
 
 
 @dataclass
+class TrainingDataConfig(DataConfig):
+    """The data pipeline's section plus what only training reads: held-out sources for validation (prepared like
+    the training sources, e.g. a second `prepare-data` directory; never read by the training stream)."""
+
+    eval_sources: list[SourceConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        super().validate()
+        names = set()
+        for i, source in enumerate(self.eval_sources):
+            source.validate(f"data.eval_sources[{i}]")
+            if source.name in names:
+                raise ValueError(f"data.eval_sources[{i}].name: duplicate source name {source.name!r}")
+            names.add(source.name)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TrainingDataConfig = field(default_factory=TrainingDataConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
@@ -398,6 +444,12 @@ class Config:
         self.train.validate("train")
         self.parallel.validate("parallel")
         self.run.validate("run")
+        limit = self.model.max_position_embeddings
+        _require(self.train.seq_len <= limit, "train.seq_len",
+                 f"must be <= model.max_position_embeddings ({limit})", self.train.seq_len)
+        for i, stage in enumerate(self.train.stages):
+            _require(stage.seq_len <= limit, f"train.stages[{i}].seq_len",
+                     f"must be <= model.max_position_embeddings ({limit})", stage.seq_len)
         try:
             self.data.validate()
         except ValueError as e:  # the data section raises plain ValueErrors naming its fields
@@ -505,10 +557,23 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}:{_yaml_position(e)}: YAML syntax error: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
+
+
+def _yaml_position(e: "yaml.YAMLError") -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}" if mark is not None else "?"
+
+
+def _yaml_problem(e: "yaml.YAMLError") -> str:
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(e).splitlines()[0]
 
 
 def _resolve_model_section(value: Any, base_dir: Path) -> dict[str, Any]:
@@ -537,7 +602,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r}: empty key segment")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}, column "
+                          f"{len(key) + 1 + e.problem_mark.column + 1 if getattr(e, 'problem_mark', None) else '?'})"
+                          ) from None
     return parts, value
 
 

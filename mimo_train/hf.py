@@ -9,6 +9,7 @@ names, so importing accepts either layout and exporting writes the Hub's.
 from __future__ import annotations
 
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -237,6 +238,32 @@ def save_hf(model, out_dir: str | Path, max_shard_bytes: int = 5 * 1024**3) -> N
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
     )
     (out_dir / "config.json").write_text(json.dumps(to_hf_config(model.cfg), indent=1))
+
+
+def save_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, model_max_length: int) -> None:
+    """The run's tokenizer beside the weights (tokenizer.json and the tokenizer_config.json transformers' AutoTokenizer
+    reads), so the exported directory is usable on its own."""
+    from tokenizers import Tokenizer
+
+    out_dir = Path(out_dir)
+    shutil.copyfile(tokenizer_path, out_dir / "tokenizer.json")
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    special = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length}
+    eos = next((t for t in special if "end" in t or "eos" in t), special[0] if special else None)
+    if eos is not None:
+        config["eos_token"] = eos
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+
+
+def make_readable(out_dir: str | Path) -> None:
+    """World-readable files (0644) and directory (0755), whatever the umask of the exporting process: an exported
+    model is read by other users and services."""
+    out_dir = Path(out_dir)
+    out_dir.chmod(0o755)
+    for p in out_dir.iterdir():
+        if p.is_file():
+            p.chmod(0o644)
 
 
 def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:

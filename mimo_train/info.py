@@ -257,6 +257,22 @@ def human_flops(n: float) -> str:
     return f"{n:.0f} FLOP"
 
 
+def startup_banner(cfg: Config, plan, stage, world: int, checkpoint_dir, step: int) -> str:
+    """What a run is about to do, printed once at start-up: the model's size, every stage's layout and tokens per
+    step, the process count and where the checkpoints go."""
+    report = model_report(cfg.model, stage.seq_len)
+    params, active = report["params"], report["active_params"]
+    lines = [f"mimo-train: model {human(params['total_with_mtp'])} parameters ({human(params['total'])} without "
+             f"MTP), {human(active['incl_embedding_and_head'])} active per token; {world} process"
+             f"{'es' if world != 1 else ''}; {'resuming at step ' + str(step) if step else 'starting at step 0'}"]
+    for s in plan.stages:
+        where = " (current)" if s.index == stage.index and plan.staged else ""
+        lines.append(f"  stage {s.name}{where}: layout {s.layout_str()}, {s.global_batch_size} x {s.seq_len} = "
+                     f"{s.global_batch_size * s.seq_len:,} tokens per step (micro-batch {s.micro_batch_size})")
+    lines.append(f"  checkpoints: {checkpoint_dir}")
+    return "\n".join(lines)
+
+
 def format_report(report: dict[str, Any]) -> str:
     c, p, a, f = report["config"], report["params"], report["active_params"], report["flops_per_token"]
     lines = [

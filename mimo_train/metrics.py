@@ -4,7 +4,7 @@
 interrupted run after its last checkpoint) are dropped first, so the file never holds a step twice.
 
 wandb: `run.wandb_mode` online, offline, disabled, or auto (online when an API key is configured, offline
-otherwise; online without a key falls back to offline). The run id is kept in the run directory
+otherwise; online without a key falls back to offline); `WANDB_MODE` in the environment overrides it. The run id is kept in the run directory
 (`wandb_run_id`), so a resumed run continues the same wandb run. Per-layer lists (expert load, bias norms) are
 logged to wandb as one series per layer (`expert_load/cv_per_layer/3`).
 """
@@ -97,6 +97,8 @@ class MetricsLogger:
         self._notes: dict[str, Any] = {}
         if enabled:
             truncate_after(self.path, start_step)
+            if wandb_cfg:
+                wandb_cfg = {**wandb_cfg, "mode": configured_wandb_mode(wandb_cfg["mode"])}
             if wandb_cfg and wandb_cfg["mode"] != "disabled":
                 self.wandb = _init_wandb(run_dir, wandb_cfg)
 
@@ -142,6 +144,23 @@ def _duration(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# WANDB_MODE values wandb itself accepts, as run.wandb_mode values.
+_WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                    "disabled": "disabled", "auto": "auto"}
+
+
+def configured_wandb_mode(config_mode: str) -> str:
+    """`WANDB_MODE` from the environment overrides `run.wandb_mode` (as it does for wandb everywhere else)."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return config_mode
+    if env not in _WANDB_ENV_MODES:
+        print(f"wandb: ignoring WANDB_MODE={env!r} (expected one of {', '.join(_WANDB_ENV_MODES)}); using "
+              f"run.wandb_mode={config_mode}", flush=True)
+        return config_mode
+    return _WANDB_ENV_MODES[env]
 
 
 def resolve_wandb_mode(mode: str) -> str:

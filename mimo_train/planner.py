@@ -714,15 +714,16 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                     "estimate memory per GPU, communication per step, step time and MFU (see mimo_train/planner.py "
                     "for the model and its assumptions).")
     p.add_argument("--config", required=True, help="a model YAML (configs/model/*.yaml) or a training YAML")
-    p.add_argument("--gpus", type=int, required=True)
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs to plan for")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU type (memory, peak FLOP/s, links; default h100)")
     p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None,
                    help="sequences per step (default: 2^26 tokens / seq, the recipe: 2048 at 32k, 256 at 256k)")
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--mtp-blocks", type=int, default=1,
                    help="MTP blocks trained (default 1, the pre-training recipe; -1: as in the config)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
+                   help="weights, gradients and optimizer-state precision (default bf16)")
     p.add_argument("--kernel", choices=("fused", "torch"), default="fused",
                    help="attention kernels for the activation model (fused: TE/flash on GPUs)")
     p.add_argument("--efficiency", type=float, default=Assumptions.compute_efficiency,
@@ -732,8 +733,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the GPU's peak")
     p.add_argument("--nvlink-gbs", type=float, default=0.0, help="override the intra-node bandwidth (GB/s)")
     p.add_argument("--ib-gbs", type=float, default=0.0, help="override the inter-node bandwidth per GPU (GB/s)")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--top", type=int, default=10, help="how many layouts to print (default 10)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. model.num_layers=24")
     p.set_defaults(func=run_plan)
     return p

@@ -62,12 +62,20 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         raise ConfigError(f"--tasks-per-node={tasks_per_node}: must equal --gpus-per-node={args.gpus_per_node} "
                           f"(one task per GPU)")
     ntasks = args.nodes * tasks_per_node
-    from parallel.topology import validate_layout
+    from mimo_train.preflight import check_layouts
 
+    allocation = f"--nodes {args.nodes} x {tasks_per_node} tasks per node = {ntasks} ranks"
     try:
-        validate_layout(cfg.parallel, cfg.model, ntasks, cfg.train.seq_len)
+        plan = check_layouts(cfg, ntasks, batches=False)  # every stage, dp: auto resolved against the task count
     except ConfigError as e:
-        raise ConfigError(f"{e} (--nodes {args.nodes} x {tasks_per_node} tasks per node = {ntasks} ranks)") from None
+        raise ConfigError(f"{e} ({allocation})") from None
+    try:
+        plan.check_batches()
+    except ConfigError as e:
+        if not args.dry_run:  # a job whose tasks would refuse to start is not queued
+            raise ConfigError(f"{e} ({allocation})") from None
+        print(f"warning: {e} ({allocation}): the job's tasks would refuse to start; override the batch sizes",
+              file=sys.stderr, flush=True)
     if args.signal_lead < 1:
         raise ConfigError(f"--signal-lead: must be >= 1 second (got {args.signal_lead})")
 
@@ -158,20 +166,20 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
         description="Render slurm/train.sbatch.template for this config and layout, write it to "
                     f"<run.dir>/{SCRIPT_NAME} and submit it with sbatch. The job runs one task per GPU with srun, "
                     "checkpoints and requeues itself on USR1 before its time limit, and resumes with --resume auto.")
-    p.add_argument("--config", required=True)
-    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--config", required=True, help="a training YAML (configs/train/*.yaml)")
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes (sbatch --nodes)")
     p.add_argument("--gpus-per-node", type=int, required=True,
                    help="GPUs per node, one task each; 0: CPU tasks (gloo), see --tasks-per-node")
     p.add_argument("--tasks-per-node", type=int, default=0,
                    help="tasks per node (default: --gpus-per-node, or 1 with --gpus-per-node 0)")
     p.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per task (also OMP_NUM_THREADS)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
+    p.add_argument("--partition", help="Slurm partition (sbatch --partition)")
+    p.add_argument("--account", help="Slurm account to charge (sbatch --account)")
+    p.add_argument("--qos", help="quality of service (sbatch --qos)")
     p.add_argument("--time", help="time limit, in any Slurm format (e.g. 04:00:00)")
     p.add_argument("--mem", help="memory per node (e.g. 0 for all of it)")
     p.add_argument("--exclusive", action="store_true", help="whole nodes")
-    p.add_argument("--job-name")
+    p.add_argument("--job-name", help="job name (default mimo-<run.dir name>)")
     p.add_argument("--container-image", help="run the tasks in this image (pyxis/enroot: srun --container-image)")
     p.add_argument("--container-mounts", help="srun --container-mounts (the repository, data and run directories)")
     p.add_argument("--command", help="the mimo-train command the tasks run (default: this Python's "

@@ -91,7 +91,10 @@ def rampup_batch_size(stage: Stage, samples_in_stage: int) -> int:
 
 
 class StagePlan:
-    def __init__(self, cfg: Config):
+    """The stages of a run, each with its layout resolved against `world_size` (`parallel.dp: auto` = world size /
+    (tp x pp x cp); without a world size, auto means 1) and its batch rules checked."""
+
+    def __init__(self, cfg: Config, world_size: int | None = None, check_batches: bool = True):
         self.cfg = cfg
         t = cfg.train
         self.staged = bool(t.stages)
@@ -99,7 +102,9 @@ class StagePlan:
         if not self.staged:
             self.stages = [Stage(0, "main", math.inf, t.seq_len, t.global_batch_size, t.micro_batch_size, None, None,
                                  t.mtp_loss_weight, t.expert_bias_update_rate, t.aux_loss_coeff, base_theta,
-                                 {}, cfg.parallel)]
+                                 {}, cfg.parallel.resolve_dp(world_size))]
+            if check_batches:
+                self.check_batches()
             return
         self.stages = []
         for i, s in enumerate(t.stages):
@@ -107,6 +112,7 @@ class StagePlan:
             parallel = copy.deepcopy(cfg.parallel)
             for k, v in s.parallel.items():
                 setattr(parallel, k, v)
+            parallel = parallel.resolve_dp(world_size, f"train.stages[{i}].parallel")
             rampup = None
             if s.rampup is not None:
                 rampup = (s.rampup.start, s.rampup.increment, max(1, s.rampup.tokens // seq_len))
@@ -117,12 +123,18 @@ class StagePlan:
                 _pick(s.mtp_loss_weight, t.mtp_loss_weight), _pick(s.expert_bias_update_rate, t.expert_bias_update_rate),
                 _pick(s.aux_loss_coeff, t.aux_loss_coeff), _pick(s.rope_theta, base_theta), dict(s.data_weights),
                 parallel))
+        if check_batches:
+            self.check_batches()
+
+    def check_batches(self) -> None:
+        """Every stage's global batch (and ramp-up) splits into micro-batches over its data-parallel ranks."""
         for s in self.stages:
             dp = s.parallel.dp
+            field = f"train.stages[{s.index}].global_batch_size" if self.staged else "train.global_batch_size"
             for gbs in {s.global_batch_size, *([s.rampup[0]] if s.rampup else [])}:
                 if gbs % (s.micro_batch_size * dp):
-                    raise ConfigError(f"train.stages[{s.index}] ({s.name}): global batch {gbs} must be a multiple of "
-                                      f"micro_batch_size x parallel.dp = {s.micro_batch_size} x {dp}")
+                    raise ConfigError(f"{field}: the global batch {gbs} must be a multiple of micro_batch_size x "
+                                      f"parallel.dp = {s.micro_batch_size} x {dp}")
             if s.rampup and s.rampup[1] % (s.micro_batch_size * dp):
                 raise ConfigError(f"train.stages[{s.index}].rampup.increment: must be a multiple of micro_batch_size "
                                   f"x parallel.dp = {s.micro_batch_size * dp}")

@@ -19,7 +19,6 @@ import dataclasses
 import math
 import os
 import resource
-import signal
 import sys
 import time
 from functools import partial
@@ -31,10 +30,14 @@ import torch.distributed as dist
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
+from mimo_train.evaluation import Evaluator
 from mimo_train.forward_backward import LossSpec, forward_backward
+from mimo_train.info import startup_banner
 from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
+from mimo_train.preflight import check_resume_config
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
+from mimo_train.stopping import StopRequest
 from parallel import comm
 from parallel.data_parallel import ShardedAdamW, sync_gradients
 from parallel.initialize import materialize
@@ -79,11 +82,11 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
         self.cfg = cfg
         t = cfg.train
-        init_distributed()
+        init_distributed(timeout_s=cfg.run.process_group_timeout_s)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_logger = self.rank == 0
-        self.plan = StagePlan(cfg)
+        self.plan = StagePlan(cfg, self.world)
         for s in self.plan.stages:  # every stage's layout is checked before any work (each against its own size)
             validate_layout(s.parallel, cfg.model, s.parallel.world_size, s.seq_len)
         if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
@@ -110,13 +113,24 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.last_save_seconds = 0.0
         self._stop_requested = False
+        self._signals = StopRequest(announce=False)
         self._flops_per_token: dict[int, float] = {}
         self.data = None
         self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, self.rank, async_save=t.async_save, keep_last=t.keep_last,
                                            keep_every=t.keep_every, distributed=self.world > 1)
 
-        path = self._agreed(ckpt.resolve_resume(resume, self.ckpt_dir))
+        try:
+            self._start(resume)
+        except BaseException:
+            self.close()  # stop the data workers now: a failed start must exit, not wait for them at exit
+            raise
+
+    def _start(self, resume: str) -> None:
+        """Pick the checkpoint, build everything under its stage's layout and load it."""
+        path = self._resume_path(resume)
         meta = ckpt.read_meta(path) if path is not None else None
+        if meta is not None and "trainer" in meta:
+            check_resume_config(meta.get("config"), self.cfg, meta["trainer"].get("stage", 0), path)
         stage_index = min(meta["trainer"].get("stage", 0), len(self.plan.stages) - 1) if meta else 0
         self.stage = self.plan.stages[stage_index]
         if meta is not None and self.stage.parallel.world_size != self.world:
@@ -128,14 +142,23 @@ class Trainer:
             self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
         self._apply_stage(self.stage)
 
+    def close(self) -> None:
+        """Stop the data workers (idempotent). Called on every failure, so a crash exits promptly."""
+        if self.data is not None:
+            self.data.close()
+
     # ---- building and stages ----------------------------------------------------------------------------------
-    def _agreed(self, path: Path | None) -> Path | None:
-        """Rank 0's choice of checkpoint, for every rank."""
-        if self.world > 1:
-            box = [None if path is None else str(path)]
-            dist.broadcast_object_list(box, src=0)
-            path = None if box[0] is None else Path(box[0])
-        return path
+    def _resume_path(self, resume: str) -> Path | None:
+        """The checkpoint to resume from, verified by all ranks together (each reads a share of its files)."""
+        return ckpt.resolve_resume(resume, self.ckpt_dir, share=(self.rank, self.world), agree=self._first_problem)
+
+    def _first_problem(self, problem: str | None) -> str | None:
+        """The first problem any rank found (collective)."""
+        if self.world == 1:
+            return problem
+        problems = [None] * self.world
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p is not None), None)
 
     def _build(self, stage: Stage) -> None:
         """Topology, model, optimizer and data stream for `stage`'s layout (collective)."""
@@ -224,7 +247,8 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
-        meta = ckpt.load_checkpoint(path, state)
+        meta = ckpt.load_checkpoint(path, state, verified=True)  # rank 0 verified it (or this run just wrote it)
+        self.ckpt.resumed_from = meta["trainer"]["step"]
         copy_loaded_model_state(self.model, state["model"])
         tr = meta["trainer"]
         self.step = tr["step"]
@@ -369,12 +393,16 @@ class Trainer:
             record["expert_bias_norm_per_layer"] = [round(v, 6) for v in norms]
         return record
 
-    # ---- the run ----------------------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame) -> None:
-        self._stop_requested = True
+    def _evaluate_if_due(self, record: dict[str, Any]) -> None:
+        """Validation losses and MTP acceptance on data.eval_sources, added to this step's record."""
+        evaluator = Evaluator(self.cfg, self.model, self.topo)
+        if evaluator.due(self.step):
+            record.update(evaluator.evaluate(self.stage))
 
+    # ---- the run ----------------------------------------------------------------------------------------------
     def _agreed_stop(self) -> bool:
         """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
+        self._stop_requested = self._stop_requested or self._signals.requested
         flag = torch.tensor([1.0 if self._stop_requested else 0.0])
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -387,6 +415,8 @@ class Trainer:
             if self.is_logger:
                 print(f"run {self.run_dir} is complete: step {self.step} of {total}, {self.tokens:,} tokens", flush=True)
             return []
+        if self.is_logger:
+            print(startup_banner(self.cfg, self.plan, self.stage, self.world, self.ckpt_dir, self.step), flush=True)
         if self.is_logger and self.plan.staged and self.step == 0:
             print(self.plan.describe(), flush=True)
         logger = MetricsLogger(
@@ -395,7 +425,7 @@ class Trainer:
              "config": self.cfg.to_dict()},
             enabled=log and self.is_logger,
         )
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        self._signals = StopRequest(announce=self.is_logger).__enter__()
         records = []
         ok = False
         try:
@@ -410,11 +440,15 @@ class Trainer:
                     self._cross_boundary(index)
                     logger.note({"checkpoint/stall_s": self.last_save_seconds})
                 record = self.train_step()
+                self._evaluate_if_due(record)
                 records.append(record)
                 if self.consecutive_skips and self.is_logger:
                     print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
                           f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
                 done = self.plan.done(self.step, self.tokens)
+                # Skipped shards, documents and tokens (the stream's read counters are per process: not logged,
+                # so a resumed run's metrics equal an uninterrupted run's).
+                record.update({k: v for k, v in self.data.stats().items() if k.startswith("data/skipped_")})
                 logger.log(record, console=(self.step % t.log_interval == 0 or done))
                 if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
                     if self.is_logger:
@@ -434,12 +468,15 @@ class Trainer:
             self.ckpt.wait()
             ok = True
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            self._signals.__exit__()
             if ok:
                 logger.finish()
             else:
                 logger.finish(exit_code=1)
+                self.close()  # the data workers are stopped now, not joined forever at interpreter exit
+        skipped = self.data.report() if self.data is not None else ""
+        if self.is_logger and skipped:
+            print(f"data: {skipped}", flush=True)
         if self.is_logger and self._stop_requested:
             print(f"stopped by a signal at step {self.step}; checkpoint {self.ckpt_dir / ckpt.checkpoint_name(self.step)}",
                   flush=True)

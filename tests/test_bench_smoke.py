@@ -84,7 +84,8 @@ def test_checkpoint_bench_result_line(tmp_path):
     lines = checkpoint.run(str(tmp_path), threads=1, repeats=1, overrides=(), tiny_batch=2, tiny_seq_len=32,
                            step_repeats=1, saves=1, modes=("thread",))
     fields = result_of(lines, "checkpoint")
-    for key in ("ratio", "load_ratio", "save_mib_s", "raw_write_mib_s", "async_stall_frac", "sync_stall_frac"):
+    for key in ("ratio", "load_ratio", "save_mib_s", "raw_write_mib_s", "async_stall_frac", "sync_stall_frac",
+                "checksum_frac", "verify_frac"):
         as_float(fields, key)
     assert fields["async_mode"] == "thread"
     assert any("saved==snapshot" in line for line in lines)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def _slow_writer(monkeypatch, seconds: float):
     monkeypatch.setattr(ckpt, "_storage_writer", slow)
 
 
-def test_async_save_publishes_only_when_complete_and_retention(tmp_path, monkeypatch):
+def test_async_save_publishes_only_when_complete_and_retention(tmp_path, monkeypatch, capsys):
     root = tmp_path / "ckpts"
     (root / "step_00000099.tmp").mkdir(parents=True)  # a killed writer's leftovers
     (root / "step_00000098.deleting").mkdir()
@@ -77,15 +78,40 @@ def test_async_save_publishes_only_when_complete_and_retention(tmp_path, monkeyp
 
     # Integrity: a truncated file makes a checkpoint invisible to --resume auto, and refused by a direct load.
     victim = next(p for p in (root / "step_00000009").iterdir() if p.suffix == ".distcp")
-    victim.write_bytes(victim.read_bytes()[:-1])
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-1])
     assert ckpt.find_latest(root).name == "step_00000008"
-    assert ckpt.resolve_resume("auto", root).name == "step_00000008"
     with pytest.raises(RuntimeError, match="incomplete or corrupt"):
         ckpt.load_checkpoint(root / "step_00000009", {"w": torch.zeros(1000)})
-    # The newest complete checkpoint is never deleted by retention, even when it is old.
+    # Bytes flipped without changing any size: in a data file (step 9) and in DCP's .metadata (step 8). Both are
+    # caught by the checksums recorded while writing, reported by name and set aside (not deleted); the newest
+    # checkpoint that verifies (step 5) is the one resumed from.
+    victim.write_bytes(bytes(b ^ 0x5A if 100 <= i < 100 + 19 * 32 else b for i, b in enumerate(good)))
+    metadata = root / "step_00000008" / ".metadata"
+    raw = bytearray(metadata.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    metadata.write_bytes(bytes(raw))
+    assert ckpt.find_latest(root).name == "step_00000009"  # sizes alone do not see it
+    # Ranks verify a share of the files each: exactly one of two ranks reads the damaged file.
+    shares = [ckpt.verify(root / "step_00000009", share=(r, 2)) for r in range(2)]
+    assert sum(p is not None for p in shares) == 1 and victim.name in next(p for p in shares if p)
+    capsys.readouterr()
+    assert ckpt.resolve_resume("auto", root).name == "step_00000005"
+    err = capsys.readouterr().err
+    assert f"{root / 'step_00000009'} is corrupt" in err and f"{victim.name}: checksum" in err, err
+    assert f"{root / 'step_00000008'} is corrupt" in err and ".metadata: checksum" in err, err
+    assert (root / "step_00000009.corrupt").is_dir() and (root / "step_00000008.corrupt").is_dir()
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000004", "step_00000005"]
+    with pytest.raises(ckpt.CheckpointError, match=r"--resume .*step_00000009.corrupt: not a usable checkpoint"):
+        ckpt.resolve_resume(str(root / "step_00000009.corrupt"), root)
+    # Retention never deletes the verified checkpoint a run resumed from, even when an older run's later steps
+    # (here a copy of step 5 as step 7) are newer (5 is a stage boundary); leftovers removal keeps the corrupt ones.
+    shutil.copytree(root / "step_00000005", root / "step_00000007")
     manager2 = ckpt.CheckpointManager(root, 0, keep_last=1)
+    manager2.resumed_from = 4
     manager2.apply_retention()
-    assert ckpt.find_latest(root).name == "step_00000008"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000004", "step_00000005", "step_00000007"]
+    assert (root / "step_00000009.corrupt").is_dir()
 
 
 # ---- exact resume ------------------------------------------------------------------------------------------------
@@ -111,6 +137,32 @@ def test_exact_resume_of_a_staged_run_bit_for_bit(tmp_path):
         assert strip_timing(metrics(run_dir)) == reference, stop
         for (name, p), q in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
             assert torch.equal(p, q), (stop, name)
+
+
+def test_corrupt_checkpoint_is_reported_and_the_previous_one_resumed(tmp_path, capsys):
+    """19 x 32 bytes of the newest checkpoint's data file XOR-ed, size unchanged: --resume auto names it, sets it
+    aside and resumes from the previous checkpoint, and the run ends with the uninterrupted run's metrics (before
+    checksums: loaded silently, loss 2e23 and NaN gradient norms, published as a new checkpoint)."""
+    config = write_config(tmp_path, save_interval=3)
+    _fit(config, tmp_path / "whole")
+    run_dir = tmp_path / "split"
+    _fit(config, run_dir, "train.steps=9")
+    root = run_dir / "checkpoints"
+    assert ckpt.find_latest(root).name == ckpt.checkpoint_name(9)
+    victim = root / ckpt.checkpoint_name(9) / "__0_0.distcp"
+    data = bytearray(victim.read_bytes())
+    for k in range(19):
+        start = 4096 + k * (len(data) - 8192) // 19
+        data[start:start + 32] = bytes(b ^ 0xA5 for b in data[start:start + 32])
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    _fit(config, run_dir)
+    captured = capsys.readouterr()
+    assert f"checkpoint {root / ckpt.checkpoint_name(9)} is corrupt or incomplete (__0_0.distcp: checksum" in captured.err
+    assert f"resumed from {root / ckpt.checkpoint_name(7)} at step 7" in captured.out
+    assert strip_timing(metrics(run_dir)) == strip_timing(metrics(tmp_path / "whole"))
+    assert (root / (ckpt.checkpoint_name(9) + ".corrupt")).is_dir()
+    assert ckpt.verify(ckpt.find_latest(root)) is None
 
 
 # ---- SIGKILL at every point of a save ----------------------------------------------------------------------------

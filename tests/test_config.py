@@ -69,3 +69,24 @@ def test_missing_file_and_unknown_model_are_reported(tmp_path):
     f.write_text("model: no_such_model\n")
     with pytest.raises(ConfigError, match="model.from: no model config named 'no_such_model'"):
         load_config(f)
+
+
+def test_help_documents_every_subcommand_and_option():
+    """`mimo-train --help` and each subcommand's --help: every subcommand has a summary and a description, every
+    option and positional argument a help text."""
+    import argparse
+
+    from mimo_train.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {c.dest: c.help for c in sub._choices_actions}
+    assert set(sub.choices) >= {"train", "info", "plan", "submit", "prepare-data", "hf-import", "hf-export"}
+    undocumented = []
+    for name, command in sub.choices.items():
+        if not summaries.get(name) or not command.description:
+            undocumented.append(name)
+        undocumented += [f"{name} {a.option_strings or a.dest}" for a in command._actions
+                         if not isinstance(a, argparse._HelpAction) and not a.help]
+        assert command.format_help()  # renders
+    assert not undocumented, undocumented

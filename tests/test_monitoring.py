@@ -126,3 +126,42 @@ def test_peak_flops_per_device_type(monkeypatch):
     assert peak_tflops(cfg) == 989.0
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA GB200")
     assert peak_tflops(cfg) == 2500.0  # the longest matching key wins (not "B200")
+
+
+def test_startup_banner_log_file_skipped_shards_and_wandb_mode_from_the_environment(tmp_path, capsys, monkeypatch):
+    """One CLI run on a source with a missing shard, run.wandb_mode=disabled but WANDB_MODE=offline: the banner, the
+    skipped shard in metrics.jsonl, wandb and the final summary, and train.log with the console's lines."""
+    import os
+
+    from mimo_train import cli
+    from tests.data_helpers import write_source
+
+    write_source(tmp_path / "src", shards=4, docs_per_shard=10, first_token=1, seed=3, max_len=20)
+    os.remove(tmp_path / "src" / "shard-000001.tar")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: mimo_tiny\ndata:\n  sources: [{{name: src, path: {tmp_path / 'src'}}}]\n"
+                      f"  num_workers: 0\n  cache_dir: {tmp_path / 'cache'}\n")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import mimo_train.trainer as trainer_module
+
+    timeouts = []
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda timeout_s: timeouts.append(timeout_s) or (0, 1))
+    run_dir = tmp_path / "run"
+    rc = cli.main(["train", "--config", str(config), "train.steps=3", "train.seq_len=64", "train.global_batch_size=2",
+                   "train.micro_batch_size=2", "run.wandb_mode=disabled", f"run.dir={run_dir}",
+                   "run.process_group_timeout_s=77"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "mimo-train: model 4.32M parameters (4.08M without MTP), 2.46M active per token; 1 process" in out
+    assert "stage main: layout tp=1 pp=1 dp=1 cp=1 ep=1 etp=1, 2 x 64 = 128 tokens per step" in out
+    assert f"checkpoints: {run_dir / 'checkpoints'}" in out
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["data/skipped_shards"] == 1 and lines[-1]["data/skipped_documents"] == 10
+    assert "skipped shard" in out and "shard-000001.tar (missing" in out
+    history, _ = wandb_history(run_dir)
+    assert history[3]["data/skipped_shards"] == 1, (sorted(history), list((run_dir / "wandb").glob("*")))
+    log = (run_dir / "train.log").read_text()
+    assert "mimo-train: model 4.32M parameters" in log and "step      3/3" in log and "skipped shard" in log
+    assert "shard-000001" in log  # the data warning (stderr) is in the log too
+    assert timeouts == [77]  # the process-group timeout is the config's

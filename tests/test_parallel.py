@@ -203,7 +203,7 @@ def test_invalid_layouts_are_rejected_naming_the_rule(overrides, world, message)
 
     cfg = load_config("configs/train/tiny_cpu.yaml", [*BASE, *overrides])
     with pytest.raises(ConfigError) as e:
-        validate_layout(cfg.parallel, cfg.model, world, cfg.train.seq_len)
+        validate_layout(cfg.parallel.resolve_dp(None), cfg.model, world, cfg.train.seq_len)
     assert message in str(e.value)
 
 

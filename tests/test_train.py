@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -85,11 +86,25 @@ def test_cli_trains_resumes_and_reports_completion(tmp_path):
 
 
 def test_hf_export_and_import_commands(tmp_path):
+    """Export (under umask 077) gives a directory anyone can read, with the run's tokenizer; import round-trips."""
     run(tmp_path, "exp", 1)
     cli = [sys.executable, "-m", "mimo_train.cli"]
     out = subprocess.run(cli + ["hf-export", str(tmp_path / "exp" / "checkpoints"), str(tmp_path / "hf")],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077))
     assert out.returncode == 0, out.stderr
+    hf_dir = tmp_path / "hf"
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"} <= {
+        p.name for p in hf_dir.iterdir()}
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in hf_dir.iterdir()) and hf_dir.stat().st_mode & 0o777 == 0o755
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from data_pipeline.builtin_corpus import ensure_builtin_tokenizer
+
+    cfg = load_config(tmp_path / "exp" / "config.yaml")
+    reference = Tokenizer.from_file(ensure_builtin_tokenizer(cfg.data.resolved_cache_dir(), cfg.data.vocab_size))
+    text = "def train(model):\n    return model.fit()  # ok"
+    assert AutoTokenizer.from_pretrained(hf_dir).encode(text, add_special_tokens=False) == reference.encode(text).ids
     back = subprocess.run(cli + ["hf-import", str(tmp_path / "hf"), str(tmp_path / "imported")],
                           capture_output=True, text=True, timeout=300)
     assert back.returncode == 0, back.stderr

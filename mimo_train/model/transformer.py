@@ -31,6 +31,7 @@ class ModelOutput:
     lm_tokens: torch.Tensor | None = None
     mtp_loss_sums: list[torch.Tensor] = field(default_factory=list)
     mtp_tokens: list[torch.Tensor] = field(default_factory=list)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # per depth, with return_logits (for evaluation)
     aux_loss_sum: torch.Tensor | None = None  # summed over MoE layers and sequences, before the coefficient
     expert_counts: torch.Tensor | None = None  # [num_moe_layers, E] tokens routed to each expert
 
@@ -253,7 +254,10 @@ class MiMoForCausalLM(nn.Module):
                 tokens = local(shift_within_documents(batch.input_ids, docs, d, fill=0))
                 targets = local(shift_within_documents(batch.labels, docs, d, fill=IGNORE_INDEX))
                 h, normed = block(h, m.embed_tokens(tokens), *batch.rope["sliding_attention"], batch.doc_ids)
-                loss_sum, n = self.cross_entropy_sum(self.lm_head(normed), targets)
+                mtp_logits = self.lm_head(normed)
+                loss_sum, n = self.cross_entropy_sum(mtp_logits, targets)
+                if return_logits:
+                    out.mtp_logits.append(mtp_logits)
                 out.mtp_loss_sums.append(loss_sum)
                 out.mtp_tokens.append(n)
         return out

@@ -1,0 +1,152 @@
+"""Checks made before any rank starts (`mimo-train train`, `mimo-train submit`): the whole config against the number
+of processes, the run directory against the --resume mode, and, on a resume, the config against the checkpoint's.
+
+Each failure is a `ConfigError` (or `CheckpointError`) with one line naming the field, the rule and the way on;
+the command line prints it and exits 2, so a bad launch costs no process start and prints nothing twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from mimo_train import checkpoint as ckpt
+from mimo_train.config import Config, ConfigError
+from mimo_train.evaluation import check_eval_config
+from mimo_train.stages import StagePlan
+
+# What a resume may change (README "Resuming"): the layout (DCP reshards), batch sizes, stages not yet reached,
+# the learning-rate schedule, logging, checkpointing and data-loading knobs. What it may not: the model, the seeds
+# and the tokenization, and the stages already completed.
+FROZEN_ON_RESUME = ("model", "train.seed", "data.seed", "data.tokenizer", "data.vocab_size")
+# Fields of a completed stage that may still change (they do not alter what was trained).
+STAGE_FIELDS_FREE = ("micro_batch_size", "parallel")
+
+
+class RelaunchNeeded(ConfigError):
+    """The run continues in a stage whose layout needs another process count (exit status 3, as at a boundary)."""
+
+    exit_status = 3
+
+
+def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str = "",
+                  batches: bool = True) -> StagePlan:
+    """Every stage's layout and (with `batches`) batch rules, resolved against `world_size` (dp: auto); the stage
+    the run starts in must fit `world_size` itself (a later stage may ask for a relaunch with another count)."""
+    from parallel.topology import validate_layout
+
+    plan = StagePlan(cfg, world_size, check_batches=batches)
+    for s in plan.stages:
+        name = f"train.stages[{s.index}] ({s.name}): " if plan.staged else ""
+        try:
+            validate_layout(s.parallel, cfg.model, s.parallel.world_size, s.seq_len)
+            check_eval_config(cfg, s)
+        except ConfigError as e:
+            raise ConfigError(f"{name}{e}") from None
+    first = plan.stages[min(start_stage, len(plan.stages) - 1)]
+    if first.index > 0 and first.parallel.world_size != world_size:
+        n = first.parallel.world_size
+        procs = f"{n} process" + ("es" if n != 1 else "")
+        raise RelaunchNeeded(f"the checkpoint to resume is in stage {first.name!r}, which runs under the layout "
+                             f"{first.layout_str()}, which needs {procs}, and this run has {world_size}. Relaunch "
+                             f"with {procs} (`mimo-train train --nproc {n} ...`, or {n} Slurm tasks)")
+    if first.parallel.world_size != world_size:
+        p = first.parallel
+        stage = f" of stage {first.name!r}" if plan.staged else ""
+        raise ConfigError(f"parallel{stage}: tp x pp x dp x cp = {p.tp}x{p.pp}x{p.dp}x{p.cp} = {p.world_size} must "
+                          f"equal the world size {world_size}{where} (leave parallel.dp at 'auto' to derive "
+                          f"it from the process count)")
+    return plan
+
+
+def starting_stage(cfg: Config, resume: str) -> int:
+    """The stage a launch starts in: the one recorded in the checkpoint it will resume from (sizes checked only:
+    the ranks verify the checksums), else the first."""
+    if resume == "none":
+        return 0
+    path = ckpt.find_latest(Path(cfg.run.dir) / "checkpoints") if resume == "auto" else Path(resume)
+    if path is None or not ckpt.is_complete(path):
+        return 0
+    return int(ckpt.read_meta(path)["trainer"].get("stage", 0))
+
+
+def check_resume_path(resume: str) -> None:
+    if resume in ("auto", "none"):
+        return
+    path = Path(resume)
+    if not path.is_dir():
+        raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint directory (use a step_XXXXXXXX directory "
+                                   f"under <run.dir>/checkpoints, 'auto' or 'none')")
+    if not ckpt.is_complete(path):
+        raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint (no meta.json listing its files, "
+                                   f"or a file is missing or has another size)")
+
+
+def has_run(run_dir: Path) -> bool:
+    """A directory that holds a run: checkpoints or metrics (a bare config.yaml does not count)."""
+    return (run_dir / "metrics.jsonl").is_file() or bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
+
+
+def prepare_run_dir(cfg: Config, resume: str, overwrite: bool) -> Path | None:
+    """`--resume none` into a directory that holds a run is refused (it would mix two runs' metrics and
+    checkpoints), unless `overwrite`, which moves the old run aside (never deletes it). Returns where it went."""
+    run_dir = Path(cfg.run.dir)
+    if resume != "none" or not run_dir.exists() or not has_run(run_dir):
+        return None
+    if not overwrite:
+        raise ConfigError(f"run.dir {run_dir}: holds a run already (checkpoints or metrics.jsonl) and --resume none "
+                          f"would start another on top of it; choose a new run.dir, or add --overwrite to move the "
+                          f"old run aside first (nothing is deleted), or resume it with --resume auto")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    shutil.move(str(run_dir), str(aside))
+    print(f"--overwrite: moved the old run {run_dir} aside to {aside}", flush=True)
+    return aside
+
+
+# ---- the config of a resumed run ---------------------------------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def config_differences(saved: dict[str, Any], current: Config, completed_stages: int) -> list[str]:
+    """The fields that may not change on a resume and did, each as `field: checkpoint X, config Y`."""
+    now = current.to_dict()
+    old_flat, new_flat = _flatten(saved), _flatten(now)
+    frozen = set()
+    for key in old_flat:  # fields added to the schema since the checkpoint was written are not compared
+        if any(key == f or key.startswith(f + ".") for f in FROZEN_ON_RESUME):
+            frozen.add(key)
+    old_stages, new_stages = saved.get("train", {}).get("stages", []), now["train"]["stages"]
+    diffs = [f"{k}: checkpoint {old_flat.get(k, '(absent)')!r}, config {new_flat.get(k, '(absent)')!r}"
+             for k in sorted(frozen) if old_flat.get(k, "(absent)") != new_flat.get(k, "(absent)")]
+    for i in range(min(completed_stages, len(old_stages))):
+        old = old_stages[i]
+        new = new_stages[i] if i < len(new_stages) else {}
+        for k in sorted(set(old) | set(new)):
+            if k not in STAGE_FIELDS_FREE and old.get(k) != new.get(k):
+                diffs.append(f"train.stages[{i}].{k} (a completed stage): checkpoint {old.get(k)!r}, "
+                             f"config {new.get(k)!r}")
+    return diffs
+
+
+def check_resume_config(saved: dict[str, Any] | None, current: Config, completed_stages: int, path: Path) -> None:
+    if saved is None:  # an imported (model-only) checkpoint or one from before configs were stored
+        return
+    diffs = config_differences(saved, current, completed_stages)
+    if diffs:
+        raise ConfigError(f"resuming from {path}: the config differs from the checkpoint's in fields that cannot "
+                          f"change mid-run: {'; '.join(diffs)} (use the original values, or start a new run.dir; the "
+                          f"fields that may change are listed in README 'Resuming')")

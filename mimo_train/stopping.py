@@ -1,0 +1,38 @@
+"""Stopping a run cleanly on a signal: SIGTERM (Slurm preemption, `kill`), SIGUSR1 (Slurm's warning before the time
+limit) and SIGINT (Ctrl-C) ask the trainer to checkpoint at the next step boundary and exit 0. A second SIGINT
+means "now": it raises KeyboardInterrupt at once (the trainer's cleanup still stops the data workers)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopRequest:
+    """Installed for the duration of a `with` block; `requested` turns true on the first stop signal."""
+
+    def __init__(self, announce: bool = True):
+        self.requested = False
+        self.announce = announce
+        self._interrupts = 0
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt("second Ctrl-C: stopping now, without a checkpoint")
+            if self.announce:
+                print("Ctrl-C: checkpointing at the end of this step, then exiting (press Ctrl-C again to exit now, "
+                      "without a checkpoint)", file=sys.stderr, flush=True)
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
