@@ -36,8 +36,10 @@ from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
 from parallel import comm
-from parallel.data_parallel import ShardedAdamW, sync_gradients
+from parallel.data_parallel import ShardedAdamW, fill_missing_gradients, sync_gradients
+from parallel.device import resolve_device, to_device, use_device
 from parallel.initialize import materialize
+from parallel.mixed_precision import DTYPES, MainGradients, cast_parameters
 from parallel.parallelize import build_parallel_model
 from parallel.state_dict import copy_loaded_model_state, model_state, optimizer_state
 from parallel.topology import build_topology, init_distributed, validate_layout
@@ -79,7 +81,9 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
         self.cfg = cfg
         t = cfg.train
-        init_distributed()
+        init_distributed(device=t.device)
+        self.device = resolve_device(t.device)
+        use_device(self.device)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_logger = self.rank == 0
@@ -106,6 +110,7 @@ class Trainer:
         self._stop_requested = False
         self._flops_per_token: dict[int, float] = {}
         self.data = None
+        self.main_grads: MainGradients | None = None
         self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, self.rank, async_save=t.async_save, keep_last=t.keep_last,
                                            keep_every=t.keep_every, distributed=self.world > 1)
 
@@ -142,9 +147,16 @@ class Trainer:
         with torch.device("meta"):  # no rank ever holds the whole model
             self.model = MiMoForCausalLM(copy.deepcopy(cfg.model), backend=p.backend)
         self.layouts, self.pipeline = build_parallel_model(self.model, self.topo, p)
-        materialize(self.model, self.layouts, seed=t.seed)
+        materialize(self.model, self.layouts, seed=t.seed, device=self.device)
+        # Mixed precision: the optimizer takes its fp32 masters from the fp32 initial values, then the model
+        # becomes bf16 and gets fp32 gradient accumulators.
+        low_precision = t.precision != "fp32"
         self.optimizer = ShardedAdamW(self.model, self.layouts, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_eps, weight_decay=t.weight_decay)
+                                      eps=t.adam_eps, weight_decay=t.weight_decay, master_weights=low_precision)
+        self.main_grads = None
+        if low_precision:
+            cast_parameters(self.model, DTYPES[t.precision])
+            self.main_grads = MainGradients(self.model)
 
         from data_pipeline import GlobalSampleStream
 
@@ -250,18 +262,22 @@ class Trainer:
         margins = [m.gate.min_margin for m in self.model.moe_layers() if m.gate.min_margin is not None]
         for m in self.model.moe_layers():
             m.gate.min_margin = None
-        value = torch.stack(margins).min().reshape(1).double() if margins else torch.full((1,), math.inf,
-                                                                                           dtype=torch.float64)
+        value = torch.stack(margins).min().reshape(1).double() if margins else torch.full(
+            (1,), math.inf, dtype=torch.float64, device=self.device)
         if self.topo.distributed:
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return value.item()
+
+    def _micro_batches_on_device(self, gbs: int, mbs: int) -> list[dict]:
+        """This rank's micro-batches of the step, on the training device."""
+        return [to_device(mb, self.device) for mb in self.data.micro_batches(self.step, gbs, mbs)]
 
     def train_step(self) -> dict[str, Any]:
         t, topo, stage = self.cfg.train, self.topo, self.stage
         step_start = time.time()
         gbs = self.batches.global_batch_size(self.samples - self.stage_start.samples)
         mbs = stage.micro_batch_size
-        micro_batches = self.data.micro_batches(self.step, gbs, mbs)
+        micro_batches = self._micro_batches_on_device(gbs, mbs)
         digest = self.data.global_batch_digest(self.step, gbs)
         local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
         # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
@@ -275,14 +291,13 @@ class Trainer:
         n_mtp = len(mtp_tokens)
         spec = LossSpec(stage.mtp_loss_weight, stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
         run = self.pipeline.forward_backward if self.pipeline is not None else partial(forward_backward, self.model)
-        result = run(micro_batches, spec, bf16=t.bf16)
+        result = run(micro_batches, spec)
         parts, expert_counts = result.parts, result.expert_counts
         router_margin = self._take_router_margin()
 
-        # Experts that received no token have no gradient; give them zeros so every rank and step treats them alike.
-        for p in self.model.parameters():
-            if p.grad is None and p.requires_grad:
-                p.grad = torch.zeros_like(p)
+        if self.main_grads is not None:
+            self.main_grads.fold_remaining()
+        fill_missing_gradients(self.model)
         sync_gradients(self.model, self.layouts)
         grad_norm = self.optimizer.grad_norm()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
@@ -291,7 +306,8 @@ class Trainer:
         if expert_counts is not None:
             expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
         # A non-finite loss or gradient skips the update (every rank decides alike).
-        bad = torch.tensor([0.0 if math.isfinite(grad_norm) and bool(torch.isfinite(parts).all()) else 1.0])
+        bad = torch.tensor([0.0 if math.isfinite(grad_norm) and bool(torch.isfinite(parts).all()) else 1.0],
+                           device=self.device)
         if topo.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         skipped = bool(bad.item())
@@ -340,9 +356,9 @@ class Trainer:
             "batch_digest": digest,
             "router/min_margin": router_margin,
         }
-        if torch.cuda.is_available():
-            record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
-            record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.device.type == "cuda":
+            record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
+            record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if expert_counts is not None:
             record.update(expert_load_summary(expert_counts))
             norms = [moe.gate.e_score_correction_bias.norm().item() for moe in self.model.moe_layers()]
@@ -356,7 +372,7 @@ class Trainer:
 
     def _agreed_stop(self) -> bool:
         """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

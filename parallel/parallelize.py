@@ -163,7 +163,7 @@ def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p):
     layouts = parallelize(model, topo)
     if local is None:
         return layouts, None
-    tied = tie_group(topo, p, {})  # collective: every rank creates every pair group
+    tied = tie_group(topo, p, model.cfg)
     name = "model.embed_tokens.weight"
     if tied is not None and name in layouts:
         holds_first = any(stage == 0 for stage, _ in local)
