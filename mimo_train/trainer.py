@@ -51,6 +51,10 @@ EXIT_RELAUNCH = 3
 EXIT_DIVERGED = 4
 
 
+def _bias_step(c: torch.Tensor, rate: float) -> torch.Tensor:
+    return rate * torch.sign(c.mean() - c)
+
+
 def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> None:
     """DeepSeek-V3's aux-loss-free balancing: move each expert's selection bias by `rate` towards the mean load.
     `counts` must already be summed over every rank that routed distinct tokens."""
@@ -59,7 +63,19 @@ def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float
     moe_layers = model.moe_layers()
     with torch.no_grad():
         for moe, c in zip(moe_layers, counts.float()):
-            moe.gate.e_score_correction_bias += rate * torch.sign(c.mean() - c)
+            moe.gate.e_score_correction_bias += _bias_step(c, rate)
+
+
+def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """[2, layers] on the device: each MoE layer's correction-bias norm now and after `update_expert_bias`
+    (computed before the update, so both are read with the step's other values in one host sync)."""
+    with torch.no_grad():
+        now, after = [], []
+        for moe, c in zip(model.moe_layers(), counts.float()):
+            b = moe.gate.e_score_correction_bias
+            now.append(b.norm())
+            after.append((b + _bias_step(c, rate)).norm() if rate else b.norm())
+        return torch.stack([torch.stack(now), torch.stack(after)]).double()
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
@@ -255,7 +271,7 @@ class Trainer:
             self._flops_per_token[seq_len] = float(model_report(self.cfg.model, seq_len)["flops_per_token"]["total"])
         return self._flops_per_token[seq_len]
 
-    def _take_router_margin(self) -> float:
+    def _take_router_margin(self) -> torch.Tensor:
         """The smallest gap between the k-th and (k+1)-th biased router score of any token in this step, over all
         ranks. A margin near float rounding (~1e-7) means two parallel layouts may route that token differently.
         (Under pipeline parallelism the first step also sees the schedule's shape-inference pass.)"""
@@ -266,7 +282,7 @@ class Trainer:
             (1,), math.inf, dtype=torch.float64, device=self.device)
         if self.topo.distributed:
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return value.item()
+        return value
 
     def _micro_batches_on_device(self, gbs: int, mbs: int) -> list[dict]:
         """This rank's micro-batches of the step, on the training device."""
@@ -299,18 +315,25 @@ class Trainer:
             self.main_grads.fold_remaining()
         fill_missing_gradients(self.model)
         sync_gradients(self.model, self.layouts)
-        grad_norm = self.optimizer.grad_norm()
+        grad_norm_sq = self.optimizer.grad_norm_squared()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
         parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares
         parts[1] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
         if expert_counts is not None:
             expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
         # A non-finite loss or gradient skips the update (every rank decides alike).
-        bad = torch.tensor([0.0 if math.isfinite(grad_norm) and bool(torch.isfinite(parts).all()) else 1.0],
-                           device=self.device)
+        bad = (~torch.isfinite(grad_norm_sq) | ~torch.isfinite(parts).all()).double().reshape(1)
         if topo.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        skipped = bool(bad.item())
+        bias_norms = (expert_bias_norms(self.model, expert_counts, stage.expert_bias_update_rate)
+                      if expert_counts is not None else None)
+        # The step's one host sync: everything the update decision and the metrics need, read at once.
+        values = [bad, grad_norm_sq.reshape(1), router_margin.reshape(1), parts]
+        if expert_counts is not None:
+            values += [bias_norms.flatten(), expert_counts.flatten().double()]
+        host = torch.cat(values).tolist()
+        skipped, grad_norm, router_margin = bool(host[0]), math.sqrt(host[1]), host[2]
+        lm_loss, aux_loss, mtp_depths = host[3], host[4], host[5:5 + n_mtp]
         if not skipped:
             self.optimizer.clip(t.clip_grad, grad_norm)
             self.optimizer.step()
@@ -325,8 +348,6 @@ class Trainer:
         self.tokens += step_tokens
         self.samples += gbs
         self.step += 1
-        lm_loss, aux_loss = parts[0].item(), parts[1].item()
-        mtp_depths = parts[2:].tolist()
         mtp_mean = sum(mtp_depths) / n_mtp if n_mtp else 0.0
         seconds = max(time.time() - step_start, 1e-9)
         tflops = self._model_flops_per_token(stage.seq_len) * step_tokens / seconds / self.world / 1e12
@@ -360,8 +381,10 @@ class Trainer:
             record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
             record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if expert_counts is not None:
-            record.update(expert_load_summary(expert_counts))
-            norms = [moe.gate.e_score_correction_bias.norm().item() for moe in self.model.moe_layers()]
+            n_layers, rest = bias_norms.shape[1], host[5 + n_mtp:]
+            norms = rest[n_layers:2 * n_layers] if not skipped else rest[:n_layers]
+            counts_on_host = torch.tensor(rest[2 * n_layers:], dtype=torch.int64).view(expert_counts.shape)
+            record.update(expert_load_summary(counts_on_host))
             record["expert_bias_norm"] = max(norms) if norms else 0.0
             record["expert_bias_norm_per_layer"] = [round(v, 6) for v in norms]
         return record

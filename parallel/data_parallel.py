@@ -14,7 +14,6 @@ over each parameter's group (the loss is already normalised by global token coun
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
@@ -101,8 +100,9 @@ class ShardedAdamW:
         for g in self.inner.param_groups:
             g["lr"] = lr
 
-    def grad_norm(self) -> float:
-        """The global L2 norm: each gradient element is counted once, on its owner, then summed over all ranks."""
+    def grad_norm_squared(self) -> torch.Tensor:
+        """The squared global L2 norm (float64, on the device: no host sync): each gradient element is counted
+        once, on its owner, then summed over all ranks."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for n in self.owned:
             g = gradient(self.params[n])
@@ -110,7 +110,7 @@ class ShardedAdamW:
                 sq += g.double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)
-        return math.sqrt(sq.item())
+        return sq
 
     def clip(self, max_norm: float, norm: float) -> None:
         if max_norm > 0 and norm > max_norm:

@@ -129,3 +129,28 @@ def test_deprecated_bf16_flag_means_precision_bf16():
     with pytest.warns(FutureWarning, match="train.bf16 is deprecated: use train.precision=bf16"):
         cfg = load_config("configs/train/tiny_cpu.yaml", ["train.bf16=true"])
     assert cfg.train.precision == "bf16"
+
+
+def test_host_syncs_per_step_single_process(tmp_path):
+    """At most one host sync per MoE layer and micro-batch, one per micro-batch (the document-boundary check) and
+    one per step (before this change: 56 per step here; now 25)."""
+    from tests.host_syncs import count_host_syncs, sync_budget
+
+    trainer = Trainer(load_config("configs/train/tiny_cpu.yaml", [*BF16, f"run.dir={tmp_path}"]), resume="none")
+    trainer.train_step()
+    with count_host_syncs(trainer) as counter:
+        trainer.train_step()
+    trainer.data.close()
+    print(f"host syncs per step, one process: {counter.count}")
+    assert counter.count <= sync_budget(trainer, micro_batches=2)
+
+
+def test_host_syncs_per_step_under_expert_parallelism(layout_runs):
+    """The same budget per rank under EP2 (the all-to-all split sizes are read once per MoE layer and
+    micro-batch), every step (before this change: 114 per step and rank; now 25)."""
+    root, _ = layout_runs
+    for rank in range(2):
+        record = json.loads((root / "EP2" / f"host_syncs_rank{rank}.json").read_text())
+        print(f"EP2 rank {rank}: host syncs per step {record['per_step']} (budget {record['budget']})")
+        assert len(record["per_step"]) == STEPS
+        assert max(record["per_step"]) <= record["budget"]
