@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,12 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     pp_virtual: int = 1
     pp_layout: list[int] = field(default_factory=list)
+    # Activation recompute: "none", "selective" (attention cores and SwiGLU intermediates) or "full" (each decoder
+    # layer keeps only its input). See parallel/recompute.py.
+    recompute: str = "none"
 
     PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+    RECOMPUTE = ("none", "selective", "full")
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.dp == "auto" or (isinstance(self.dp, int) and not isinstance(self.dp, bool) and self.dp >= 1),
@@ -179,6 +184,8 @@ class ParallelConfig:
             _require(all(n >= 0 for n in self.pp_layout), f"{prefix}.pp_layout", "layer counts must be >= 0",
                      self.pp_layout)
         _require(self.backend in ("torch", "te"), f"{prefix}.backend", "must be 'torch' or 'te'", self.backend)
+        _require(self.recompute in self.RECOMPUTE, f"{prefix}.recompute", f"must be one of {', '.join(self.RECOMPUTE)}",
+                 self.recompute)
 
     @property
     def world_size(self) -> int:
@@ -325,7 +332,12 @@ class TrainConfig:
     mtp_loss_weight: float = 0.3
     aux_loss_coeff: float = 1e-5
     expert_bias_update_rate: float = 1e-3
-    bf16: bool = False
+    # Where and in which precision to train. device: "auto" (cuda when available), "cpu" or "cuda" (each rank
+    # uses cuda:LOCAL_RANK). precision: "fp32", or "bf16": bf16 weights and activations, fp32 gradients
+    # accumulated over micro-batches, fp32 master weights and Adam moments in each rank's optimizer shard.
+    device: str = "auto"
+    precision: str = "fp32"
+    bf16: bool | None = None  # deprecated alias: bf16=true means precision=bf16
     log_interval: int = 1
     save_interval: int = 0  # checkpoint every N steps (0: only at stage boundaries and when the run ends)
     # Checkpoints: asynchronous writes (training goes on while DCP writes; published when complete), retention.
@@ -341,8 +353,21 @@ class TrainConfig:
     # Staged schedule (spec section 2): stages switch at token counts. Empty: one stage from the fields above.
     stages: list[StageConfig] = field(default_factory=list)
 
+    DEVICES = ("auto", "cpu", "cuda")
+    PRECISIONS = ("fp32", "bf16")
+
     def validate(self, prefix: str = "train") -> None:
         p = prefix
+        if self.bf16 is not None:
+            _require(not (self.bf16 is False and self.precision == "bf16"), f"{p}.bf16",
+                     f"conflicts with {p}.precision=bf16; drop the deprecated {p}.bf16", self.bf16)
+            warnings.warn(f"{p}.bf16 is deprecated: use {p}.precision=bf16 (or fp32)", FutureWarning, stacklevel=2)
+            if self.bf16:
+                self.precision = "bf16"
+            self.bf16 = None
+        _require(self.device in self.DEVICES, f"{p}.device", f"must be one of {', '.join(self.DEVICES)}", self.device)
+        _require(self.precision in self.PRECISIONS, f"{p}.precision", f"must be one of {', '.join(self.PRECISIONS)}",
+                 self.precision)
         for name in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval"):
             _require(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1", getattr(self, name))
         _require(self.global_batch_size % self.micro_batch_size == 0, f"{p}.global_batch_size",

@@ -3,6 +3,10 @@
 loss = LM + w_mtp * mean over MTP depths + alpha * sequence-balance loss, where every term is normalised by a
 count over the whole global batch (`GlobalCounts`), so micro-batch and data-parallel splits do not change it.
 The pipeline-parallel schedule provides the same function over its stages (see parallel/pipeline.py).
+
+Precision comes from the weights, not from autocast: under `train.precision=bf16` the model's parameters are
+bf16, so activations are bf16, and the model itself computes its fp32 islands (router, sink softmax, RMSNorm
+statistics, cross-entropy, balance loss). The loss parts stay on the device; the trainer reads them once per step.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class LossSpec:
 
 @dataclass
 class StepResult:
-    parts: torch.Tensor  # float64 [2 + depths]: this rank's share of (lm, aux, mtp depth 1..K)
+    parts: torch.Tensor  # float64 [2 + depths] on the device: this rank's share of (lm, aux, mtp depth 1..K)
     expert_counts: torch.Tensor | None  # [moe layers, E] tokens this rank routed to each expert
 
 
@@ -33,16 +37,19 @@ def micro_batch_loss(out, spec: LossSpec):
     mtp_terms = [s / n for s, n in zip(out.mtp_loss_sums, spec.mtp_tokens)]
     mtp = torch.stack(mtp_terms).mean() if mtp_terms else lm.new_zeros(())
     aux = spec.aux_coeff * out.aux_loss_sum / spec.global_batch_size
-    parts = torch.tensor([lm.item(), aux.item(), *[m.item() for m in mtp_terms]], dtype=torch.float64)
+    parts = torch.stack([lm, aux, *mtp_terms]).detach().double()  # no host sync: read once per step
     return lm + spec.mtp_weight * mtp + aux, parts
 
 
-def forward_backward(model, micro_batches: list[dict], spec: LossSpec, bf16: bool = False) -> StepResult:
-    parts = torch.zeros(2 + len(spec.mtp_tokens), dtype=torch.float64)
+def empty_parts(spec: LossSpec, device) -> torch.Tensor:
+    return torch.zeros(2 + len(spec.mtp_tokens), dtype=torch.float64, device=device)
+
+
+def forward_backward(model, micro_batches: list[dict], spec: LossSpec) -> StepResult:
+    parts = empty_parts(spec, spec.lm_tokens.device)
     expert_counts = None
     for mb in micro_batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"], return_logits=False)
+        out = model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"], return_logits=False)
         loss, mb_parts = micro_batch_loss(out, spec)
         loss.backward()
         parts += mb_parts

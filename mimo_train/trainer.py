@@ -39,8 +39,10 @@ from mimo_train.preflight import check_resume_config
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
 from mimo_train.stopping import StopRequest
 from parallel import comm
-from parallel.data_parallel import ShardedAdamW, sync_gradients
+from parallel.data_parallel import ShardedAdamW, fill_missing_gradients, sync_gradients
+from parallel.device import resolve_device, use_device
 from parallel.initialize import materialize
+from parallel.mixed_precision import DTYPES, MainGradients, cast_parameters
 from parallel.parallelize import build_parallel_model
 from parallel.state_dict import copy_loaded_model_state, model_state, optimizer_state
 from parallel.topology import build_topology, init_distributed, validate_layout
@@ -52,6 +54,10 @@ EXIT_RELAUNCH = 3
 EXIT_DIVERGED = 4
 
 
+def _bias_step(c: torch.Tensor, rate: float) -> torch.Tensor:
+    return rate * torch.sign(c.mean() - c)
+
+
 def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> None:
     """DeepSeek-V3's aux-loss-free balancing: move each expert's selection bias by `rate` towards the mean load.
     `counts` must already be summed over every rank that routed distinct tokens."""
@@ -60,7 +66,19 @@ def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float
     moe_layers = model.moe_layers()
     with torch.no_grad():
         for moe, c in zip(moe_layers, counts.float()):
-            moe.gate.e_score_correction_bias += rate * torch.sign(c.mean() - c)
+            moe.gate.e_score_correction_bias += _bias_step(c, rate)
+
+
+def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """[2, layers] on the device: each MoE layer's correction-bias norm now and after `update_expert_bias`
+    (computed before the update, so both are read with the step's other values in one host sync)."""
+    with torch.no_grad():
+        now, after = [], []
+        for moe, c in zip(model.moe_layers(), counts.float()):
+            b = moe.gate.e_score_correction_bias
+            now.append(b.norm())
+            after.append((b + _bias_step(c, rate)).norm() if rate else b.norm())
+        return torch.stack([torch.stack(now), torch.stack(after)]).double()
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
@@ -82,7 +100,9 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto") -> None:
         self.cfg = cfg
         t = cfg.train
-        init_distributed(timeout_s=cfg.run.process_group_timeout_s)
+        init_distributed(timeout_s=cfg.run.process_group_timeout_s, device=t.device)
+        self.device = resolve_device(t.device)
+        use_device(self.device)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_logger = self.rank == 0
@@ -116,6 +136,7 @@ class Trainer:
         self._signals = StopRequest(announce=False)
         self._flops_per_token: dict[int, float] = {}
         self.data = None
+        self.main_grads: MainGradients | None = None
         self.ckpt = ckpt.CheckpointManager(self.ckpt_dir, self.rank, async_save=t.async_save, keep_last=t.keep_last,
                                            keep_every=t.keep_every, distributed=self.world > 1)
 
@@ -171,9 +192,16 @@ class Trainer:
         with torch.device("meta"):  # no rank ever holds the whole model
             self.model = MiMoForCausalLM(copy.deepcopy(cfg.model), backend=p.backend)
         self.layouts, self.pipeline = build_parallel_model(self.model, self.topo, p)
-        materialize(self.model, self.layouts, seed=t.seed)
+        materialize(self.model, self.layouts, seed=t.seed, device=self.device)
+        # Mixed precision: the optimizer takes its fp32 masters from the fp32 initial values, then the model
+        # becomes bf16 and gets fp32 gradient accumulators.
+        low_precision = t.precision != "fp32"
         self.optimizer = ShardedAdamW(self.model, self.layouts, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_eps, weight_decay=t.weight_decay)
+                                      eps=t.adam_eps, weight_decay=t.weight_decay, master_weights=low_precision)
+        self.main_grads = None
+        if low_precision:
+            cast_parameters(self.model, DTYPES[t.precision])
+            self.main_grads = MainGradients(self.model)
 
         from data_pipeline import GlobalSampleStream
 
@@ -273,25 +301,25 @@ class Trainer:
             self._flops_per_token[seq_len] = float(model_report(self.cfg.model, seq_len)["flops_per_token"]["total"])
         return self._flops_per_token[seq_len]
 
-    def _take_router_margin(self) -> float:
+    def _take_router_margin(self) -> torch.Tensor:
         """The smallest gap between the k-th and (k+1)-th biased router score of any token in this step, over all
         ranks. A margin near float rounding (~1e-7) means two parallel layouts may route that token differently.
         (Under pipeline parallelism the first step also sees the schedule's shape-inference pass.)"""
         margins = [m.gate.min_margin for m in self.model.moe_layers() if m.gate.min_margin is not None]
         for m in self.model.moe_layers():
             m.gate.min_margin = None
-        value = torch.stack(margins).min().reshape(1).double() if margins else torch.full((1,), math.inf,
-                                                                                           dtype=torch.float64)
+        value = torch.stack(margins).min().reshape(1).double() if margins else torch.full(
+            (1,), math.inf, dtype=torch.float64, device=self.device)
         if self.topo.distributed:
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return value.item()
+        return value
 
     def _batch_digest(self, gbs: int) -> str:
         """The global batch's digest, identical for every layout: each data-parallel rank hashes only the samples
         it read, and the per-sample digests (32 bytes each) are gathered in rank order, which is sample order."""
         from data_pipeline import combine_sample_digests
 
-        local = self.data.local_sample_digests(self.step, gbs)
+        local = self.data.local_sample_digests(self.step, gbs).to(self.device)  # NCCL gathers device tensors
         group = self.topo.group("dp")
         if comm.group_size(group) > 1:
             parts = [torch.empty_like(local) for _ in range(comm.group_size(group))]
@@ -304,7 +332,7 @@ class Trainer:
         step_start = time.time()
         gbs = self.batches.global_batch_size(self.samples - self.stage_start.samples)
         mbs = stage.micro_batch_size
-        micro_batches = self.data.micro_batches(self.step, gbs, mbs)
+        micro_batches = self.data.micro_batches(self.step, gbs, mbs, device=self.device)
         digest = self._batch_digest(gbs)
         local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
         # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
@@ -318,26 +346,33 @@ class Trainer:
         n_mtp = len(mtp_tokens)
         spec = LossSpec(stage.mtp_loss_weight, stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
         run = self.pipeline.forward_backward if self.pipeline is not None else partial(forward_backward, self.model)
-        result = run(micro_batches, spec, bf16=t.bf16)
+        result = run(micro_batches, spec)
         parts, expert_counts = result.parts, result.expert_counts
         router_margin = self._take_router_margin()
 
-        # Experts that received no token have no gradient; give them zeros so every rank and step treats them alike.
-        for p in self.model.parameters():
-            if p.grad is None and p.requires_grad:
-                p.grad = torch.zeros_like(p)
+        if self.main_grads is not None:
+            self.main_grads.fold_remaining()
+        fill_missing_gradients(self.model)
         sync_gradients(self.model, self.layouts)
-        grad_norm = self.optimizer.grad_norm()
+        grad_norm_sq = self.optimizer.grad_norm_squared()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
         parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares
         parts[1] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
         if expert_counts is not None:
             expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
         # A non-finite loss or gradient skips the update (every rank decides alike).
-        bad = torch.tensor([0.0 if math.isfinite(grad_norm) and bool(torch.isfinite(parts).all()) else 1.0])
+        bad = (~torch.isfinite(grad_norm_sq) | ~torch.isfinite(parts).all()).double().reshape(1)
         if topo.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        skipped = bool(bad.item())
+        bias_norms = (expert_bias_norms(self.model, expert_counts, stage.expert_bias_update_rate)
+                      if expert_counts is not None else None)
+        # The step's one host sync: everything the update decision and the metrics need, read at once.
+        values = [bad, grad_norm_sq.reshape(1), router_margin.reshape(1), parts]
+        if expert_counts is not None:
+            values += [bias_norms.flatten(), expert_counts.flatten().double()]
+        host = torch.cat(values).tolist()
+        skipped, grad_norm, router_margin = bool(host[0]), math.sqrt(host[1]), host[2]
+        lm_loss, aux_loss, mtp_depths = host[3], host[4], host[5:5 + n_mtp]
         if not skipped:
             self.optimizer.clip(t.clip_grad, grad_norm)
             self.optimizer.step()
@@ -352,8 +387,6 @@ class Trainer:
         self.tokens += step_tokens
         self.samples += gbs
         self.step += 1
-        lm_loss, aux_loss = parts[0].item(), parts[1].item()
-        mtp_depths = parts[2:].tolist()
         mtp_mean = sum(mtp_depths) / n_mtp if n_mtp else 0.0
         seconds = max(time.time() - step_start, 1e-9)
         tflops = self._model_flops_per_token(stage.seq_len) * step_tokens / seconds / self.world / 1e12
@@ -383,12 +416,14 @@ class Trainer:
             "batch_digest": digest,
             "router/min_margin": router_margin,
         }
-        if torch.cuda.is_available():
-            record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
-            record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.device.type == "cuda":
+            record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
+            record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if expert_counts is not None:
-            record.update(expert_load_summary(expert_counts))
-            norms = [moe.gate.e_score_correction_bias.norm().item() for moe in self.model.moe_layers()]
+            n_layers, rest = bias_norms.shape[1], host[5 + n_mtp:]
+            norms = rest[n_layers:2 * n_layers] if not skipped else rest[:n_layers]
+            counts_on_host = torch.tensor(rest[2 * n_layers:], dtype=torch.int64).view(expert_counts.shape)
+            record.update(expert_load_summary(counts_on_host))
             record["expert_bias_norm"] = max(norms) if norms else 0.0
             record["expert_bias_norm_per_layer"] = [round(v, 6) for v in norms]
         return record
@@ -403,7 +438,7 @@ class Trainer:
     def _agreed_stop(self) -> bool:
         """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
         self._stop_requested = self._stop_requested or self._signals.requested
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -37,17 +37,20 @@ class ExpertParallelMoE(MoE):
         # How many rows this rank sends to each (destination rank, its local expert), and receives back.
         send = tokens_per_expert.view(ep, E_local)
         recv = comm.all_to_all_counts(send.reshape(-1), self.ep_group).view(ep, E_local)
-        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        # Every split size this layer needs, read to the host at once: its one device-to-host sync.
+        sizes = torch.cat([send.sum(1), recv.sum(1), recv.sum(0), recv.reshape(-1)]).tolist()
+        send_splits, recv_splits, per_local_expert = sizes[:ep], sizes[ep:2 * ep], sizes[2 * ep:2 * ep + E_local]
+        by_source = sizes[2 * ep + E_local:]  # received rows are ordered (source rank, expert)
         received = comm.all_to_all(rows, recv_splits, send_splits, self.ep_group)
 
-        # Received rows are ordered (source rank, expert); the grouped GEMM wants (expert, source rank).
-        by_source = recv.reshape(-1).tolist()
-        chunks = list(torch.arange(received.shape[0]).split(by_source))
+        # The grouped GEMM wants the received rows ordered (expert, source rank).
+        device = received.device
+        chunks = list(torch.arange(received.shape[0], device=device).split(by_source))
         to_expert_major = torch.cat([chunks[s * E_local + e] for e in range(E_local) for s in range(ep)]
-                                    or [torch.zeros(0, dtype=torch.long)])
-        out = self.experts(received[to_expert_major], recv.sum(0).tolist())
+                                    or [torch.zeros(0, dtype=torch.long, device=device)])
+        out = self.experts(received[to_expert_major], per_local_expert)
         back = torch.empty_like(to_expert_major)
-        back[to_expert_major] = torch.arange(to_expert_major.numel())
+        back[to_expert_major] = torch.arange(to_expert_major.numel(), device=device)
         return comm.all_to_all(out[back], send_splits, recv_splits, self.ep_group)
 
     def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
-from mimo_train.forward_backward import LossSpec, StepResult, micro_batch_loss
+from mimo_train.forward_backward import LossSpec, StepResult, empty_parts, micro_batch_loss
 
 SCHEDULES = {
     "1f1b": "Schedule1F1B",
@@ -60,13 +60,14 @@ class _AttachLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, loss):
+        ctx.loss_dtype = loss.dtype
         # A copy, not the input itself: a returned input becomes a view, and the zero-bubble schedules detach
         # stage outputs in place, which views do not allow.
         return hidden.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, torch.ones((), dtype=grad.dtype)
+        return grad, torch.ones((), dtype=ctx.loss_dtype, device=grad.device)
 
 
 class StageModule(nn.Module):
@@ -116,8 +117,8 @@ class StageModule(nn.Module):
         else:
             aux = torch.stack(aux_terms).sum() if aux_terms else x.new_zeros(())
             aux = self.spec.aux_coeff * aux / self.spec.global_batch_size
-            parts = torch.zeros(2 + len(self.spec.mtp_tokens), dtype=torch.float64)
-            parts[1] = aux.item()
+            parts = empty_parts(self.spec, x.device)
+            parts[1] = aux.detach()
             loss = _AttachLoss.apply(x, aux) if aux_terms else x  # the stage output, carrying its aux loss
         self.records[input_ids.data_ptr()] = (parts, torch.stack(counts) if counts else None)
         return loss
@@ -151,6 +152,7 @@ class PipelineRunner:
         self.modules = [StageModule(model, ls, s == 0, s == self.n_stages - 1) for s, ls in local_stages]
         self.topo, self.p = topo, p
         self.hidden_size = model.cfg.hidden_size
+        self.model = [model]  # not a submodule
         self.key = None
         self.schedule = None
 
@@ -165,14 +167,16 @@ class PipelineRunner:
         if self.p.pp_schedule == "dualpipev" and n_micro < self.n_stages:
             raise ConfigError(f"parallel.pp_schedule=dualpipev needs at least {self.n_stages} micro-batches per step "
                               f"(one per stage), got {n_micro}: raise train.global_batch_size or lower micro_batch_size")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        weight = next(self.model[0].parameters())  # read now: the model is materialised after the runner is built
+        self.device, activation_dtype = weight.device, weight.dtype
         local_len = seq_len // self.topo.cp // self.topo.tp  # context-parallel chunks, then sequence-parallel slices
-        hidden = torch.empty(micro_batch, local_len, self.hidden_size, device="meta")
+        # Hidden states travel in the activation dtype (the weights' dtype: bf16 under train.precision=bf16).
+        hidden = torch.empty(micro_batch, local_len, self.hidden_size, device="meta", dtype=activation_dtype)
         loss = torch.empty((), device="meta")
         stages = []
         for m, (s, _) in zip(self.modules, self.local_stages):
             stages.append(pipelining.PipelineStage(
-                m, s, self.n_stages, device, group=self.topo.group("pp"),
+                m, s, self.n_stages, self.device, group=self.topo.group("pp"),
                 input_args=None if s == 0 else (hidden,), output_args=loss if s == self.n_stages - 1 else hidden))
         schedule_cls = getattr(pipelining, SCHEDULES[self.p.pp_schedule])
         self.schedule = schedule_cls(stages[0] if self.p.pp_schedule == "1f1b" else stages, n_microbatches=n_micro,
@@ -180,33 +184,30 @@ class PipelineRunner:
         self.key = key
         return self.schedule
 
-    def forward_backward(self, micro_batches: list[dict], spec: LossSpec, bf16: bool = False) -> StepResult:
+    def forward_backward(self, micro_batches: list[dict], spec: LossSpec) -> StepResult:
         for m in self.modules:
             m.spec = spec
             m.reset()
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in ("input_ids", "position_ids", "labels")}
         mb, seq_len = micro_batches[0]["input_ids"].shape
         schedule = self._schedule(len(micro_batches), mb, seq_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            # The last stage needs a target to run its loss function; the loss is already the stage's output.
-            schedule.step(**batch, target=batch["labels"], return_outputs=False)
-        parts = sum((m.parts for m in self.modules if m.parts is not None),
-                    torch.zeros(2 + len(spec.mtp_tokens), dtype=torch.float64))
+        # The last stage needs a target to run its loss function; the loss is already the stage's output.
+        schedule.step(**batch, target=batch["labels"], return_outputs=False)
+        parts = sum((m.parts for m in self.modules if m.parts is not None), empty_parts(spec, self.device))
         counts = [m.expert_counts for m in self.modules if m.expert_counts is not None]
         return StepResult(parts, torch.cat(counts) if counts else None)
 
 
-def tie_group(topo, p: ParallelConfig, cache: dict):
-    """The ranks holding the first stage's and the last stage's copy of the embedding (same dp/cp/tp place)."""
-    if "embed" in cache:
-        return cache["embed"]
+def tie_group(topo, p: ParallelConfig, model: ModelConfig):
+    """The ranks holding the first stage's and the last stage's copy of the embedding (same dp/cp/tp place), or
+    None for every rank when there is no second copy: without MTP the last stage does not keep the embedding, and
+    when both stages sit on one rank (a V) they share one parameter. (Collective: every rank creates every pair.)"""
     last_rank = stage_ranks(p)[-1]
     mine = None
-    if last_rank != 0:
+    if last_rank != 0 and model.mtp.num_blocks > 0:
         grid = torch.arange(topo.world_size).view(p.pp, p.dp, p.cp, p.tp)
         for first, last in zip(grid[0].reshape(-1).tolist(), grid[last_rank].reshape(-1).tolist()):
             g = dist.new_group([first, last])
             if topo.rank in (first, last):
                 mine = g
-    cache["embed"] = mine
     return mine

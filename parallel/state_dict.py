@@ -15,6 +15,7 @@ from parallel.topology import Topology
 
 OPTIM_PREFIX = "optim."
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+MASTER_KEY = "master"  # the fp32 master weight of a bf16 run's parameter
 
 
 def _mesh_for(layout: ParamLayout, topo: Topology):
@@ -41,10 +42,11 @@ def model_state(model: torch.nn.Module, layouts: dict[str, ParamLayout], topo: T
 
 
 def optimizer_state(opt, layouts: dict[str, ParamLayout], topo: Topology, create: bool = False) -> dict:
-    """The Adam state of the parameters this rank owns. With `create`, empty state is made first (to load into)."""
+    """The Adam state (and, in bf16 runs, the fp32 master weights) of the parameters this rank owns. With `create`,
+    empty state is made first (to load into)."""
     state = {}
     for name in opt.owned:
-        p = opt.params[name]
+        p = opt.shard_param(name)
         s = opt.inner.state[p]
         if create or not s:
             s.setdefault("step", torch.zeros((), dtype=torch.float32))
@@ -53,6 +55,8 @@ def optimizer_state(opt, layouts: dict[str, ParamLayout], topo: Topology, create
         for k in ADAM_KEYS:
             state[f"{OPTIM_PREFIX}{name}.{k}"] = globalise(s[k], layouts[name], topo)
         state[f"{OPTIM_PREFIX}{name}.step"] = s["step"]
+        if opt.masters is not None:
+            state[f"{OPTIM_PREFIX}{name}.{MASTER_KEY}"] = globalise(p, layouts[name], topo)
     return state
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from parallel.device import backend_for, resolve_device, use_device
 
 
 def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_len: int | None = None) -> None:
@@ -112,9 +113,10 @@ class Topology:
         return self.groups[key]
 
 
-def init_distributed(timeout_s: int = 120) -> tuple[int, int]:
+def init_distributed(timeout_s: int = 120, device: str = "auto") -> tuple[int, int]:
     """Join the process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) or Slurm's
-    (SLURM_PROCID, SLURM_NTASKS, with MASTER_ADDR/PORT exported by the batch script). Returns (rank, world)."""
+    (SLURM_PROCID, SLURM_NTASKS, with MASTER_ADDR/PORT exported by the batch script), on the backend of this
+    rank's device (`train.device`: NCCL for CUDA, gloo for the CPU). Returns (rank, world)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     env = os.environ
@@ -125,18 +127,25 @@ def init_distributed(timeout_s: int = 120) -> tuple[int, int]:
     world = int(env.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    rank_device = resolve_device(device)
+    use_device(rank_device)
+    dist.init_process_group(backend=backend_for(rank_device), timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def communication_device_type() -> str:
+    """The device type the default process group's backend serves: "cuda" under NCCL, "cpu" under gloo (and, for
+    other backends such as the fake one of tests, the training device's type)."""
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    if backend in ("nccl", "gloo"):
+        return "cuda" if backend == "nccl" else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _mesh(shape: tuple[int, ...], names: tuple[str, ...]):
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return init_device_mesh(device, shape, mesh_dim_names=names)
+    return init_device_mesh(communication_device_type(), shape, mesh_dim_names=names)
 
 
 def build_topology(p: ParallelConfig, model: ModelConfig, seq_len: int | None = None) -> Topology:

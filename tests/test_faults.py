@@ -34,8 +34,8 @@ def _poison_steps(monkeypatch, trainer, steps):
     """Make the loss and every gradient NaN in the given (0-based) steps."""
     real = trainer_module.forward_backward
 
-    def poisoned(model, micro_batches, spec, bf16=False):
-        result = real(model, micro_batches, spec, bf16=bf16)
+    def poisoned(model, micro_batches, spec, **kwargs):
+        result = real(model, micro_batches, spec, **kwargs)
         if trainer.step in steps:
             result.parts[0] = float("nan")
             for p in model.parameters():

@@ -76,8 +76,8 @@ def test_staged_run_switches_at_the_boundary_without_repeating_or_skipping_data(
     served = []
     original = GlobalSampleStream.micro_batches
 
-    def recording(self, step, global_batch_size, micro_batch_size):
-        batches = original(self, step, global_batch_size, micro_batch_size)
+    def recording(self, step, global_batch_size, micro_batch_size, **kwargs):
+        batches = original(self, step, global_batch_size, micro_batch_size, **kwargs)
         served.append((step, torch.cat([b["input_ids"] for b in batches])))
         return batches
 

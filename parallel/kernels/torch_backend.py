@@ -58,7 +58,9 @@ def sliding_window_attention(
     scores = scores.masked_fill(~allowed, float("-inf"))
 
     if sink is not None:
-        sink = sink.to(scores.dtype).view(1, 1, Hkv, G, 1, 1)
+        # The whole sink softmax (max, exp, sum, divide) runs in fp32, whatever the activation dtype.
+        scores = scores.float()
+        sink = sink.float().view(1, 1, Hkv, G, 1, 1)
         m = torch.maximum(scores.amax(dim=-1, keepdim=True), sink).detach()
         e = torch.exp(scores - m)
         probs = e / (e.sum(dim=-1, keepdim=True) + torch.exp(sink - m))
