@@ -146,7 +146,7 @@ def test_startup_banner_log_file_skipped_shards_and_wandb_mode_from_the_environm
     import mimo_train.trainer as trainer_module
 
     timeouts = []
-    monkeypatch.setattr(trainer_module, "init_distributed", lambda timeout_s: timeouts.append(timeout_s) or (0, 1))
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda timeout_s, **_: timeouts.append(timeout_s) or (0, 1))
     run_dir = tmp_path / "run"
     rc = cli.main(["train", "--config", str(config), "train.steps=3", "train.seq_len=64", "train.global_batch_size=2",
                    "train.micro_batch_size=2", "run.wandb_mode=disabled", f"run.dir={run_dir}",
