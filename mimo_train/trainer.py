@@ -39,7 +39,7 @@ from mimo_train.preflight import check_resume_config
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
 from mimo_train.stopping import StopRequest
 from parallel import comm
-from parallel.data_parallel import ShardedAdamW, fill_missing_gradients, sync_gradients
+from parallel.data_parallel import ShardedAdamW, fill_missing_gradients
 from parallel.device import resolve_device, use_device
 from parallel.initialize import materialize
 from parallel.mixed_precision import DTYPES, MainGradients, cast_parameters
@@ -353,7 +353,7 @@ class Trainer:
         if self.main_grads is not None:
             self.main_grads.fold_remaining()
         fill_missing_gradients(self.model)
-        sync_gradients(self.model, self.layouts)
+        self.optimizer.reduce_gradients()
         grad_norm_sq = self.optimizer.grad_norm_squared()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
         parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares
