@@ -1,0 +1,154 @@
+"""`mimo-train simulate`: the README's recommended 309B layouts built with the real code on a fake process group,
+and the planner held to what they hold and send."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mimo_train import planner as P
+from mimo_train.config import load_config
+from mimo_train.info import model_report
+from mimo_train.simulate import layer_activations, parallel_config, parse_layout, simulate, simulate_rank
+
+REPO = Path(__file__).resolve().parents[1]
+BIG = REPO / "configs/model/mimo_v2_flash.yaml"
+# The README's recommendations ("Choosing a layout"): (GPUs, GPU, seq) -> layout, as `mimo-train plan` ranks them.
+README_LAYOUTS = {
+    (64, "h200", 32768): "tp=1,pp=8,cp=8,dp=1,ep=8",
+    (512, "h100", 32768): "tp=2,pp=16,cp=4,dp=4,ep=8,pp_schedule=dualpipev,pp_virtual=2",
+    (512, "h100", 262144): "tp=4,pp=4,cp=32,dp=1,ep=128,pp_schedule=dualpipev,pp_virtual=2",
+    (2048, "h100", 32768): "tp=2,pp=8,cp=8,dp=16,ep=256,pp_schedule=dualpipev,pp_virtual=2",
+    (2048, "h100", 262144): "tp=4,pp=8,cp=32,dp=2,ep=256,pp_schedule=dualpipev,pp_virtual=2",
+}
+PREC = P.PRECISIONS["bf16"]
+
+
+@pytest.fixture(scope="module")
+def big():
+    cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
+    return cfg, P.geometry(cfg)
+
+
+def _layout(p) -> P.Layout:
+    return P.Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, pp_schedule=p.pp_schedule, pp_virtual=p.pp_virtual)
+
+
+@pytest.mark.parametrize("where", list(README_LAYOUTS), ids=lambda w: f"{w[0]}x{w[1]}-{w[2] // 1024}k")
+def test_readme_layout_builds_and_holds_what_the_plan_says(big, where):
+    """Every rank class builds; parameters and gradients equal the plan's to the byte on every rank; the shards
+    add up to the whole model exactly; no rank's memory exceeds the plan's by more than the stated tolerance."""
+    cfg, geo = big
+    gpus, gpu, seq = where
+    p = parallel_config(parse_layout(README_LAYOUTS[where]), gpus)
+    sim = simulate(cfg, p, seq, comm=False, activations=False)
+    counts = model_report(cfg)["params"]  # what `mimo-train info` prints: 308.78B + one MTP block
+    assert sim["total_params"] == geo.total_params == counts["total_with_mtp"] == counts["total"] + counts["mtp_total"]
+    L = _layout(p)
+    planned = P.plan(cfg, gpus, gpu, seq, layouts=[L])["results"][0]
+    for r in sim["ranks"]:
+        state = P.state_bytes(P.rank_units(geo, L, r["pp_rank"]), L, PREC)
+        assert r["param_bytes"] + r["buffer_bytes"] == state["params"], r["rank"]
+        assert r["grad_bytes"] == state["grads"], r["rank"]
+        held = r["param_bytes"] + r["buffer_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
+        others = planned.memory["total"] - (planned.memory["params"] + planned.memory["grads"]
+                                            + planned.memory["optimizer"])
+        assert held + others <= planned.memory["total"] * (1 + P.MEMORY_TOLERANCE), r["rank"]
+    print(f"{README_LAYOUTS[where]} at {seq}: {len(sim['ranks'])} ranks, optimizer-state balance "
+          f"{sim['optimizer_balance']:.1%}")
+
+
+@pytest.mark.xfail(strict=True, reason="the optimizer is owner-per-tensor ZeRO-1 (ties to rank 0); the even "
+                                       "element-wise sharding of issue 11 makes this pass")
+def test_optimizer_state_is_balanced_within_2_percent(big):
+    cfg, _ = big
+    p = parallel_config(parse_layout(README_LAYOUTS[(512, "h100", 32768)]), 512)
+    sim = simulate(cfg, p, 32768, comm=False, activations=False)
+    assert sim["optimizer_balance"] <= 0.02, f"{sim['optimizer_balance']:.1%}"
+
+
+def test_communication_per_kind_matches_the_plan(big):
+    """The collectives of one step, counted on the fake process group, against the planner's bytes per kind, for
+    the first stage (embedding, head and MTP in the V) and a middle stage, first and last context-parallel rank."""
+    cfg, geo = big
+    seq = 32768
+    p = parallel_config(parse_layout(README_LAYOUTS[(512, "h100", seq)]), 512)
+    L, m = _layout(p), 2**26 // seq // p.dp
+    s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    runs: dict = {}
+    for rank in (0, 31, 32):
+        sim = simulate_rank(cfg, p, rank, seq, m, "bf16", runs)
+        planned = P.rank_comm(geo, L, sim["pp_rank"], s, m, PREC, cp_rank=(rank // p.tp) % p.cp)
+        for kind, v in planned.items():
+            assert sim["comm"].get(kind, 0.0) == pytest.approx(v, rel=0.10), (rank, kind)
+        assert sim["comm"]["tp"] > 0 and sim["comm"]["ep"] > 0 and sim["comm"]["cp"] > 0
+
+
+def test_activations_per_layer_match_the_plan(big):
+    """Bytes each layer type holds after its forward, on the meta device with torch's MemTracker, against the
+    planner's model of the torch kernel backend (the one the code has), for every recompute mode implemented."""
+    cfg, geo = big
+    seq = 32768
+    p = parallel_config(parse_layout(README_LAYOUTS[(512, "h100", seq)]), 512)
+    A = P.Assumptions(kernel="torch", packed_documents=False)
+    s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    shapes = {}
+    for sh in geo.shapes:
+        shapes.setdefault(("swa" if sh.sliding else "ga") + ("_moe" if sh.moe else "_dense"), sh)
+    measured = layer_activations(cfg, p, seq, "bf16")
+    for mode, runs in measured.items():
+        assert set(runs) == set(shapes)
+        for kind, run in runs.items():
+            planned = P.layer_bytes(cfg, shapes[kind], s, PREC.act_bytes, A, mode)
+            assert planned == pytest.approx(run["saved_bytes"], rel=0.10), (mode, kind)
+            assert run["peak_bytes"] >= run["saved_bytes"]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mimo_train.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_simulate_cli_and_bad_layout():
+    tiny = "configs/model/mimo_tiny.yaml"
+    r = _cli("simulate", "--config", tiny, "--gpus", "8", "--layout", "tp=2,pp=2,dp=2,ep=2", "--seq", "256",
+             "--json", "--no-activations")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    cfg = load_config(REPO / tiny, ["model.mtp.num_blocks=1"]).model
+    assert out["total_params"] == model_report(cfg)["params"]["total_with_mtp"]
+    assert {r["pp_rank"] for r in out["ranks"]} == {0, 1}
+    assert all(r["comm"]["tp"] > 0 and r["comm"]["ep"] > 0 for r in out["ranks"])
+    bad = _cli("simulate", "--config", tiny, "--layout", "tp=2,bogus=3")
+    assert bad.returncode == 2 and "--layout: 'bogus=3' must be key=value" in bad.stderr
+    wrong = _cli("simulate", "--config", tiny, "--gpus", "4", "--layout", "tp=2,pp=4")
+    assert wrong.returncode == 2 and "must equal --gpus 4" in wrong.stderr
+
+
+def test_plan_verify_and_calibrate(tmp_path):
+    """`plan --verify` builds the top pick and marks it; `--calibrate` replaces assumptions by measured values."""
+    tiny = "configs/model/mimo_tiny.yaml"
+    cal = tmp_path / "gpu.json"
+    cal.write_text(json.dumps({"gpu": "h100", "measured": {"compute_efficiency": 0.25, "ib_gbs": 20}}))
+    args = ("plan", "--config", tiny, "--gpus", "4", "--seq", "1024", "--global-batch", "8", "--top", "2")
+    base = _cli(*args, "--json")
+    r = _cli(*args, "--json", "--verify", "--calibrate", str(cal))
+    assert base.returncode == 0 and r.returncode == 0, r.stderr[-3000:]
+    b, out = json.loads(base.stdout), json.loads(r.stdout)
+    assert out["measured"] == {"compute_efficiency": 0.25, "ib_gbs": 20.0}
+    assert out["assumptions"]["compute_efficiency"] == 0.25 and out["gpu"]["ib_gbs"] == 20.0
+    assert out["results"][0]["step_time"] > b["results"][0]["step_time"]
+    top = out["results"][0]["simulated"]
+    assert top["within_tolerance"] and top["ranks_built"] >= 1
+    assert out["results"][1]["simulated"] is None
+    text = _cli(*args, "--verify")
+    assert text.returncode == 0 and "built by simulate:" in text.stdout and " built" in text.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"measured": {"flops": 3}}))
+    r = _cli(*args, "--calibrate", str(bad))
+    assert r.returncode == 2 and "unknown measured fields ['flops']" in r.stderr
