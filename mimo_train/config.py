@@ -156,8 +156,12 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     pp_virtual: int = 1
     pp_layout: list[int] = field(default_factory=list)
+    # Activation recompute: "none", "selective" (attention cores and SwiGLU intermediates) or "full" (each decoder
+    # layer keeps only its input). See parallel/recompute.py.
+    recompute: str = "none"
 
     PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
+    RECOMPUTE = ("none", "selective", "full")
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tp", "pp", "dp", "cp", "ep", "etp", "pp_virtual"):
@@ -176,6 +180,8 @@ class ParallelConfig:
             _require(all(n >= 0 for n in self.pp_layout), f"{prefix}.pp_layout", "layer counts must be >= 0",
                      self.pp_layout)
         _require(self.backend in ("torch", "te"), f"{prefix}.backend", "must be 'torch' or 'te'", self.backend)
+        _require(self.recompute in self.RECOMPUTE, f"{prefix}.recompute", f"must be one of {', '.join(self.RECOMPUTE)}",
+                 self.recompute)
 
     @property
     def world_size(self) -> int:

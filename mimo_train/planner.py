@@ -24,8 +24,9 @@ The model is analytical, built from the code rather than from rules of thumb:
   MoE: fp32 router input and scores, the dispatched rows (top-k x tokens x hidden), the expert intermediates and
   the combined rows; the LM head's fp32 log-softmax (vocab-parallel) for the main head and each MTP block; the
   all-gathered K/V of GA layers under CP. Sequence parallelism divides the norm/residual/MoE tokens by tp.
-  Recompute: `selective` recomputes the attention core and the expert intermediates (SwiGLU), `full` keeps only
-  each layer's input. The schedule sets how many micro-batches are in flight on a rank: 1F1B pp - r on rank r,
+  Recompute (as `parallel/recompute.py` implements it): `selective` recomputes the attention core and the SwiGLU
+  intermediates (routed experts and dense FFNs), `full` keeps only each decoder layer's input, and its peak is the
+  larger of the loss backward and one recomputed layer's backward. The schedule sets how many micro-batches are in flight on a rank: 1F1B pp - r on rank r,
   interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2).
 - **Communication** per GPU per step, by kind: TP/SP all-gather + reduce-scatter (one pair per attention and
   dense FFN forward, the reverse pair backward: Megatron's fused-QKV count), EP all-to-all (dispatch + combine,
@@ -586,13 +587,19 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
         mem = state_bytes(rank_units(geo, L, r), L, prec)
         per_mb = sum(layer_bytes(cfg, geo.shapes[i], s, a, A, L.recompute) for i in layer_ids)
         act = per_mb * in_flight(L, r, m)
-        if L.recompute == "full" and layer_ids:  # one layer's full activations during its recomputed backward
-            act += max(layer_bytes(cfg, geo.shapes[i], s, a, A, "none") for i in layer_ids)
         hb = head_bytes(cfg, geo.mtp_blocks, s, a, A, "none" if L.recompute == "full" else L.recompute)
         head = hb["head"] if has_last else 0.0
+        loss_transient = hb["loss_transient"] if has_last else 0.0
         # The backward's working memory on top of what is saved: the loss (last stage) or one layer's core.
-        transient = max([hb["loss_transient"] if has_last else 0.0]
-                        + [layer_transient(cfg, geo.shapes[i], s, a, A) for i in layer_ids])
+        layer_t = [layer_transient(cfg, geo.shapes[i], s, a, A) for i in layer_ids]
+        if L.recompute == "full" and layer_ids:
+            # A layer is recomputed only after the loss backward has freed the head's activations: the peak is
+            # the larger phase (head + loss gradient, or one layer's full activations + its backward working
+            # memory), not their sum. Written as the part above the head, to keep the breakdown additive.
+            recomputed = max(layer_bytes(cfg, geo.shapes[i], s, a, A, "none") + t for i, t in zip(layer_ids, layer_t))
+            transient = max(loss_transient, recomputed - head)
+        else:
+            transient = max([loss_transient] + layer_t)
         mem.update({"activations": act, "head_and_mtp": head, "transient": transient})
         mem["total"] = sum(mem.values())
         mem["pp_rank"] = r

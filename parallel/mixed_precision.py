@@ -37,10 +37,9 @@ class MainGradients:
 
     def __init__(self, model: torch.nn.Module):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._hooks = []
         for p in self.params:
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-            self._hooks.append(p.register_post_accumulate_grad_hook(_fold))
+            p.register_post_accumulate_grad_hook(_fold)
 
     def fold_remaining(self) -> None:
         """Fold gradients that were accumulated without the hook (the zero-bubble pipeline schedules add weight
@@ -53,12 +52,6 @@ class MainGradients:
         for p in self.params:
             p.main_grad.zero_()
             p.grad = None
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        for p in self.params:
-            del p.main_grad
 
 
 def _fold(p: torch.nn.Parameter) -> None:

@@ -17,6 +17,7 @@ from mimo_train.model import MiMoForCausalLM
 from mimo_train.model.layers import Attention, DenseMLP, MoE
 from parallel.context_parallel import ChunkLayout, ContextParallelAttention
 from parallel.expert_parallel import ExpertParallelMoE
+from parallel.recompute import apply_recompute
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -163,6 +164,7 @@ def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p):
 
     local = prune_to_local_stages(model, p, topo.rank_in("pp")) if topo.pp > 1 else None
     layouts = parallelize(model, topo)
+    apply_recompute(model, p.recompute)
     if local is None:
         return layouts, None
     tied = tie_group(topo, p, model.cfg)

@@ -38,6 +38,8 @@ VALIDATION = {
     "TP2": (2, 4, ["parallel.tp=2"], Layout(tp=2)),
     "EP2": (2, 8, ["parallel.dp=2", "parallel.ep=2"], Layout(dp=2, ep=2)),
     "PP2-1F1B": (2, 4, ["parallel.pp=2"], Layout(pp=2)),
+    "single-selective": (1, 4, ["parallel.recompute=selective"], Layout(recompute="selective")),
+    "single-full": (1, 4, ["parallel.recompute=full"], Layout(recompute="full")),
 }
 
 
@@ -78,7 +80,8 @@ def _tiny_estimate(layout: Layout, gbs: int) -> dict:
 
 
 def test_memory_estimate_matches_measured_peak(measured):
-    """Within 10% of the measured per-rank peak of a real training step of the tiny model, five layouts."""
+    """Within 10% of the measured per-rank peak of a real training step of the tiny model, five layouts and the
+    two recompute modes."""
     rows = []
     for name, (_, gbs, _, layout) in VALIDATION.items():
         est = _tiny_estimate(layout, gbs)["total"]
@@ -87,6 +90,12 @@ def test_memory_estimate_matches_measured_peak(measured):
                     f"error {err:+.1%}")
         assert abs(err) < 0.10, "\n".join(rows)
     print("\n".join(rows))
+
+
+def test_recompute_lowers_the_measured_peak(measured):
+    """At 1024 tokens per sequence activations dominate: each recompute mode lowers the real peak (measured here:
+    634 MiB none, 405 MiB selective, 250 MiB full)."""
+    assert measured["single-full"] < measured["single-selective"] < 0.8 * measured["single"]
 
 
 def test_enumerated_layouts_are_valid():

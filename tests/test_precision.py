@@ -44,8 +44,14 @@ LAYOUTS = {
     "PP2": ([*BF16, "parallel.pp=2"], "bf16"),
     # Pipeline parallelism without MTP (the last stage keeps no embedding copy; this used to deadlock), fp32.
     "PP2-no-MTP": ([*BASE, *NO_MTP, "parallel.pp=2"], "fp32-no-mtp"),
+    # Activation recompute composes with every kind of parallelism (fp32; tests/test_recompute.py has the rest).
+    "TP2-full-recompute": ([*BASE, "parallel.tp=2", "parallel.recompute=full"], "fp32"),
+    "EP2-full-recompute": ([*BASE, "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=1",
+                            "parallel.recompute=full"], "fp32"),
+    "CP2-selective-recompute": ([*BASE, "parallel.cp=2", "parallel.recompute=selective"], "fp32"),
+    "PP2-full-recompute": ([*BASE, "parallel.pp=2", "parallel.recompute=full"], "fp32"),
 }
-REFERENCES = {"bf16": BF16, "fp32-no-mtp": [*BASE, *NO_MTP]}
+REFERENCES = {"bf16": BF16, "fp32-no-mtp": [*BASE, *NO_MTP], "fp32": BASE}
 BF16_TOLERANCE = {"loss": 5e-4, "lm_loss": 5e-4, "mtp_loss": 5e-4, "aux_loss": 2e-3, "grad_norm": 7.8e-3}
 FP32_TOLERANCE = {k: 1e-5 for k in BF16_TOLERANCE}  # as tests/test_parallel.py
 

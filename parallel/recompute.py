@@ -1,0 +1,66 @@
+"""Activation recompute (`parallel.recompute`), applied to a built (and sharded) model from outside, with
+`torch.utils.checkpoint` in its non-reentrant form:
+
+- `full`: each decoder layer keeps only its input; its forward runs again during its backward (communication
+  included: TP gathers, CP halos, EP all-to-alls are repeated, in the same order on every rank).
+- `selective`: the attention core (the local kernel: under context parallelism inside the halo exchange and the
+  K/V gather, which are not repeated) and the SwiGLU intermediates (the routed experts' local GEMMs, and the dense
+  FFNs of layer 0 and the MTP blocks) are recomputed; everything else is saved. This is what the planner's
+  `selective` means (mimo_train/planner.py).
+
+Parameters keep their names: only bound methods are replaced, no module is wrapped.
+"""
+
+from __future__ import annotations
+
+from functools import wraps
+
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from mimo_train.model.layers import Attention, DenseMLP, Experts
+from mimo_train.model.transformer import DecoderLayer
+from parallel.context_parallel import ContextParallelAttention
+
+MODES = ("none", "selective", "full")
+ATTENTION_CORES = ("sliding_window_attention", "causal_attention", "causal_attention_at")
+
+
+def _recomputed(fn):
+    @wraps(fn)
+    def call(*args, **kwargs):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return call
+
+
+class RecomputedKernels:
+    """A kernel backend whose attention cores and expert GEMMs are recomputed in backward."""
+
+    def __init__(self, base):
+        self.base = base
+        for name in (*ATTENTION_CORES, "expert_mlp"):
+            if hasattr(base, name):
+                setattr(self, name, _recomputed(getattr(base, name)))
+
+
+def apply_recompute(model: nn.Module, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"parallel.recompute: must be one of {', '.join(MODES)} (got {mode!r})")
+    if mode == "none":
+        return
+    for module in model.modules():
+        if mode == "full" and isinstance(module, DecoderLayer):
+            module.forward = _recomputed(module.forward)
+        elif mode == "selective":
+            if isinstance(module, Attention):
+                if isinstance(module.kernels, ContextParallelAttention):
+                    module.kernels.base = RecomputedKernels(module.kernels.base)
+                else:
+                    module.kernels = RecomputedKernels(module.kernels)
+            elif isinstance(module, Experts):
+                module.kernels = RecomputedKernels(module.kernels)
+            elif isinstance(module, DenseMLP):
+                module.forward = _recomputed(module.forward)
+
+
+
