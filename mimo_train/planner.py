@@ -28,12 +28,15 @@ The model is analytical, built from the code rather than from rules of thumb:
   intermediates (routed experts and dense FFNs), `full` keeps only each decoder layer's input, and its peak is the
   larger of the loss backward and one recomputed layer's backward. The schedule sets how many micro-batches are in flight on a rank: 1F1B pp - r on rank r,
   interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2).
-- **Communication** per GPU per step, by kind: TP/SP all-gather + reduce-scatter (one pair per attention and
-  dense FFN forward, the reverse pair backward: Megatron's fused-QKV count), EP all-to-all (dispatch + combine,
-  forward + backward, balanced routing), CP halo exchange (W rows of K/V per chunk boundary) and GA K/V
-  all-gather, PP send/recv of the boundary activations, DP gradient all-reduce (fp32) and the ZeRO-1 broadcast of
-  updated weights. Each kind runs on NVLink when its group fits in a node (ranks are ordered pp, dp, cp, tp with
-  tp fastest; experts ep x etp consecutive), else on InfiniBand.
+- **Communication** per step of each pipeline rank, by kind, as the code sends it (`rank_comm`; the busiest rank
+  sets the step time): TP/SP all-gathers and reduce-scatters (our column-parallel linears gather their input each:
+  q, k, v and gate, up separately, so 3 + 1 per attention and 2 + 1 per dense FFN forward, the reverse backward;
+  the embedding, LM head and MTP blocks on their stages), EP all-to-all (dispatch + combine, forward + backward,
+  balanced routing), CP halo exchange (W rows of K/V per chunk boundary; the first CP rank has one boundary, the
+  others two) and GA K/V all-gather, PP sends of the boundary activations and gradients (none at the V's turn), DP
+  gradient all-reduce (fp32) and the ZeRO-1 broadcast of updated weights; full recompute repeats the layers'
+  forward traffic. Bytes are wire bytes of ring algorithms. Each kind runs on NVLink when its group fits in a node
+  (ranks are ordered pp, dp, cp, tp with tp fastest; experts ep x etp consecutive), else on InfiniBand.
 - **Step time** = compute (model FLOPs of `model_report`, SWA-aware, MTP included, plus recompute FLOPs, at an
   achievable fraction of peak) / (1 - pipeline bubble) + the exposed part of each kind of communication
   (1 - overlap). Bubble: (pp - 1) / (m v + pp - 1) for 1F1B (v = 1) and interleaved; 0 for ZBV / DualPipeV when
@@ -41,7 +44,11 @@ The model is analytical, built from the code rather than from rules of thumb:
 
 Everything is an estimate; the assumptions are fields of `Hardware`, `Precision` and `Assumptions` and are printed
 with the table. Validation: `tests/test_planner.py` compares the per-rank estimate with the measured peak memory
-of real CPU training steps of the tiny model under several layouts.
+of real CPU training steps of the tiny model under several layouts; `tests/test_simulate.py` holds the
+parameters, gradients (to the byte), activations per layer and bytes per kind of communication to what
+`mimo-train simulate` measures on the real shards of the 309B layouts. The optimizer state is planned as an
+even split over each gradient group; today's owner-per-tensor ZeRO-1 puts more on some ranks (`plan --verify`
+shows by how much).
 """
 
 from __future__ import annotations
@@ -374,10 +381,10 @@ def _moe_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute:
 
 def _dense_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute: str) -> float:
     h, I = cfg.hidden_size, cfg.intermediate_size / s.tp
+    if recompute == "selective":  # the whole FFN is recomputed (`parallel/recompute.py`): it keeps its input only,
+        return s.sp_tokens * h * a  # the sequence-parallel slice (its gathers are recomputed with it)
     gathers = 2 if (A.kernel == "torch" and s.tp > 1) else 1
     inter = 4 * I if A.kernel == "torch" else 3 * I
-    if recompute == "selective":
-        inter = 0  # (treated like the expert intermediates)
     return s.tokens * (gathers * h + inter) * a
 
 
@@ -909,13 +916,19 @@ def format_plan(p: dict[str, Any], top: int) -> str:
     return "\n".join(lines)
 
 
+def model_config(path: str, overrides: list[str], mtp_blocks: int) -> ModelConfig:
+    """The model of a model or training YAML, with overrides (bare keys are model keys) and the MTP blocks trained
+    (-1: as in the file)."""
+    overrides = [o if o.split("=", 1)[0].split(".")[0] in ("model", "train", "parallel", "data", "run")
+                 else f"model.{o}" for o in overrides]
+    if mtp_blocks >= 0:
+        overrides.append(f"model.mtp.num_blocks={mtp_blocks}")
+    return load_config(path, overrides).model
+
+
 def run_plan(args: argparse.Namespace) -> int:
     try:
-        overrides = [o if o.split("=", 1)[0].split(".")[0] in ("model", "train", "parallel", "data", "run")
-                     else f"model.{o}" for o in args.overrides]
-        if args.mtp_blocks >= 0:
-            overrides.append(f"model.mtp.num_blocks={args.mtp_blocks}")
-        cfg = load_config(args.config, overrides).model
+        cfg = model_config(args.config, args.overrides, args.mtp_blocks)
         A = Assumptions(compute_efficiency=args.efficiency, reserve_gb=args.reserve_gb, kernel=args.kernel,
                         micro_batch_size=args.micro_batch_size)
         hw = GPUS[args.gpu]

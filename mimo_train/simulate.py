@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
-from mimo_train.planner import pipeline_sends
+from mimo_train.planner import model_config, pipeline_sends
 from parallel.fake_group import BalancedRouting, CollectiveCounter, fake_world
 
 GB = 1e9
@@ -477,19 +477,9 @@ def format_simulation(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _model_config(path: str, overrides: list[str], mtp_blocks: int) -> ModelConfig:
-    from mimo_train.config import load_config
-
-    overrides = [o if o.split("=", 1)[0].split(".")[0] in ("model", "train", "parallel", "data", "run")
-                 else f"model.{o}" for o in overrides]
-    if mtp_blocks >= 0:
-        overrides.append(f"model.mtp.num_blocks={mtp_blocks}")
-    return load_config(path, overrides).model
-
-
 def run_simulate(args: argparse.Namespace) -> int:
     try:
-        cfg = _model_config(args.config, args.overrides, args.mtp_blocks)
+        cfg = model_config(args.config, args.overrides, args.mtp_blocks)
         if args.layout:
             p = parallel_config(parse_layout(args.layout), args.gpus)
         else:
