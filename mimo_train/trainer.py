@@ -36,7 +36,7 @@ from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
 from parallel import comm
-from parallel.data_parallel import ShardedAdamW, fill_missing_gradients, sync_gradients
+from parallel.data_parallel import ShardedAdamW, fill_missing_gradients
 from parallel.device import resolve_device, to_device, use_device
 from parallel.initialize import materialize
 from parallel.mixed_precision import DTYPES, MainGradients, cast_parameters
@@ -314,7 +314,7 @@ class Trainer:
         if self.main_grads is not None:
             self.main_grads.fold_remaining()
         fill_missing_gradients(self.model)
-        sync_gradients(self.model, self.layouts)
+        self.optimizer.reduce_gradients()
         grad_norm_sq = self.optimizer.grad_norm_squared()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
         parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares

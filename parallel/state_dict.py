@@ -33,6 +33,28 @@ def globalise(t: torch.Tensor, layout: ParamLayout, topo: Topology) -> torch.Ten
     return DTensor.from_local(t, _mesh_for(layout, topo), [Shard(layout.dim)], run_check=False)
 
 
+def globalise_rows(t: torch.Tensor, name: str, opt, layouts: dict[str, ParamLayout], topo: Topology) -> torch.Tensor:
+    """This rank's optimizer row block of parameter `name` (see parallel/data_parallel.py) as a DTensor of the
+    parameter's global shape: split like the parameter over the slicing ranks, then into row blocks over its
+    gradient group."""
+    layout, shard = layouts[name], opt.shards[name]
+    sliced = layout.dim is not None and layout.num_slices > 1
+    if not sliced and shard.size == 1:
+        return t
+    global_shape = list(opt.params[name].shape)
+    dims, placements = [], []
+    if sliced:
+        global_shape[layout.dim] *= layout.num_slices
+        dims.append("slice")
+        placements.append(Shard(layout.dim))
+    if shard.size > 1:
+        dims.append("grad")
+        placements.append(Shard(0))
+    mesh = topo.optimizer_meshes[layout.grad_kind][tuple(dims)]
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(global_shape), stride=stride)
+
+
 def model_state(model: torch.nn.Module, layouts: dict[str, ParamLayout], topo: Topology) -> dict:
     state = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -42,8 +64,8 @@ def model_state(model: torch.nn.Module, layouts: dict[str, ParamLayout], topo: T
 
 
 def optimizer_state(opt, layouts: dict[str, ParamLayout], topo: Topology, create: bool = False) -> dict:
-    """The Adam state (and, in bf16 runs, the fp32 master weights) of the parameters this rank owns. With `create`,
-    empty state is made first (to load into)."""
+    """The Adam state (and, in bf16 runs, the fp32 master weights) of this rank's optimizer rows of every parameter.
+    With `create`, empty state is made first (to load into)."""
     state = {}
     for name in opt.owned:
         p = opt.shard_param(name)
@@ -53,10 +75,10 @@ def optimizer_state(opt, layouts: dict[str, ParamLayout], topo: Topology, create
             for k in ADAM_KEYS:
                 s.setdefault(k, torch.zeros_like(p, memory_format=torch.preserve_format))
         for k in ADAM_KEYS:
-            state[f"{OPTIM_PREFIX}{name}.{k}"] = globalise(s[k], layouts[name], topo)
+            state[f"{OPTIM_PREFIX}{name}.{k}"] = globalise_rows(s[k], name, opt, layouts, topo)
         state[f"{OPTIM_PREFIX}{name}.step"] = s["step"]
         if opt.masters is not None:
-            state[f"{OPTIM_PREFIX}{name}.{MASTER_KEY}"] = globalise(p, layouts[name], topo)
+            state[f"{OPTIM_PREFIX}{name}.{MASTER_KEY}"] = globalise_rows(p, name, opt, layouts, topo)
     return state
 
 

@@ -85,6 +85,7 @@ class Topology:
     moe_mesh: object = None
     groups: dict = field(default_factory=dict)
     group_ranks: dict = field(default_factory=dict)
+    optimizer_meshes: dict = field(default_factory=dict)  # gradient kind -> mesh (see _optimizer_meshes)
 
     @property
     def edp(self) -> int:
@@ -168,7 +169,31 @@ def build_topology(p: ParallelConfig, model: ModelConfig, seq_len: int | None = 
     topo.groups["tp_dp_cp"] = _subgroups(grid.reshape(p.pp, -1), topo.rank, topo.group_ranks, "tp_dp_cp")
     # The ranks holding parts of the same sequences: sequence-parallel slices and context-parallel chunks.
     topo.groups["tp_cp"] = _subgroups(grid.permute(0, 1, 2, 3).reshape(-1, p.cp * p.tp), topo.rank, topo.group_ranks, "tp_cp")
+    topo.optimizer_meshes = _optimizer_meshes(p, model, topo.edp, grid)
     return topo
+
+
+def _optimizer_meshes(p: ParallelConfig, model: ModelConfig, edp: int, grid: torch.Tensor) -> dict:
+    """For each gradient kind, a mesh (pp, slicing dim, gradient-group dim) over which a parameter's optimizer row
+    blocks are a DTensor (for checkpoints): the slicing dim splits the parameter as its wrapper does, the gradient
+    dim into the row blocks of the sharded optimizer. Rank order along each dim is the order of the process groups
+    (ascending), so a rank's coordinate is its rank in the group."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    def mesh(ranks: torch.Tensor, names: tuple[str, ...]):
+        return DeviceMesh(communication_device_type(), ranks.contiguous(), mesh_dim_names=names)
+
+    world = grid.numel()
+    meshes = {
+        "tp_dp_cp": mesh(grid.reshape(p.pp, -1), ("pp", "grad")),
+        "dp_cp": mesh(grid.permute(0, 3, 1, 2).reshape(p.pp, p.tp, p.dp * p.cp), ("pp", "slice", "grad")),
+        "edp": mesh(torch.arange(world).view(p.pp, edp, p.ep).permute(0, 2, 1), ("pp", "slice", "grad")),
+    }
+    for kv in sorted({model.num_key_value_heads, model.swa_num_key_value_heads}):
+        if kv < p.tp:  # KV heads replicated over tp / kv ranks (see kv_replica_group)
+            rows = grid.view(p.pp, p.dp, p.cp, kv, p.tp // kv).permute(0, 3, 1, 2, 4).reshape(p.pp, kv, -1)
+            meshes[f"kv{kv}"] = mesh(rows, ("pp", "slice", "grad"))
+    return meshes
 
 
 def _subgroups(rows: torch.Tensor, rank: int, record: dict, name: str):

@@ -1,4 +1,4 @@
-"""Optimizer-state bytes per rank of the real ZeRO-1 sharding at a large layout, without a cluster: each rank's
+"""Optimizer-state bytes per rank of the real sharded optimizer at a large layout, without a cluster: each rank's
 shards are built by the real code on the meta device, in one process, under torch's fake process group.
 
     python tests/scripts/optimizer_balance.py [--ranks 0,1,...] [--precision bf16] [key=value ...]
@@ -48,7 +48,7 @@ def state_bytes_of_rank(rank: int, world: int, cfg) -> int:
         opt = ShardedAdamW(model, layouts, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                            master_weights=cfg.train.precision == "bf16")
         per_element = 8 + (4 if opt.masters is not None else 0)  # two fp32 moments (+ the fp32 master)
-        return sum(opt.params[n].numel() for n in opt.owned) * per_element
+        return sum(opt.shard_param(n).numel() for n in opt.owned) * per_element
     finally:
         dist.destroy_process_group()
 
