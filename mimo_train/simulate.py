@@ -135,14 +135,15 @@ def build_rank(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: str) ->
 
 
 def optimizer_step(shards: RankShards) -> None:
-    """What the trainer does after the last micro-batch's backward (`Trainer.train_step`): reduce gradients, take
-    the global norm, update."""
-    from parallel.data_parallel import fill_missing_gradients, sync_gradients
+    """What the trainer does after the last micro-batch's backward (`Trainer.train_step`): reduce-scatter the
+    gradients, take the global norm, update, all-gather the rows."""
+    from parallel.data_parallel import fill_missing_gradients
 
     fill_missing_gradients(shards.model)
-    sync_gradients(shards.model, shards.layouts)
+    shards.optimizer.reduce_gradients()
     shards.optimizer.grad_norm_squared()
     shards.optimizer.step()
+    shards.optimizer.zero_grad()  # as before the next step: what stays is the optimizer's persistent state
 
 
 def group_names(shards: RankShards) -> dict[str, str]:
@@ -426,7 +427,11 @@ def simulate(cfg: ModelConfig, p: ParallelConfig, seq: int, global_batch: int | 
     result = {"layout": layout_of(p), "gpus": p.world_size, "seq": seq, "global_batch": global_batch,
               "micro_batches": micro_batches, "precision": precision, "ranks": reports}
     result["total_params"] = shard_parameter_total(reports)
-    result["optimizer_balance"] = balance([r["optimizer_bytes"] for r in reports])
+    # The optimizer's sharding balance: within each pipeline stage (stages hold different layers by design).
+    stages = defaultdict(list)
+    for r in reports:
+        stages[r["pp_rank"]].append(r["optimizer_bytes"])
+    result["optimizer_balance"] = max(balance(v) for v in stages.values())
     if activations:
         result["activations"] = layer_activations(cfg, p, seq, precision)
     return result
@@ -441,7 +446,7 @@ def shard_parameter_total(reports: list[dict]) -> int:
 
 
 def balance(values: list[float]) -> float:
-    """(largest - smallest) / largest."""
+    """(largest - smallest) / largest; of optimizer state: over the ranks of one pipeline stage."""
     return (max(values) - min(values)) / max(values) if values and max(values) > 0 else 0.0
 
 
@@ -457,8 +462,8 @@ def memory_total(report: dict) -> float:
 def format_simulation(s: dict[str, Any]) -> str:
     lines = [f"simulated {s['layout']} on {s['gpus']} ranks, seq {s['seq']:,}, {s['micro_batches']} micro-batches "
              f"per step, {s['precision']}: {len(s['ranks'])} ranks built",
-             f"parameters over one copy of each shard: {s['total_params']:,}; optimizer state balance "
-             f"(max - min) / max = {s['optimizer_balance']:.2%}", "",
+             f"parameters over one copy of each shard: {s['total_params']:,}; optimizer state balance within a "
+             f"pipeline stage (max - min) / max = {s['optimizer_balance']:.2%}", "",
              f"{'rank':>5} {'pp':>3} {'params':>14} {'par GB':>7} {'grad GB':>7} {'opt GB':>7} {'state GB':>8} "
              + " ".join(f"{k + ' GB':>8}" for k in ("tp", "ep", "cp", "pp", "dp")) + "  groups"]
     for r in s["ranks"]:

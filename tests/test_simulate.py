@@ -27,9 +27,10 @@ README_LAYOUTS = {
     (2048, "h100", 32768): "tp=1,pp=8,cp=16,dp=16,ep=256,pp_schedule=dualpipev,pp_virtual=2",
     (2048, "h100", 262144): "tp=4,pp=2,cp=32,dp=8,ep=256,pp_schedule=dualpipev,pp_virtual=2",
 }
-# Where today's owner-per-tensor ZeRO-1 (whole tensors per owner, ties to rank 0) puts more than the tolerance
-# above the planned even split on one rank; issue 11's element-even sharding removes the excess.
-OVER_TODAY = {(64, "h200", 32768), (512, "h100", 32768), (2048, "h100", 32768)}
+# Where the optimizer's row blocks are not even: one local expert per rank (ep = experts) with edp > 1, whose
+# stacked expert tensors have a single row to split (`parallel/data_parallel.py`): the first rank of the group
+# holds the whole expert's state and the collectives move the padding.
+UNEVEN_TODAY = {(2048, "h100", 262144)}
 PREC = P.PRECISIONS["bf16"]
 WHERE_IDS = [f"{g}x{t}-{s // 1024}k" for g, t, s in README_LAYOUTS]
 
@@ -75,24 +76,26 @@ def test_readme_layout_builds_with_the_planned_parameters(big, where):
     assert planned.fits
 
 
-@pytest.mark.parametrize("where", [pytest.param(w, marks=pytest.mark.xfail(
-    w in OVER_TODAY, strict=True, reason="owner-per-tensor ZeRO-1 today; issue 11's even sharding fixes it"))
-    for w in README_LAYOUTS], ids=WHERE_IDS)
+@pytest.mark.parametrize("where", list(README_LAYOUTS), ids=WHERE_IDS)
 def test_no_rank_exceeds_the_planned_memory(big, where):
-    """Simulated parameters + gradients + optimizer state, with the planned activations, within MEMORY_TOLERANCE
-    of the planned total on every rank."""
-    cfg, _ = big
-    _, sim, planned = _simulated(cfg, where)
-    mem = planned.memory
-    others = mem["total"] - (mem["params"] + mem["grads"] + mem["optimizer"])
-    worst = max(r["param_bytes"] + r["buffer_bytes"] + r["grad_bytes"] + r["optimizer_bytes"] for r in sim["ranks"])
-    assert worst + others <= mem["total"] * (1 + P.MEMORY_TOLERANCE), f"{(worst + others) / mem['total'] - 1:+.1%}"
+    """Each rank's simulated parameters + gradients + optimizer state exceed the plan's for its pipeline rank by
+    at most MEMORY_TOLERANCE of the planned total (measured: 0 except 7.6 % at 2048 H100s, 256k)."""
+    cfg, geo = big
+    p, sim, planned = _simulated(cfg, where)
+    L = _layout(p)
+    for r in sim["ranks"]:
+        state = P.state_bytes(P.rank_units(geo, L, r["pp_rank"]), L, PREC)
+        held = r["param_bytes"] + r["buffer_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
+        excess = held - (state["params"] + state["grads"] + state["optimizer"])
+        assert excess <= planned.memory["total"] * P.MEMORY_TOLERANCE, (r["rank"], excess / 1e9)
 
 
-@pytest.mark.xfail(strict=True, reason="owner-per-tensor ZeRO-1 today (ties to rank 0); the even element-wise "
-                                       "sharding of issue 11 makes this pass")
-@pytest.mark.parametrize("where", [(512, "h100", 32768)], ids=["512xh100-32k"])
+@pytest.mark.parametrize("where", [pytest.param(w, marks=pytest.mark.xfail(
+    w in UNEVEN_TODAY, strict=True, reason="stacked experts with one local expert are split by rows (one row) "
+                                           "over edp > 1: the first rank holds them whole"))
+    for w in README_LAYOUTS], ids=WHERE_IDS)
 def test_optimizer_state_is_balanced_within_2_percent(big, where):
+    """Within every pipeline stage, the largest and smallest optimizer state per rank differ by at most 2 %."""
     cfg, _ = big
     _, sim, _ = _simulated(cfg, where)
     assert sim["optimizer_balance"] <= 0.02, f"{sim['optimizer_balance']:.1%}"
@@ -101,9 +104,10 @@ def test_optimizer_state_is_balanced_within_2_percent(big, where):
 def test_communication_per_kind_matches_the_plan(big):
     """The collectives of one step, counted on the fake process group, against the planner's bytes per kind: the
     first stage (embedding, head and MTP in the V) at the first and last context-parallel rank and the second stage
-    of the 2048-GPU 256k layout, and the first rank of a full-recompute layout (its forward traffic repeats)."""
+    of the 512-GPU 256k layout, and the first rank of a full-recompute layout (its forward traffic repeats). (At
+    2048 GPUs, 256k the optimizer's padded expert blocks double the DP bytes: see UNEVEN_TODAY.)"""
     cfg, geo = big
-    for where, ranks in (((2048, "h100", 262144), (0, 127, 128)), ((64, "h200", 262144), (0,))):
+    for where, ranks in (((512, "h100", 262144), (0, 127, 128)), ((64, "h200", 262144), (0,))):
         seq = where[2]
         p = parallel_config(parse_layout(README_LAYOUTS[where]), where[0])
         L, m = _layout(p), 2**26 // seq // p.dp
