@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mimo_train.planner import add_plan_parser
 
     add_plan_parser(sub)
+    from mimo_train.simulate import add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 

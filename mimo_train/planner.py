@@ -28,12 +28,15 @@ The model is analytical, built from the code rather than from rules of thumb:
   intermediates (routed experts and dense FFNs), `full` keeps only each decoder layer's input, and its peak is the
   larger of the loss backward and one recomputed layer's backward. The schedule sets how many micro-batches are in flight on a rank: 1F1B pp - r on rank r,
   interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2).
-- **Communication** per GPU per step, by kind: TP/SP all-gather + reduce-scatter (one pair per attention and
-  dense FFN forward, the reverse pair backward: Megatron's fused-QKV count), EP all-to-all (dispatch + combine,
-  forward + backward, balanced routing), CP halo exchange (W rows of K/V per chunk boundary) and GA K/V
-  all-gather, PP send/recv of the boundary activations, DP gradient all-reduce (fp32) and the ZeRO-1 broadcast of
-  updated weights. Each kind runs on NVLink when its group fits in a node (ranks are ordered pp, dp, cp, tp with
-  tp fastest; experts ep x etp consecutive), else on InfiniBand.
+- **Communication** per step of each pipeline rank, by kind, as the code sends it (`rank_comm`; the busiest rank
+  sets the step time): TP/SP all-gathers and reduce-scatters (our column-parallel linears gather their input each:
+  q, k, v and gate, up separately, so 3 + 1 per attention and 2 + 1 per dense FFN forward, the reverse backward;
+  the embedding, LM head and MTP blocks on their stages), EP all-to-all (dispatch + combine, forward + backward,
+  balanced routing), CP halo exchange (W rows of K/V per chunk boundary; the first CP rank has one boundary, the
+  others two) and GA K/V all-gather, PP sends of the boundary activations and gradients (none at the V's turn), DP
+  gradient reduce-scatter (fp32) and all-gather of the updated weights; full recompute repeats the layers'
+  forward traffic. Bytes are wire bytes of ring algorithms. Each kind runs on NVLink when its group fits in a node
+  (ranks are ordered pp, dp, cp, tp with tp fastest; experts ep x etp consecutive), else on InfiniBand.
 - **Step time** = compute (model FLOPs of `model_report`, SWA-aware, MTP included, plus recompute FLOPs, at an
   achievable fraction of peak) / (1 - pipeline bubble) + the exposed part of each kind of communication
   (1 - overlap). Bubble: (pp - 1) / (m v + pp - 1) for 1F1B (v = 1) and interleaved; 0 for ZBV / DualPipeV when
@@ -41,7 +44,11 @@ The model is analytical, built from the code rather than from rules of thumb:
 
 Everything is an estimate; the assumptions are fields of `Hardware`, `Precision` and `Assumptions` and are printed
 with the table. Validation: `tests/test_planner.py` compares the per-rank estimate with the measured peak memory
-of real CPU training steps of the tiny model under several layouts.
+of real CPU training steps of the tiny model under several layouts; `tests/test_simulate.py` holds the
+parameters, gradients (to the byte), activations per layer and bytes per kind of communication to what
+`mimo-train simulate` measures on the real shards of the 309B layouts. The optimizer state is planned as the
+even split over each gradient group that `parallel/data_parallel.py` makes (row blocks of ceil(rows / n): the
+first ranks hold up to one row more per tensor).
 """
 
 from __future__ import annotations
@@ -152,6 +159,7 @@ class ModelGeometry:
     mtp: Unit  # all MTP blocks
     mtp_blocks: int
     total_params: int  # main + MTP, from the module tree
+    everywhere: Unit = field(default_factory=Unit)  # on every pipeline rank: the rotary tables
 
 
 def _rule(name: str) -> str:
@@ -173,7 +181,7 @@ def geometry(cfg: ModelConfig) -> ModelGeometry:
 
     model = build_meta_model(cfg)
     layers = [Unit() for _ in range(cfg.num_layers)]
-    embed, head, mtp = Unit(), Unit(), Unit()
+    embed, head, mtp, everywhere = Unit(), Unit(), Unit(), Unit()
     shapes = []
     for layer in model.model.layers:
         shapes.append(LayerShape(layer.self_attn.sliding, layer.is_moe, layer.self_attn.num_kv_heads))
@@ -189,7 +197,9 @@ def geometry(cfg: ModelConfig) -> ModelGeometry:
             return embed
         if name.startswith("model.mtp"):
             return mtp
-        return head  # model.norm, lm_head, rotary tables
+        if name.startswith("model.rotary_emb"):
+            return everywhere
+        return head  # model.norm, lm_head
 
     total = 0
     for name, p in model.named_parameters():
@@ -203,7 +213,7 @@ def geometry(cfg: ModelConfig) -> ModelGeometry:
             setattr(u, rule, getattr(u, rule) + n)
     for name, b in model.named_buffers():
         unit_of(name).buffers_fp32 += b.numel()
-    return ModelGeometry(cfg, layers, shapes, embed, head, mtp, cfg.mtp.num_blocks, total)
+    return ModelGeometry(cfg, layers, shapes, embed, head, mtp, cfg.mtp.num_blocks, total, everywhere)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,6 +282,23 @@ def state_bytes(units: list[Unit], L: Layout, prec: Precision) -> dict[str, floa
     return {"params": params, "grads": grads, "optimizer": optim}
 
 
+def rank_units(geo: ModelGeometry, L: Layout, pp_rank: int) -> list[Unit]:
+    """The units pipeline rank `pp_rank` holds: its stages' decoder layers (`parallel/pipeline.py`'s split and
+    placement), the embedding on the first stage (and a copy on the last when MTP reads it), the final norm, head
+    and MTP on the last. In a V (ZBV, DualPipeV) rank 0 holds both the first and the last stage."""
+    if L.pp == 1:
+        return geo.layers + [geo.embed, geo.head, geo.mtp, geo.everywhere]
+    stages, ranks = stage_layers(L.parallel_config(), geo.cfg), stage_ranks(L.parallel_config())
+    local = [si for si in range(len(stages)) if ranks[si] == pp_rank]
+    units = [geo.layers[i] for si in local for i in stages[si]]
+    has_first, has_last = 0 in local, len(stages) - 1 in local
+    if has_first or (has_last and geo.mtp_blocks > 0):
+        units.append(geo.embed)  # one parameter when both stages are local
+    if has_last:
+        units += [geo.head, geo.mtp]
+    return units + [geo.everywhere]
+
+
 @dataclass(frozen=True)
 class ActShape:
     """Per micro-batch, on one rank: tokens in the attention region (the CP chunk), in the SP region, etc."""
@@ -318,14 +345,19 @@ def _attention_bytes(cfg: ModelConfig, sliding: bool, kv_heads: int, s: ActShape
             b += T * (a * (hq * D + hkv * (D + Dv)) + 4 * hq)
     else:
         keys_kv = T * (s.cp if s.cp > 1 else 1)  # GA under CP: the all-gathered K/V of the whole sequence
-        if torch_kernel and A.packed_documents and recompute == "none":
+        # The torch kernel's GA goes through masked SDPA (packed documents; under CP always: each chunk attends to
+        # the keys before its end through a mask), whose CPU math path computes in fp32 whatever the activation
+        # dtype: it saves q, K/V expanded to the query heads and the probabilities, all fp32 (measured by
+        # `mimo-train simulate`).
+        if torch_kernel and (A.packed_documents or s.cp > 1) and recompute == "none":
+            f32 = 4
             if s.cp > 1:  # each of the two chunks attends to the keys before its end: (2cp + 1) L keys per row
                 L = s.seq / (2 * s.cp)
                 probs = s.mbs * hq * L * L * (2 * s.cp + 1)
                 kv_rows = s.mbs * L * (2 * s.cp + 1)
-                b += a * (T * hq * D + kv_rows * hq * (D + Dv) + probs)
-            else:  # masked SDPA (math path): q, K/V expanded to the query heads, the S x S probabilities
-                b += a * (T * hq * (2 * D + Dv) + s.mbs * hq * s.seq * s.seq)
+                b += f32 * (T * hq * D + kv_rows * hq * (D + Dv) + probs)
+            else:  # q, K/V expanded to the query heads, the S x S probabilities
+                b += f32 * (T * hq * (2 * D + Dv) + s.mbs * hq * s.seq * s.seq)
         else:
             b += T * (a * hq * D + 4 * hq) + keys_kv * hkv * (D + Dv) * a
     return b
@@ -349,10 +381,10 @@ def _moe_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute:
 
 def _dense_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute: str) -> float:
     h, I = cfg.hidden_size, cfg.intermediate_size / s.tp
+    if recompute == "selective":  # the whole FFN is recomputed (`parallel/recompute.py`): it keeps its input only,
+        return s.sp_tokens * h * a  # the sequence-parallel slice (its gathers are recomputed with it)
     gathers = 2 if (A.kernel == "torch" and s.tp > 1) else 1
     inter = 4 * I if A.kernel == "torch" else 3 * I
-    if recompute == "selective":
-        inter = 0  # (treated like the expert intermediates)
     return s.tokens * (gathers * h + inter) * a
 
 
@@ -405,6 +437,86 @@ def head_bytes(cfg: ModelConfig, mtp_blocks: int, s: ActShape, a: int, A: Assump
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Communication: what the code sends, per rank (checked against `mimo-train simulate`)
+# --------------------------------------------------------------------------------------------------------------
+
+# Tensor-parallel collectives of one forward, in units of one sequence-parallel gather of the hidden state (the
+# backward sends the same: each all-gather's backward is a reduce-scatter and vice versa). Our column-parallel
+# linears gather their input each (q, k and v separately; gate and up separately), a row-parallel one
+# reduce-scatters its output: attention 3 + 1, dense FFN 2 + 1; the vocab-parallel embedding reduce-scatters
+# once, the LM head gathers once; an MTP block = its embedding lookup + attention + dense FFN + the head.
+TP_UNITS = {"attention": 4, "dense": 3, "embedding": 1, "head": 1}
+
+
+def pipeline_sends(L: Layout, pp_rank: int, micro_batches: int) -> int:
+    """Tensors pipeline rank `pp_rank` sends per step: each local stage's output forward (unless the next stage is
+    on the same rank, as at the V's turn, or it is the last) and its input gradient back (unless first)."""
+    if L.pp == 1:
+        return 0
+    ranks = stage_ranks(L.parallel_config())
+    n = len(ranks)
+    sends = sum((s < n - 1 and ranks[s + 1] != r) + (s > 0 and ranks[s - 1] != r)
+                for s, r in enumerate(ranks) if r == pp_rank)
+    return sends * micro_batches
+
+
+def rank_comm(geo: ModelGeometry, L: Layout, pp_rank: int, s: "ActShape", m: int, prec: Precision,
+              cp_rank: int | None = None) -> dict[str, float]:
+    """Bytes pipeline rank `pp_rank` sends per step, by kind, with ring conventions (all-gather and reduce-scatter
+    (n - 1) / n of the whole buffer, all-reduce 2 (n - 1) / n, all-to-all the rows that leave the rank, broadcast
+    (n - 1) / n). `cp_rank` (default the last, which has two halo boundaries) matters for the SWA halo only."""
+    cfg, a, h = geo.cfg, prec.act_bytes, geo.cfg.hidden_size
+    cp_rank = L.cp - 1 if cp_rank is None else cp_rank
+    stages, ranks = ((stage_layers(L.parallel_config(), cfg), stage_ranks(L.parallel_config())) if L.pp > 1
+                     else ([list(range(cfg.num_layers))], [0]))
+    local = [si for si in range(len(stages)) if ranks[si] == pp_rank]
+    shapes = [geo.shapes[i] for si in local for i in stages[si]]
+    has_first, has_last = 0 in local, len(stages) - 1 in local
+    mtp = geo.mtp_blocks if has_last else 0
+    # Forward passes whose communication is repeated: full recompute runs each layer's forward again (selective
+    # recomputes only local kernels: attention cores inside the CP exchange, expert GEMMs inside the all-to-all).
+    layer_passes = 2 + (1 if L.recompute == "full" else 0)
+    comm = {"tp": 0.0, "ep": 0.0, "cp": 0.0, "pp": 0.0, "dp": 0.0}
+    if L.tp > 1:
+        unit = s.tokens * h * a * (L.tp - 1) / L.tp
+        layers = sum(TP_UNITS["attention"] + (0 if sh.moe else TP_UNITS["dense"]) for sh in shapes)
+        once = (TP_UNITS["embedding"] * has_first + TP_UNITS["head"] * has_last
+                + mtp * (TP_UNITS["embedding"] + TP_UNITS["attention"] + TP_UNITS["dense"] + TP_UNITS["head"]))
+        comm["tp"] = unit * (layers * layer_passes + once * 2) * m
+    if L.ep > 1:
+        rows = s.sp_tokens * cfg.num_experts_per_tok * h * a * (L.ep - 1) / L.ep
+        comm["ep"] = 2 * rows * layer_passes * sum(sh.moe for sh in shapes) * m  # dispatch + combine
+    if L.cp > 1:
+        kv_sw = _heads(cfg, cfg.swa_num_key_value_heads, L.tp)[1]
+        kv_ga = _heads(cfg, cfg.num_key_value_heads, L.tp)[1]
+        boundaries = 1 if cp_rank == 0 else 2  # chunks r and 2cp - 1 - r; the last chunk has no successor
+        halo = boundaries * (cfg.window_keys - 1) * s.mbs * kv_sw * (cfg.head_dim + cfg.v_head_dim) * a
+        gather = s.tokens * (L.cp - 1) * kv_ga * (cfg.head_dim + cfg.v_head_dim) * a
+        per_pass = sum(halo if sh.sliding else gather for sh in shapes)
+        comm["cp"] = (per_pass * layer_passes + mtp * halo * 2) * m
+    comm["pp"] = s.sp_tokens * h * a * pipeline_sends(L, pp_rank, m)
+    comm["dp"] = dp_step_bytes(geo, L, pp_rank, prec)
+    return comm
+
+
+def dp_step_bytes(geo: ModelGeometry, L: Layout, pp_rank: int, prec: Precision) -> float:
+    """The optimizer step's traffic as `parallel/data_parallel.py` does it: each gradient group's fp32 main
+    gradients reduce-scattered, the updated weights all-gathered (row blocks, even but for the padding of the
+    last block); the first and last stage's embedding copies all-reduced over their pair first."""
+    total = 0.0
+    units = rank_units(geo, L, pp_rank)
+    for u in units:
+        for n, g in _local_params(u, L):
+            if g > 1:
+                total += n * (prec.grad_bytes + prec.param_bytes) * (g - 1) / g
+    if L.pp > 1 and geo.mtp_blocks > 0 and stage_ranks(L.parallel_config())[-1] != 0:
+        stages = stage_ranks(L.parallel_config())
+        if pp_rank in (stages[0], stages[-1]):  # the tied pair: all-reduce over 2 ranks
+            total += geo.embed.tp / L.tp * prec.grad_bytes
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Estimate of one layout
 # --------------------------------------------------------------------------------------------------------------
 
@@ -453,6 +565,7 @@ class Estimate:
     compute_time: float
     micro_batches: int
     notes: list[str] = field(default_factory=list)
+    simulated: dict | None = None  # `verify`: what `mimo-train simulate` measured for this layout
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -477,13 +590,8 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
     for r in sorted({0, L.pp - 1}):
         local = [si for si in range(len(stages)) if ranks[si] == r]
         layer_ids = [i for si in local for i in stages[si]]
-        units = [geo.layers[i] for i in layer_ids]
-        has_first, has_last = 0 in local, last in local
-        if has_first or (has_last and geo.mtp_blocks > 0):
-            units.append(geo.embed)
-        if has_last:
-            units += [geo.head, geo.mtp]
-        mem = state_bytes(units, L, prec)
+        has_last = last in local
+        mem = state_bytes(rank_units(geo, L, r), L, prec)
         per_mb = sum(layer_bytes(cfg, geo.shapes[i], s, a, A, L.recompute) for i in layer_ids)
         act = per_mb * in_flight(L, r, m)
         hb = head_bytes(cfg, geo.mtp_blocks, s, a, A, "none" if L.recompute == "full" else L.recompute)
@@ -506,42 +614,9 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
             worst = mem
     assert worst is not None
 
-    # ---- communication per GPU per step (bytes sent), and its time ------------------------------------------
-    h = cfg.hidden_size
-    n_mb = m  # micro-batches this rank processes per step
-    layers_here = cfg.num_layers / L.pp
-    moe_frac = sum(sh.moe for sh in geo.shapes) / cfg.num_layers
-    ga_frac = sum(not sh.sliding for sh in geo.shapes) / cfg.num_layers
-    extra_fwd = 1 if L.recompute == "full" else 0  # the recomputed forward repeats its communication
-    comm: dict[str, float] = {}
-    # TP/SP: per attention / dense block, fwd all-gather + reduce-scatter, bwd the reverse pair.
-    tp_blocks = layers_here * (1 + (1 - moe_frac)) + (2 * geo.mtp_blocks + 2) / L.pp  # + embedding, head, MTP
-    comm["tp"] = ((2 + extra_fwd) * 2 * tp_blocks * s.tokens * h * a * (L.tp - 1) / L.tp * n_mb) if L.tp > 1 else 0.0
-    # EP: dispatch + combine, forward + backward; balanced routing sends (ep - 1) / ep of the rows away.
-    k = cfg.num_experts_per_tok
-    comm["ep"] = ((2 + extra_fwd) * 2 * layers_here * moe_frac * s.sp_tokens * k * h * a * (L.ep - 1) / L.ep * n_mb
-                  if L.ep > 1 else 0.0)
-    # CP: SWA halo (W rows of K and V, to one neighbour per chunk boundary) and GA all-gather of K/V; the
-    # backward returns the gradients the same way.
-    W = cfg.window_keys - 1
-    if L.cp > 1:
-        kv_sw = _heads(cfg, cfg.swa_num_key_value_heads, L.tp)[1]
-        kv_ga = _heads(cfg, cfg.num_key_value_heads, L.tp)[1]
-        halo = 2 * W * mbs * kv_sw * (cfg.head_dim + cfg.v_head_dim) * a
-        gather = s.tokens * (L.cp - 1) * kv_ga * (cfg.head_dim + cfg.v_head_dim) * a
-        comm["cp"] = (2 + extra_fwd) * layers_here * ((1 - ga_frac) * halo + ga_frac * gather) * n_mb
-    else:
-        comm["cp"] = 0.0
-    # PP: each stage boundary sends the SP slice forward and its gradient back.
-    comm["pp"] = (2 * L.pp_virtual * s.sp_tokens * h * a * n_mb) if L.pp > 1 else 0.0
-    # DP: fp32 gradient all-reduce (ring: 2 (g-1)/g) and the ZeRO-1 broadcast of updated weights ((g-1)/g).
-    dp_bytes = 0.0
-    stage_units = geo.layers[: max(1, round(layers_here))] + [geo.embed]
-    for u in stage_units:
-        for n, g in _local_params(u, L):
-            if g > 1:
-                dp_bytes += n * (2 * prec.grad_bytes + prec.param_bytes) * (g - 1) / g
-    comm["dp"] = dp_bytes
+    # ---- communication per GPU per step (bytes sent) of the busiest pipeline rank, and its time ------------
+    per_rank = [rank_comm(geo, L, r, s, m, prec) for r in range(L.pp)]
+    comm = max(per_rank, key=lambda c: sum(c.values()))
 
     # Links: tp consecutive; cp stride tp; ep x etp consecutive (MoE mesh); dp stride cp x tp; pp stride dp cp tp.
     span = {"tp": L.tp, "cp": L.cp * L.tp, "ep": L.ep * L.etp, "dp": L.dp * L.cp * L.tp, "pp": L.world}
@@ -642,6 +717,150 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Held to the code: verification by simulation, and where a layout fits when none does here
+# --------------------------------------------------------------------------------------------------------------
+
+# A simulated rank's parameters, gradients and optimizer state may exceed the planned ones by this fraction of the
+# planned total before `--verify` reports a failure.
+MEMORY_TOLERANCE = 0.10
+
+
+def runnable_config(L: Layout) -> ParallelConfig:
+    """The layout as `parallel.*`, recompute included when the engine has it (`parallel.recompute`)."""
+    p = L.parallel_config()
+    if hasattr(p, "recompute"):
+        p = replace(p, recompute=L.recompute)
+    return p
+
+
+def top_pick(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768,
+             global_batch: int | None = None) -> ParallelConfig:
+    """The fastest fitting, runnable layout of `plan` (a ConfigError when none fits)."""
+    p = plan(cfg, gpus, gpu, seq, global_batch)
+    best = p["results"][0] if p["results"] else None
+    if best is None or not (best.fits and best.runnable):
+        raise ConfigError(f"plan: no runnable layout fits {gpus} x {gpu.upper()} at seq {seq}; give --layout")
+    return runnable_config(best.layout)
+
+
+def verify(cfg: ModelConfig, e: Estimate, seq: int, global_batch: int, precision: str = "bf16",
+           progress=None) -> dict[str, Any]:
+    """Build every rank class of `e`'s layout with `mimo-train simulate` and compare with the plan: each rank's
+    simulated parameters + gradients + optimizer state against the planned ones of its pipeline rank (the largest
+    excess within MEMORY_TOLERANCE of the planned total), and the busiest rank's bytes per kind."""
+    from mimo_train.simulate import memory_total, simulate
+
+    sim = simulate(cfg, runnable_config(e.layout), seq, global_batch, precision, activations=False,
+                   progress=progress)
+    geo = geometry(cfg)
+    prec = PRECISIONS[precision]
+
+    def excess(r: dict) -> float:  # simulated minus planned state of the same pipeline rank
+        planned = state_bytes(rank_units(geo, e.layout, r["pp_rank"]), e.layout, prec)
+        return memory_total(r) - (planned["params"] + planned["grads"] + planned["optimizer"])
+
+    worst = max(sim["ranks"], key=excess)
+    busiest = max(sim["ranks"], key=lambda r: sum(r["comm"].values()))
+    record = {"ranks_built": len(sim["ranks"]), "worst_rank": worst["rank"], "state_bytes": memory_total(worst),
+              "excess_bytes": excess(worst), "memory_bytes": e.memory["total"] + max(0.0, excess(worst)),
+              "optimizer_balance": sim["optimizer_balance"], "total_params": sim["total_params"],
+              "comm": busiest["comm"], "planned_comm": e.comm}
+    record["within_tolerance"] = record["excess_bytes"] <= e.memory["total"] * MEMORY_TOLERANCE
+    e.simulated = record
+    return record
+
+
+def format_verification(e: Estimate) -> str:
+    v = e.simulated
+    kinds = ", ".join(f"{k} {v['comm'].get(k, 0.0) / GB:.1f}/{v['planned_comm'][k] / GB:.1f}"
+                      for k in ("tp", "ep", "cp", "pp", "dp"))
+    verdict = "within" if v["within_tolerance"] else "OVER"
+    return (f"built by simulate: {e.layout.describe()} ({v['ranks_built']} rank classes): the rank furthest above "
+            f"the plan, {v['worst_rank']}, holds {v['state_bytes'] / GB:.1f} GB of parameters, gradients and optimizer "
+            f"state, {v['excess_bytes'] / GB:+.2f} GB against the plan: {v['memory_bytes'] / GB:.1f} GB at worst "
+            f"({verdict} {MEMORY_TOLERANCE:.0%} of the planned {e.memory['total'] / GB:.1f} GB); optimizer state "
+            f"balance within a stage {v['optimizer_balance']:.1%}; GB/step simulated/planned: {kinds}")
+
+
+def where_it_fits(cfg: ModelConfig, gpus: int, gpu: str, seq: int, global_batch: int | None, precision: str,
+                  A: Assumptions, max_gpus: int = 4096,
+                  types: dict[str, Hardware] | None = None) -> list[tuple[int, str, Estimate]]:
+    """When nothing fits: the smallest cluster of the same GPU (doubling the count) and the first GPU type with
+    more memory at the same count, with their best layout. `types`: the GPU table (default GPUS)."""
+    types = types or GPUS
+    found = []
+
+    def best(n: int, name: str) -> Estimate | None:
+        res = plan(cfg, n, name, seq, global_batch, precision, A, types[name])["results"]
+        return res[0] if res and res[0].fits else None
+
+    n = gpus * 2
+    while n <= max_gpus:
+        e = best(n, gpu)
+        if e is not None:
+            found.append((n, gpu, e))
+            break
+        n *= 2
+    for name, hw in sorted(types.items(), key=lambda kv: kv[1].memory_gb):
+        if hw.memory_gb > types[gpu].memory_gb:
+            e = best(gpus, name)
+            if e is not None:
+                found.append((gpus, name, e))
+                break
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Calibration from measurements (bench/gpu results)
+# --------------------------------------------------------------------------------------------------------------
+
+# The fields `plan --calibrate FILE` reads: a JSON object with an optional "gpu" (the GPU type measured) and a
+# "measured" object of any of these keys, each replacing the assumption of the same name.
+CALIBRATION_FIELDS = {
+    "compute_efficiency": "achieved fraction of the bf16 peak on the model's matmuls and attention (a train step's "
+                          "model FLOPs / (time x peak))",
+    "expert_half_rows": "rows per expert at which the grouped expert GEMM reaches half its efficiency",
+    "peak_tflops": "the GPU's dense bf16 peak",
+    "nvlink_gbs": "achieved per-GPU bus bandwidth inside a node (GB/s)",
+    "ib_gbs": "achieved per-GPU bus bandwidth across nodes (GB/s)",
+    "overlap_tp": "fraction of TP communication hidden", "overlap_ep": "fraction of EP communication hidden",
+    "overlap_cp": "fraction of CP communication hidden", "overlap_pp": "fraction of PP communication hidden",
+    "overlap_dp": "fraction of DP communication hidden",
+}
+HARDWARE_FIELDS = ("peak_tflops", "nvlink_gbs", "ib_gbs")
+
+
+def load_calibration(path: str) -> dict[str, float]:
+    """The measured values of a calibration file (see CALIBRATION_FIELDS), checked."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--calibrate {path}: cannot read it as JSON ({err})") from None
+    measured = data.get("measured") if isinstance(data, dict) else None
+    if not isinstance(measured, dict):
+        raise ConfigError(f"--calibrate {path}: needs an object \"measured\" with any of "
+                          f"{', '.join(CALIBRATION_FIELDS)}")
+    unknown = sorted(set(measured) - set(CALIBRATION_FIELDS))
+    if unknown:
+        raise ConfigError(f"--calibrate {path}: unknown measured fields {unknown}; known: "
+                          f"{', '.join(CALIBRATION_FIELDS)}")
+    for key, value in measured.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"--calibrate {path}: measured.{key} must be a positive number, got {value!r}")
+        if key.startswith("overlap_") or key == "compute_efficiency":
+            if value > 1:
+                raise ConfigError(f"--calibrate {path}: measured.{key} is a fraction and must be <= 1, got {value}")
+    return {k: float(v) for k, v in measured.items()}
+
+
+def calibrated(A: Assumptions, hw: Hardware, measured: dict[str, float]) -> tuple[Assumptions, Hardware]:
+    hw = replace(hw, **{k: v for k, v in measured.items() if k in HARDWARE_FIELDS})
+    A = replace(A, **{k: v for k, v in measured.items() if k not in HARDWARE_FIELDS})
+    return A, hw
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 
@@ -663,7 +882,8 @@ def format_plan(p: dict[str, Any], top: int) -> str:
         f"{A['compute_efficiency']:.0%} of peak, NVLink {hw['nvlink_gbs']:.0f} GB/s, IB {hw['ib_gbs']:.0f} GB/s",
         "",
         f"{'#':>3} {'layout':<34} {'recomp':<9} {'mem GB':>7} {'(par':>5} {'grad':>5} {'opt':>5} {'act':>6} "
-        f"{'head)':>6} {'TP':>6} {'EP':>6} {'CP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'step s':>7} {'MFU':>6} fits",
+        f"{'head)':>6} {'TP':>6} {'EP':>6} {'CP':>6} {'PP':>6} {'DP':>6} {'bubble':>6} {'step s':>7} {'MFU':>6} fits "
+        "sim",
         f"{'':>3} {'':<34} {'':<9} {'':>7} {'':>5} {'':>5} {'':>5} {'':>6} {'':>6} "
         + " ".join(f"{'GB/st':>6}" for _ in range(5)),
     ]
@@ -677,26 +897,50 @@ def format_plan(p: dict[str, Any], top: int) -> str:
             f"{_gb(mem['grads']):>5} {_gb(mem['optimizer']):>5} {_gb(mem['activations']):>6} "
             f"{_gb(mem['head_and_mtp'] + mem['transient']):>6} "
             + " ".join(f"{_gb(c[k]):>6}" for k in ("tp", "ep", "cp", "pp", "dp"))
-            + f" {e.bubble:>6.1%} {e.step_time:>7.2f} {e.mfu:>6.1%} {fits}")
+            + f" {e.bubble:>6.1%} {e.step_time:>7.2f} {e.mfu:>6.1%} {fits:<4} "
+            + ("built" if e.simulated else "-"))
     if any(not e.runnable for e in res[:top]):
         lines.append("* etp > 1: modelled, not yet runnable (expert-tensor parallelism is not implemented)")
-    lines.append("memory: the worst pipeline rank; comm: bytes sent per GPU per step; step time = compute / (1 - "
-                 "bubble) + exposed communication")
+    lines.append("memory: the worst pipeline rank; comm: bytes sent per step by the busiest rank; step time = "
+                 "compute / (1 - bubble) + exposed communication")
+    lines.append("sim: built = every rank class was built with the real code on a fake process group (`mimo-train "
+                 "simulate`, run here by --verify); - = not built (`plan --verify` builds the top pick)")
+    for e in res[:top]:
+        if e.simulated:
+            lines.append(format_verification(e))
+    if p.get("measured"):
+        lines.append("measured (--calibrate): " + ", ".join(f"{k}={v:g}" for k, v in p["measured"].items())
+                     + "; every other figure is an assumption")
+    if "fits_elsewhere" in p:
+        if p["fits_elsewhere"]:
+            lines.append(f"nothing fits on {p['gpus']} x {hw['name'].upper()}; smallest that fit: " + "; ".join(
+                f"{n} x {g.upper()}: {name}, {rc} recompute, {mem / GB:.1f} GB, {step:.0f} s/step"
+                for n, g, name, rc, mem, step in p["fits_elsewhere"]))
+        else:
+            lines.append(f"nothing fits on {p['gpus']} x {hw['name'].upper()}, nor on a larger cluster or GPU")
     return "\n".join(lines)
+
+
+def model_config(path: str, overrides: list[str], mtp_blocks: int) -> ModelConfig:
+    """The model of a model or training YAML, with overrides (bare keys are model keys) and the MTP blocks trained
+    (-1: as in the file)."""
+    overrides = [o if o.split("=", 1)[0].split(".")[0] in ("model", "train", "parallel", "data", "run")
+                 else f"model.{o}" for o in overrides]
+    if mtp_blocks >= 0:
+        overrides.append(f"model.mtp.num_blocks={mtp_blocks}")
+    return load_config(path, overrides).model
 
 
 def run_plan(args: argparse.Namespace) -> int:
     try:
-        overrides = [o if o.split("=", 1)[0].split(".")[0] in ("model", "train", "parallel", "data", "run")
-                     else f"model.{o}" for o in args.overrides]
-        if args.mtp_blocks >= 0:
-            overrides.append(f"model.mtp.num_blocks={args.mtp_blocks}")
-        cfg = load_config(args.config, overrides).model
+        cfg = model_config(args.config, args.overrides, args.mtp_blocks)
         A = Assumptions(compute_efficiency=args.efficiency, reserve_gb=args.reserve_gb, kernel=args.kernel,
                         micro_batch_size=args.micro_batch_size)
         hw = GPUS[args.gpu]
         hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs),
                                               ("peak_tflops", args.peak_tflops)) if v})
+        measured = load_calibration(args.calibrate) if args.calibrate else {}
+        A, hw = calibrated(A, hw, measured)
         p = plan(cfg, args.gpus, args.gpu, args.seq, args.global_batch, args.precision, A, hw)
     except (ConfigError, ValueError, KeyError) as e:
         print(f"mimo-train plan: {e}", file=sys.stderr)
@@ -704,6 +948,16 @@ def run_plan(args: argparse.Namespace) -> int:
     if not p["results"]:
         print(f"mimo-train plan: no valid layout for {args.gpus} GPUs at seq {args.seq}", file=sys.stderr)
         return 1
+    p["measured"] = measured
+    if args.verify:
+        for e in [e for e in p["results"] if e.fits and e.runnable][: args.verify]:
+            if not args.json:
+                print(f"verifying {e.layout.describe()} with mimo-train simulate ...", file=sys.stderr, flush=True)
+            verify(cfg, e, args.seq, p["global_batch"], args.precision)
+    if not any(e.fits for e in p["results"]):
+        p["fits_elsewhere"] = [(n, g, e.layout.describe(), e.layout.recompute, e.memory["total"], e.step_time)
+                               for n, g, e in where_it_fits(cfg, args.gpus, args.gpu, args.seq, args.global_batch,
+                                                            args.precision, A)]
     if args.json:
         out = {k: v for k, v in p.items() if k != "results"}
         out["results"] = [e.to_dict() for e in p["results"][: args.top]]
@@ -711,7 +965,7 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(p, args.top))
-    return 0
+    return 0 if all(e.simulated is None or e.simulated["within_tolerance"] for e in p["results"]) else 1
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -740,6 +994,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="override the GPU's peak")
     p.add_argument("--nvlink-gbs", type=float, default=0.0, help="override the intra-node bandwidth (GB/s)")
     p.add_argument("--ib-gbs", type=float, default=0.0, help="override the inter-node bandwidth per GPU (GB/s)")
+    p.add_argument("--verify", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="build the top N fitting layouts (default 1) with `mimo-train simulate` and compare")
+    p.add_argument("--calibrate", default="", metavar="FILE",
+                   help="bench/gpu results (JSON: {\"measured\": {...}}): replace the assumed efficiency, "
+                        "bandwidths and overlaps by the measured ones (fields: planner.CALIBRATION_FIELDS)")
     p.add_argument("--top", type=int, default=10, help="how many layouts to print (default 10)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. model.num_layers=24")

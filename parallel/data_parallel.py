@@ -81,7 +81,7 @@ def _blocks(t: torch.Tensor, s: RowShard) -> torch.Tensor:
 
 def _own_block(t: torch.Tensor, s: RowShard) -> torch.Tensor:
     """This rank's rows of `t` (all rows), flat and zero-padded to a whole block."""
-    rows = t[s.start:s.end].reshape(s.end - s.start, -1)
+    rows = t[s.start:s.end].reshape(s.end - s.start, t[0].numel())  # (-1 is ambiguous for an empty block)
     return F.pad(rows, (0, 0, 0, s.chunk - (s.end - s.start))).reshape(-1)
 
 

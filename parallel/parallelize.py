@@ -139,6 +139,8 @@ def _shard_mlp(mlp: DenseMLP, topo: Topology, sharded) -> None:
 
 def _init_megatron_tp_state(topo: Topology) -> None:
     """megatron-core's vocab-parallel cross-entropy reads its global tensor-parallel group; make it ours."""
+    if dist.get_backend() == "fake":  # `mimo-train simulate`: the fake process group cannot host megatron's groups,
+        return                          # and a simulation never runs the loss kernel that reads them
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != topo.tp:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from mimo_train.planner import (
     geometry,
     plan,
     state_bytes,
+    where_it_fits,
 )
 from parallel.topology import validate_layout
 
@@ -127,7 +129,7 @@ def test_parameter_memory_of_the_309b_model():
     replicated = 47 * E * h + (2 * 48 + 1 + 5) * h + 2 * h * h  # routers, norms, MTP norms and eh_proj
     expected = expert / ep + tp_split / tp + kv + replicated
     buffers = 47 * E + 2 * 32  # expert correction biases, two rotary tables
-    mem = state_bytes([*geo.layers, geo.embed, geo.head, geo.mtp], L, PRECISIONS["bf16"])
+    mem = state_bytes([*geo.layers, geo.embed, geo.head, geo.mtp, geo.everywhere], L, PRECISIONS["bf16"])
     assert mem["params"] == pytest.approx(2 * expected + 4 * buffers, rel=1e-12)
     assert mem["grads"] == pytest.approx(4 * expected, rel=1e-12)
     # ZeRO-1: 12 bytes (fp32 master + 2 moments) per parameter, over its gradient group.
@@ -161,3 +163,16 @@ def test_plan_cli_json():
     top = out["results"][0]
     assert top["fits"] and set(top["comm"]) == {"tp", "ep", "cp", "pp", "dp"}
     assert top["layout"]["tp"] * top["layout"]["pp"] * top["layout"]["dp"] * top["layout"]["cp"] == 64
+
+
+def test_where_it_fits_when_nothing_does():
+    """With nothing fitting, the plan names the smallest cluster of the same GPU and a larger GPU that fit."""
+    cfg = load_config(REPO / "configs/model/mimo_tiny.yaml", ["model.mtp.num_blocks=1"]).model
+    A = Assumptions(reserve_gb=0.0)
+    need = plan(cfg, 2, "h100", 1024, 8, "bf16", A)["results"][0].memory["total"] / 1e9  # the best layout on 2
+    types = {"small": replace(GPUS["h100"], name="small", memory_gb=need * 0.9),
+             "big": replace(GPUS["h100"], name="big", memory_gb=need * 1.1)}
+    found = where_it_fits(cfg, 2, "small", 1024, 8, "bf16", A, max_gpus=16, types=types)
+    assert [(n, g) for n, g, _ in found][1:] == [(2, "big")]
+    n, g, e = found[0]
+    assert g == "small" and n > 2 and e.fits and e.memory["total"] <= need * 0.9 * 1e9

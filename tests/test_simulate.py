@@ -1,0 +1,188 @@
+"""`mimo-train simulate`: the README's recommended 309B layouts built with the real code on a fake process group,
+and the planner held to what they hold and send."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mimo_train import planner as P
+from mimo_train.config import load_config
+from mimo_train.info import model_report
+from mimo_train.simulate import layer_activations, parallel_config, parse_layout, simulate, simulate_rank
+
+REPO = Path(__file__).resolve().parents[1]
+BIG = REPO / "configs/model/mimo_v2_flash.yaml"
+# The README's recommendations ("Choosing a layout"): (GPUs, GPU, seq) -> layout, as `mimo-train plan` ranks them.
+README_LAYOUTS = {
+    (64, "h200", 32768): "tp=1,pp=8,cp=8,dp=1,ep=8,recompute=selective",
+    (64, "h200", 262144): "tp=2,pp=2,cp=16,dp=1,ep=32,pp_schedule=dualpipev,pp_virtual=2,recompute=full",
+    (512, "h100", 32768): "tp=1,pp=4,cp=16,dp=8,ep=128,pp_schedule=dualpipev,pp_virtual=2",
+    (512, "h100", 262144): "tp=4,pp=4,cp=32,dp=1,ep=128,pp_schedule=dualpipev,pp_virtual=2",
+    (2048, "h100", 32768): "tp=1,pp=8,cp=16,dp=16,ep=256,pp_schedule=dualpipev,pp_virtual=2",
+    (2048, "h100", 262144): "tp=4,pp=2,cp=32,dp=8,ep=256,pp_schedule=dualpipev,pp_virtual=2",
+}
+# Where the optimizer's row blocks are not even: one local expert per rank (ep = experts) with edp > 1, whose
+# stacked expert tensors have a single row to split (`parallel/data_parallel.py`): the first rank of the group
+# holds the whole expert's state and the collectives move the padding.
+UNEVEN_TODAY = {(2048, "h100", 262144)}
+PREC = P.PRECISIONS["bf16"]
+WHERE_IDS = [f"{g}x{t}-{s // 1024}k" for g, t, s in README_LAYOUTS]
+
+
+@pytest.fixture(scope="module")
+def big():
+    cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
+    return cfg, P.geometry(cfg)
+
+
+_SIMULATED: dict = {}
+
+
+def _simulated(cfg, where):
+    """Every rank class of a README layout (built once per test session) and the plan's estimate of it."""
+    if where not in _SIMULATED:
+        gpus, gpu, seq = where
+        p = parallel_config(parse_layout(README_LAYOUTS[where]), gpus)
+        sim = simulate(cfg, p, seq, comm=False, activations=False)
+        _SIMULATED[where] = (p, sim, P.plan(cfg, gpus, gpu, seq, layouts=[_layout(p)])["results"][0])
+    return _SIMULATED[where]
+
+
+def _layout(p) -> P.Layout:
+    return P.Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, pp_schedule=p.pp_schedule, pp_virtual=p.pp_virtual,
+                    recompute=p.recompute)
+
+
+@pytest.mark.parametrize("where", list(README_LAYOUTS), ids=WHERE_IDS)
+def test_readme_layout_builds_with_the_planned_parameters(big, where):
+    """Every rank class builds; its parameters and gradients equal the plan's to the byte; the shards add up to the
+    whole model (308.78B + one MTP block, as `mimo-train info` counts it) exactly."""
+    cfg, geo = big
+    p, sim, planned = _simulated(cfg, where)
+    counts = model_report(cfg)["params"]
+    assert sim["total_params"] == geo.total_params == counts["total_with_mtp"] == counts["total"] + counts["mtp_total"]
+    L = _layout(p)
+    for r in sim["ranks"]:
+        state = P.state_bytes(P.rank_units(geo, L, r["pp_rank"]), L, PREC)
+        assert r["param_bytes"] + r["buffer_bytes"] == state["params"], r["rank"]
+        assert r["grad_bytes"] == state["grads"], r["rank"]
+        assert r["optimizer_bytes"] > 0
+    assert planned.fits
+
+
+@pytest.mark.parametrize("where", list(README_LAYOUTS), ids=WHERE_IDS)
+def test_no_rank_exceeds_the_planned_memory(big, where):
+    """Each rank's simulated parameters + gradients + optimizer state exceed the plan's for its pipeline rank by
+    at most MEMORY_TOLERANCE of the planned total (measured: 0 except 7.6 % at 2048 H100s, 256k)."""
+    cfg, geo = big
+    p, sim, planned = _simulated(cfg, where)
+    L = _layout(p)
+    for r in sim["ranks"]:
+        state = P.state_bytes(P.rank_units(geo, L, r["pp_rank"]), L, PREC)
+        held = r["param_bytes"] + r["buffer_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
+        excess = held - (state["params"] + state["grads"] + state["optimizer"])
+        assert excess <= planned.memory["total"] * P.MEMORY_TOLERANCE, (r["rank"], excess / 1e9)
+
+
+@pytest.mark.parametrize("where", [pytest.param(w, marks=pytest.mark.xfail(
+    w in UNEVEN_TODAY, strict=True, reason="stacked experts with one local expert are split by rows (one row) "
+                                           "over edp > 1: the first rank holds them whole"))
+    for w in README_LAYOUTS], ids=WHERE_IDS)
+def test_optimizer_state_is_balanced_within_2_percent(big, where):
+    """Within every pipeline stage, the largest and smallest optimizer state per rank differ by at most 2 %."""
+    cfg, _ = big
+    _, sim, _ = _simulated(cfg, where)
+    assert sim["optimizer_balance"] <= 0.02, f"{sim['optimizer_balance']:.1%}"
+
+
+def test_communication_per_kind_matches_the_plan(big):
+    """The collectives of one step, counted on the fake process group, against the planner's bytes per kind: the
+    first stage (embedding, head and MTP in the V) at the first and last context-parallel rank and the second stage
+    of the 512-GPU 256k layout, and the first rank of a full-recompute layout (its forward traffic repeats). (At
+    2048 GPUs, 256k the optimizer's padded expert blocks double the DP bytes: see UNEVEN_TODAY.)"""
+    cfg, geo = big
+    for where, ranks in (((512, "h100", 262144), (0, 127, 128)), ((64, "h200", 262144), (0,))):
+        seq = where[2]
+        p = parallel_config(parse_layout(README_LAYOUTS[where]), where[0])
+        L, m = _layout(p), 2**26 // seq // p.dp
+        s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+        runs: dict = {}
+        for rank in ranks:
+            sim = simulate_rank(cfg, p, rank, seq, m, "bf16", runs)
+            planned = P.rank_comm(geo, L, sim["pp_rank"], s, m, PREC, cp_rank=(rank // p.tp) % p.cp)
+            for kind, v in planned.items():
+                assert sim["comm"].get(kind, 0.0) == pytest.approx(v, rel=0.10), (where, rank, kind)
+            assert all(sim["comm"][k] > 0 for k in ("tp", "ep", "cp", "pp", "dp"))
+
+
+def test_activations_per_layer_match_the_plan(big):
+    """Bytes each layer type holds after its forward, on the meta device with torch's MemTracker, against the
+    planner's model of the torch kernel backend (the one the code has), for every recompute mode implemented."""
+    cfg, geo = big
+    seq = 262144
+    p = parallel_config(parse_layout(README_LAYOUTS[(512, "h100", seq)]), 512)
+    A = P.Assumptions(kernel="torch", packed_documents=False)
+    s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    shapes = {}
+    for sh in geo.shapes:
+        shapes.setdefault(("swa" if sh.sliding else "ga") + ("_moe" if sh.moe else "_dense"), sh)
+    measured = layer_activations(cfg, p, seq, "bf16")
+    for mode, runs in measured.items():
+        assert set(runs) == set(shapes)
+        for kind, run in runs.items():
+            planned = P.layer_bytes(cfg, shapes[kind], s, PREC.act_bytes, A, mode)
+            # Within 10 %; under full recompute a layer keeps 17 MB (its input) and the checkpoint about 2 MB more
+            # that the plan leaves out, hence the 4 MiB floor.
+            assert planned == pytest.approx(run["saved_bytes"], rel=0.10, abs=4 * 2**20), (mode, kind)
+            assert run["peak_bytes"] >= run["saved_bytes"]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mimo_train.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_simulate_cli_and_bad_layout():
+    tiny = "configs/model/mimo_tiny.yaml"
+    r = _cli("simulate", "--config", tiny, "--gpus", "8", "--layout", "tp=2,pp=2,dp=2,ep=2", "--seq", "256",
+             "--json", "--no-activations")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    cfg = load_config(REPO / tiny, ["model.mtp.num_blocks=1"]).model
+    assert out["total_params"] == model_report(cfg)["params"]["total_with_mtp"]
+    assert {r["pp_rank"] for r in out["ranks"]} == {0, 1}
+    assert all(r["comm"]["tp"] > 0 and r["comm"]["ep"] > 0 for r in out["ranks"])
+    bad = _cli("simulate", "--config", tiny, "--layout", "tp=2,bogus=3")
+    assert bad.returncode == 2 and "--layout: 'bogus=3' must be key=value" in bad.stderr
+    wrong = _cli("simulate", "--config", tiny, "--gpus", "4", "--layout", "tp=2,pp=4")
+    assert wrong.returncode == 2 and "must equal --gpus 4" in wrong.stderr
+
+
+def test_plan_verify_and_calibrate(tmp_path):
+    """`plan --verify` builds the top pick and marks it; `--calibrate` replaces assumptions by measured values."""
+    tiny = "configs/model/mimo_tiny.yaml"
+    cal = tmp_path / "gpu.json"
+    cal.write_text(json.dumps({"gpu": "h100", "measured": {"compute_efficiency": 0.25, "ib_gbs": 20}}))
+    args = ("plan", "--config", tiny, "--gpus", "4", "--seq", "1024", "--global-batch", "8", "--top", "2")
+    base = _cli(*args, "--json")
+    r = _cli(*args, "--json", "--verify", "--calibrate", str(cal))
+    assert base.returncode == 0 and r.returncode == 0, r.stderr[-3000:]
+    b, out = json.loads(base.stdout), json.loads(r.stdout)
+    assert out["measured"] == {"compute_efficiency": 0.25, "ib_gbs": 20.0}
+    assert out["assumptions"]["compute_efficiency"] == 0.25 and out["gpu"]["ib_gbs"] == 20.0
+    assert out["results"][0]["step_time"] > b["results"][0]["step_time"]
+    top = out["results"][0]["simulated"]
+    assert top["within_tolerance"] and top["ranks_built"] >= 1
+    assert out["results"][1]["simulated"] is None
+    text = _cli(*args, "--verify")
+    assert text.returncode == 0 and "built by simulate:" in text.stdout and " built" in text.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"measured": {"flops": 3}}))
+    r = _cli(*args, "--calibrate", str(bad))
+    assert r.returncode == 2 and "unknown measured fields ['flops']" in r.stderr
