@@ -23,7 +23,9 @@ class StopRequest:
         if signum == signal.SIGINT:
             self._interrupts += 1
             if self._interrupts > 1:
-                raise KeyboardInterrupt("second Ctrl-C: stopping now, without a checkpoint")
+                # Said before raising: the interrupt may land inside a checkpoint write, whose error then wraps it.
+                print("second Ctrl-C: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt("second Ctrl-C")
             if self.announce:
                 print("Ctrl-C: checkpointing at the end of this step, then exiting (press Ctrl-C again to exit now, "
                       "without a checkpoint)", file=sys.stderr, flush=True)

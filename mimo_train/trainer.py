@@ -275,7 +275,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
-        meta = ckpt.load_checkpoint(path, state, verified=True)  # rank 0 verified it (or this run just wrote it)
+        meta = ckpt.load_checkpoint(path, state, verified=True)  # the ranks verified it (or this run just wrote it)
         self.ckpt.resumed_from = meta["trainer"]["step"]
         copy_loaded_model_state(self.model, state["model"])
         tr = meta["trainer"]
