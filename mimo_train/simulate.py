@@ -62,9 +62,11 @@ def parse_layout(text: str) -> dict[str, Any]:
         if not sep or key not in fields:
             raise ConfigError(f"--layout: {item!r} must be key=value with key one of {', '.join(fields)}")
         default = fields[key].default
-        if isinstance(default, bool):
+        if key == "dp" and value == "auto":
+            out[key] = value
+        elif isinstance(default, bool):
             out[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
+        elif isinstance(default, int) or key == "dp":
             try:
                 out[key] = int(value)
             except ValueError:
@@ -79,6 +81,7 @@ def parse_layout(text: str) -> dict[str, Any]:
 def parallel_config(layout: dict[str, Any], gpus: int | None) -> ParallelConfig:
     p = ParallelConfig(**layout)
     p.validate()
+    p = p.resolve_dp(gpus)
     if gpus is not None and p.world_size != gpus:
         raise ConfigError(f"--layout: tp x pp x dp x cp = {p.world_size} must equal --gpus {gpus}")
     return p

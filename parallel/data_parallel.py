@@ -9,10 +9,12 @@ all-gather every layer's weights on every micro-batch for little memory gained. 
 same choice. (FSDP2's `fully_shard` was not used: it owns the parameters as DTensors, which our TP/EP/CP
 wrappers, holding plain local shards and doing their own communication, do not take.)
 
-Every parameter is split along its first dimension over its gradient group (the ranks that hold replicas of it:
-dp x cp for tensor-sharded dense weights, edp for experts, all ranks of a stage for replicated weights) in
-`torch.chunk`-style row blocks of ceil(rows / n): each rank keeps the Adam moments (and, in bf16 runs, the fp32
-master) of its rows only, so state is split evenly within every group. One step:
+Every parameter is split over its gradient group (the ranks that hold replicas of it: dp x cp for tensor-sharded
+dense weights, edp for experts, all ranks of a stage for replicated weights) along its first dimension that has at
+least as many entries ("rows") as the group has ranks, in `torch.chunk`-style blocks of ceil(rows / n): each rank
+keeps the Adam moments (and, in bf16 runs, the fp32 master) of its rows only, so state is split evenly within every
+group. (The first dimension alone would not do: a stack of one local expert, `[1, 2I, H]` under EP = #experts, would
+leave all of its state on the first rank of its edp group.) One step:
 
 1. the gradients of each group are reduce-scattered (one flat collective per group, all groups in flight at once):
    each rank receives the sum of its rows (the loss is normalised by global token counts: a sum, not a mean);
@@ -49,12 +51,13 @@ def _by_kind(params: dict[str, torch.nn.Parameter], layouts: dict[str, ParamLayo
 
 @dataclass(frozen=True)
 class RowShard:
-    """Rows [start, end) of a parameter with `rows` rows, held by rank `index` of `size`; every rank's block is
-    `chunk` rows long in the flat collectives (the last blocks are padded, or empty)."""
+    """Rows [start, end) along dimension `dim` of a parameter with `rows` entries there, held by rank `index` of
+    `size`; every rank's block is `chunk` rows long in the flat collectives (the last blocks are padded, or empty)."""
 
     rows: int
     size: int
     index: int
+    dim: int = 0
 
     @property
     def chunk(self) -> int:
@@ -68,21 +71,49 @@ class RowShard:
     def end(self) -> int:
         return min(self.start + self.chunk, self.rows)
 
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of `t` (a view)."""
+        return t.narrow(self.dim, self.start, self.end - self.start)
+
+
+def shard_dim(shape: torch.Size, size: int) -> int:
+    """The first dimension with at least `size` entries (0 when there is none, or for a scalar)."""
+    return next((d for d, n in enumerate(shape) if n >= size), 0)
+
 
 def row_shard(p: torch.Tensor, group) -> RowShard:
-    return RowShard(p.shape[0], comm.group_size(group), 0 if comm.group_size(group) == 1 else dist.get_rank(group))
+    size = comm.group_size(group)
+    dim = shard_dim(p.shape, size) if p.ndim else 0
+    rows = p.shape[dim] if p.ndim else 1
+    return RowShard(rows, size, 0 if size == 1 else dist.get_rank(group), dim)
+
+
+def _rows_first(t: torch.Tensor, s: RowShard) -> torch.Tensor:
+    """`t` with its sharded dimension moved first, as [rows, rest] (a copy when that dimension is not the first)."""
+    return t.reshape(1, -1) if t.ndim == 0 else t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1)
+
+
+def _rows_back(flat: torch.Tensor, s: RowShard, shape: torch.Size) -> torch.Tensor:
+    """Inverse of `_rows_first` for `flat` rows [n, rest] of a tensor of `shape` (n rows along `s.dim`)."""
+    if len(shape) == 0:
+        return flat.reshape(shape)
+    moved = [shape[s.dim], *[n for d, n in enumerate(shape) if d != s.dim]]
+    return flat.reshape(-1, *moved[1:]).movedim(0, s.dim)
 
 
 def _blocks(t: torch.Tensor, s: RowShard) -> torch.Tensor:
     """[size, chunk x row numel]: `t` (all rows) cut into the size row blocks, zero-padded."""
-    flat = t.reshape(s.rows, -1)
-    return F.pad(flat, (0, 0, 0, s.chunk * s.size - s.rows)).reshape(s.size, -1)
+    return F.pad(_rows_first(t, s), (0, 0, 0, s.chunk * s.size - s.rows)).reshape(s.size, -1)
 
 
 def _own_block(t: torch.Tensor, s: RowShard) -> torch.Tensor:
     """This rank's rows of `t` (all rows), flat and zero-padded to a whole block."""
-    rows = t[s.start:s.end].reshape(s.end - s.start, t[0].numel())  # (-1 is ambiguous for an empty block)
-    return F.pad(rows, (0, 0, 0, s.chunk - (s.end - s.start))).reshape(-1)
+    mine = _rows_first(t, s)[s.start:s.end]
+    return F.pad(mine, (0, 0, 0, s.chunk - (s.end - s.start))).reshape(-1)
+
+
+def _row_numel(p: torch.Tensor, s: RowShard) -> int:
+    return p.numel() // s.rows if p.ndim else 1
 
 
 def fill_missing_gradients(model: torch.nn.Module) -> None:
@@ -105,7 +136,7 @@ class ShardedAdamW:
         self.layouts = layouts
         self.shards = {n: row_shard(p, layouts[n].grad_group) for n, p in self.params.items()}
         self.owned = list(self.params)  # every rank holds a (possibly empty) row block of every parameter
-        rows = {n: self.params[n].detach()[s.start:s.end] for n, s in self.shards.items()}
+        rows = {n: s.of(self.params[n].detach()) for n, s in self.shards.items()}
         self.masters = {n: r.float().clone() for n, r in rows.items()} if master_weights else None
         self._rows = self.masters if master_weights else rows
         self.grad_shards: dict[str, torch.Tensor] = {}
@@ -148,10 +179,11 @@ class ShardedAdamW:
             work.wait()
             for n, block in zip(names, out.split([self._block_numel(n) for n in names])):
                 s, p = self.shards[n], self.params[n]
-                self.grad_shards[n] = block[:(s.end - s.start) * p[0].numel()].view(s.end - s.start, *p.shape[1:])
+                mine = block[:(s.end - s.start) * _row_numel(p, s)]
+                self.grad_shards[n] = _rows_back(mine, s, s.of(p).shape)
 
     def _block_numel(self, name: str) -> int:
-        return self.shards[name].chunk * self.params[name][0].numel()
+        return self.shards[name].chunk * _row_numel(self.params[name], self.shards[name])
 
     def grad_norm_squared(self) -> torch.Tensor:
         """The squared global L2 norm (float64, on the device: no host sync): each gradient element is counted
@@ -179,8 +211,7 @@ class ShardedAdamW:
             for n, rows in self._rows.items():
                 rows.grad = None
                 if self.masters is not None:
-                    s = self.shards[n]
-                    self.params[n][s.start:s.end].copy_(rows)
+                    self.shards[n].of(self.params[n]).copy_(rows)
         self._all_gather_rows()
 
     def zero_grad(self) -> None:
@@ -203,5 +234,5 @@ class ShardedAdamW:
                 work.wait()
                 gathered = out.view(comm.group_size(self.layouts[names[0]].grad_group), -1)
                 for n, cols in zip(names, gathered.split([self._block_numel(n) for n in names], dim=1)):
-                    p = self.params[n]
-                    p.copy_(cols.reshape(-1, *p.shape[1:])[:p.shape[0]])
+                    p, s = self.params[n], self.shards[n]
+                    p.copy_(_rows_back(cols.reshape(s.chunk * s.size, -1)[:s.rows], s, p.shape))

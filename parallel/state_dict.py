@@ -49,7 +49,7 @@ def globalise_rows(t: torch.Tensor, name: str, opt, layouts: dict[str, ParamLayo
         placements.append(Shard(layout.dim))
     if shard.size > 1:
         dims.append("grad")
-        placements.append(Shard(0))
+        placements.append(Shard(shard.dim))
     mesh = topo.optimizer_meshes[layout.grad_kind][tuple(dims)]
     stride = torch.empty(global_shape, device="meta").stride()
     return DTensor.from_local(t, mesh, placements, run_check=False, shape=torch.Size(global_shape), stride=stride)

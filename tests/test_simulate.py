@@ -27,10 +27,6 @@ README_LAYOUTS = {
     (2048, "h100", 32768): "tp=1,pp=8,cp=16,dp=16,ep=256,pp_schedule=dualpipev,pp_virtual=2",
     (2048, "h100", 262144): "tp=4,pp=2,cp=32,dp=8,ep=256,pp_schedule=dualpipev,pp_virtual=2",
 }
-# Where the optimizer's row blocks are not even: one local expert per rank (ep = experts) with edp > 1, whose
-# stacked expert tensors have a single row to split (`parallel/data_parallel.py`): the first rank of the group
-# holds the whole expert's state and the collectives move the padding.
-UNEVEN_TODAY = {(2048, "h100", 262144)}
 PREC = P.PRECISIONS["bf16"]
 WHERE_IDS = [f"{g}x{t}-{s // 1024}k" for g, t, s in README_LAYOUTS]
 
@@ -90,10 +86,7 @@ def test_no_rank_exceeds_the_planned_memory(big, where):
         assert excess <= planned.memory["total"] * P.MEMORY_TOLERANCE, (r["rank"], excess / 1e9)
 
 
-@pytest.mark.parametrize("where", [pytest.param(w, marks=pytest.mark.xfail(
-    w in UNEVEN_TODAY, strict=True, reason="stacked experts with one local expert are split by rows (one row) "
-                                           "over edp > 1: the first rank holds them whole"))
-    for w in README_LAYOUTS], ids=WHERE_IDS)
+@pytest.mark.parametrize("where", list(README_LAYOUTS), ids=WHERE_IDS)
 def test_optimizer_state_is_balanced_within_2_percent(big, where):
     """Within every pipeline stage, the largest and smallest optimizer state per rank differ by at most 2 %."""
     cfg, _ = big
@@ -104,8 +97,7 @@ def test_optimizer_state_is_balanced_within_2_percent(big, where):
 def test_communication_per_kind_matches_the_plan(big):
     """The collectives of one step, counted on the fake process group, against the planner's bytes per kind: the
     first stage (embedding, head and MTP in the V) at the first and last context-parallel rank and the second stage
-    of the 512-GPU 256k layout, and the first rank of a full-recompute layout (its forward traffic repeats). (At
-    2048 GPUs, 256k the optimizer's padded expert blocks double the DP bytes: see UNEVEN_TODAY.)"""
+    of the 512-GPU 256k layout, and the first rank of a full-recompute layout (its forward traffic repeats)."""
     cfg, geo = big
     for where, ranks in (((512, "h100", 262144), (0, 127, 128)), ((64, "h200", 262144), (0,))):
         seq = where[2]
@@ -160,8 +152,10 @@ def test_simulate_cli_and_bad_layout():
     assert all(r["comm"]["tp"] > 0 and r["comm"]["ep"] > 0 for r in out["ranks"])
     bad = _cli("simulate", "--config", tiny, "--layout", "tp=2,bogus=3")
     assert bad.returncode == 2 and "--layout: 'bogus=3' must be key=value" in bad.stderr
-    wrong = _cli("simulate", "--config", tiny, "--gpus", "4", "--layout", "tp=2,pp=4")
-    assert wrong.returncode == 2 and "must equal --gpus 4" in wrong.stderr
+    wrong = _cli("simulate", "--config", tiny, "--gpus", "4", "--layout", "tp=2,pp=4")  # dp auto
+    assert wrong.returncode == 2 and "needs the world size 4 to be a multiple of tp x pp x cp" in wrong.stderr
+    explicit = _cli("simulate", "--config", tiny, "--gpus", "4", "--layout", "tp=2,pp=1,dp=4")
+    assert explicit.returncode == 2 and "must equal --gpus 4" in explicit.stderr, explicit.stderr
 
 
 def test_plan_verify_and_calibrate(tmp_path):
