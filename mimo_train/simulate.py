@@ -525,14 +525,15 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layout", default="", help="keys of parallel.*, e.g. tp=2,pp=16,cp=4,dp=4,ep=8,"
                                                 "pp_schedule=dualpipev,pp_virtual=2 (default: plan's top pick)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="for plan's top pick without --layout")
-    p.add_argument("--seq", type=int, default=32768)
+    p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 2^26 tokens / seq)")
     p.add_argument("--mtp-blocks", type=int, default=1, help="MTP blocks (default 1, as plan; -1: the config's)")
-    p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="bf16")
+    p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="bf16",
+                   help="weights/gradients/optimizer precision to account for (default bf16, as train.precision)")
     p.add_argument("--ranks", choices=("classes", "all"), default="classes",
                    help="classes: first and last rank of each pipeline stage; all: every rank")
     p.add_argument("--no-activations", action="store_true", help="skip the per-layer activation measurement")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. model.num_layers=24")
     p.set_defaults(func=run_simulate)
     return p
