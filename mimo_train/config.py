@@ -20,6 +20,8 @@ import yaml
 from data_pipeline.config import DataConfig, SourceConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+# `parallel.backend`: the layer specs of parallel/kernels (`te`, Transformer Engine, is planned, not implemented).
+KERNEL_BACKENDS = ("torch", "fused")
 
 
 class ConfigError(ValueError):
@@ -152,7 +154,7 @@ class ParallelConfig:
     ep: int = 1
     etp: int = 1
     sequence_parallel: bool = True
-    backend: str = "torch"  # kernel backend: "torch" (runs everywhere) or "te" (Transformer Engine on GPUs)
+    backend: str = "torch"  # layer spec: "torch" (the reference, runs everywhere) or "fused" (torch's fused kernels)
     # Pipeline: the schedule, the number of (virtual) stages each rank holds, and the decoder layers of each
     # stage in order (empty: an even split). zbv and dualpipev place 2 stages per rank in a V.
     pp_schedule: str = "1f1b"
@@ -183,7 +185,8 @@ class ParallelConfig:
                      f"needs one layer count per stage (pp x pp_virtual = {self.pp * self.pp_virtual})", self.pp_layout)
             _require(all(n >= 0 for n in self.pp_layout), f"{prefix}.pp_layout", "layer counts must be >= 0",
                      self.pp_layout)
-        _require(self.backend in ("torch", "te"), f"{prefix}.backend", "must be 'torch' or 'te'", self.backend)
+        _require(self.backend in KERNEL_BACKENDS, f"{prefix}.backend", f"must be one of {', '.join(KERNEL_BACKENDS)}",
+                 self.backend)
         _require(self.recompute in self.RECOMPUTE, f"{prefix}.recompute", f"must be one of {', '.join(self.RECOMPUTE)}",
                  self.recompute)
 

@@ -62,17 +62,23 @@ class ChunkLayout:
 
 
 class ContextParallelAttention:
-    """Wraps a kernel backend: same interface, local q/k/v of this rank's chunks, whole-sequence doc ids."""
+    """Wraps an attention core of a layer spec (`parallel.kernels`): called like it, with the local q/k/v of this
+    rank's chunks and the whole sequence's attention metadata; the local core sees chunks and their metadata."""
 
-    def __init__(self, base, layout: ChunkLayout, group):
+    def __init__(self, base, layout: ChunkLayout, group, *, sliding: bool, window_keys: int = 0):
         self.base, self.layout, self.group = base, layout, group
+        self.sliding, self.window_keys = sliding, window_keys
+
+    def __call__(self, q, k, v, attn_meta, sink=None):
+        if self.sliding:
+            return self.sliding_window_attention(q, k, v, attn_meta, sink)
+        return self.causal_attention(q, k, v, attn_meta)
 
     # ---- sliding window: halo exchange ------------------------------------------------------------------------
-    def sliding_window_attention(self, q, k, v, *, window_keys, scale, sink=None, doc_ids=None):
+    def sliding_window_attention(self, q, k, v, attn_meta, sink=None):
         B, S_local = q.shape[:2]
         L, cp = S_local // 2, self.layout.cp
-        S = L * 2 * cp
-        W = window_keys - 1
+        W = self.window_keys - 1
         if W > L:
             raise ValueError(f"context parallelism: chunk length {L} (seq_len / 2cp) must be >= the window {W}")
         halos = self._exchange_halos(k, v, L, W) if W > 0 else {}
@@ -85,9 +91,7 @@ class ContextParallelAttention:
                 qc = torch.cat([qc.new_zeros(B, W, *qc.shape[2:]), qc], dim=1)
                 kc, vc = torch.cat([hk, kc], dim=1), torch.cat([hv, vc], dim=1)
                 start -= W
-            docs = doc_ids[:, start:(c + 1) * L] if doc_ids is not None else None
-            out = self.base.sliding_window_attention(qc, kc, vc, window_keys=window_keys, scale=scale, sink=sink,
-                                                     doc_ids=docs)
+            out = self.base(qc, kc, vc, attn_meta.slice(start, (c + 1) * L), sink=sink)
             outputs.append(out[:, out.shape[1] - L:])
         return torch.cat(outputs, dim=1)
 
@@ -128,7 +132,7 @@ class ContextParallelAttention:
         return halos
 
     # ---- global attention: all-gather K/V ---------------------------------------------------------------------
-    def causal_attention(self, q, k, v, *, scale, doc_ids=None):
+    def causal_attention(self, q, k, v, attn_meta):
         L = q.shape[1] // 2
         S = L * 2 * self.layout.cp
         order = self.layout.gathered_to_global(S, q.device)
@@ -137,10 +141,6 @@ class ContextParallelAttention:
         outputs = []
         for j, c in enumerate(self.layout.chunks()):
             end = (c + 1) * L
-            outputs.append(self.base.causal_attention_at(
-                q[:, j * L:(j + 1) * L], k_all[:, :end], v_all[:, :end], q_start=c * L, scale=scale,
-                doc_ids=doc_ids[:, :end] if doc_ids is not None else None))
+            outputs.append(self.base.at(q[:, j * L:(j + 1) * L], k_all[:, :end], v_all[:, :end],
+                                        attn_meta.slice(0, end), q_start=c * L))
         return torch.cat(outputs, dim=1)
-
-    def expert_mlp(self, *args):
-        return self.base.expert_mlp(*args)

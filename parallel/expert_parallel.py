@@ -1,7 +1,7 @@
 """Expert parallelism: the experts of an MoE layer are split over the ep group and tokens travel to them.
 
 Each rank routes its own tokens (its sequence slice under SP), sends every (token, expert) row to the rank that
-owns the expert with an uneven all-to-all, runs its local experts through the kernel backend's grouped GEMM, and
+owns the expert with an uneven all-to-all, runs its local experts through the layer spec's experts module, and
 sends the results back. The balance-loss statistics are summed over the ranks that hold slices of the same
 sequences, and the expert counts over every rank that holds distinct tokens, so the aux loss and the bias update
 equal the single-process definitions under every layout.
@@ -32,7 +32,7 @@ class ExpertParallelMoE(MoE):
 
     def compute_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if self.ep_size == 1:
-            return self.experts(rows, tokens_per_expert.tolist())
+            return self.experts(rows, tokens_per_expert)
         E_local, ep = self.local_experts, self.ep_size
         # How many rows this rank sends to each (destination rank, its local expert), and receives back.
         send = tokens_per_expert.view(ep, E_local)

@@ -83,7 +83,8 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
         model.sequence_layout = ChunkLayout(topo.cp, topo.rank_in("cp"))
         for module in model.modules():
             if isinstance(module, Attention):
-                module.kernels = ContextParallelAttention(module.kernels, model.sequence_layout, topo.group("cp"))
+                module.core = ContextParallelAttention(module.core, model.sequence_layout, topo.group("cp"),
+                                                       sliding=module.sliding, window_keys=module.window_keys)
     sequence_group = topo.group("tp_cp") if (sp or topo.cp > 1) else None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

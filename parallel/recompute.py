@@ -18,12 +18,11 @@ from functools import wraps
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from mimo_train.model.layers import Attention, DenseMLP, Experts
+from mimo_train.model.layers import Attention, DenseMLP, MoE
 from mimo_train.model.transformer import DecoderLayer
 from parallel.context_parallel import ContextParallelAttention
 
 MODES = ("none", "selective", "full")
-ATTENTION_CORES = ("sliding_window_attention", "causal_attention", "causal_attention_at")
 
 
 def _recomputed(fn):
@@ -33,14 +32,17 @@ def _recomputed(fn):
     return call
 
 
-class RecomputedKernels:
-    """A kernel backend whose attention cores and expert GEMMs are recomputed in backward."""
+class RecomputedCore:
+    """An attention core (of any layer spec) whose computation is recomputed in backward."""
 
     def __init__(self, base):
         self.base = base
-        for name in (*ATTENTION_CORES, "expert_mlp"):
-            if hasattr(base, name):
-                setattr(self, name, _recomputed(getattr(base, name)))
+        self._call = _recomputed(base.__call__)
+        if hasattr(base, "at"):  # a global core's chunk-of-a-longer-sequence entry (context parallelism)
+            self.at = _recomputed(base.at)
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
 
 
 def apply_recompute(model: nn.Module, mode: str) -> None:
@@ -53,12 +55,12 @@ def apply_recompute(model: nn.Module, mode: str) -> None:
             module.forward = _recomputed(module.forward)
         elif mode == "selective":
             if isinstance(module, Attention):
-                if isinstance(module.kernels, ContextParallelAttention):
-                    module.kernels.base = RecomputedKernels(module.kernels.base)
+                if isinstance(module.core, ContextParallelAttention):
+                    module.core.base = RecomputedCore(module.core.base)
                 else:
-                    module.kernels = RecomputedKernels(module.kernels)
-            elif isinstance(module, Experts):
-                module.kernels = RecomputedKernels(module.kernels)
+                    module.core = RecomputedCore(module.core)
+            elif isinstance(module, MoE):  # the spec's experts module, whatever its class
+                module.experts.forward = _recomputed(module.experts.forward)
             elif isinstance(module, DenseMLP):
                 module.forward = _recomputed(module.forward)
 

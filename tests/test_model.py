@@ -12,7 +12,7 @@ from transformers import MiMoV2FlashForCausalLM
 from mimo_train import hf
 from mimo_train.model import IGNORE_INDEX
 from mimo_train.trainer import update_expert_bias
-from parallel.kernels import get_backend
+from parallel.kernels import torch_backend
 from tests.helpers import randomised_model, tiny_model_config
 
 
@@ -59,7 +59,7 @@ def test_sliding_window_kernel_never_builds_an_s_by_s_tensor():
     v = torch.randn(1, S, 1, 8, requires_grad=True)
     sink = torch.zeros(2, requires_grad=True)
     with _LargestTensor() as probe:
-        out = get_backend("torch").sliding_window_attention(q, k, v, window_keys=W + 1, scale=0.25, sink=sink,
+        out = torch_backend.sliding_window_attention(q, k, v, window_keys=W + 1, scale=0.25, sink=sink,
                                                             doc_ids=torch.zeros(1, S, dtype=torch.long))
         out.sum().backward()
     # Scores are [heads, S, block + W]: linear in S. An S x S mask alone would be 268M elements.
@@ -87,7 +87,7 @@ def test_sliding_window_kernel_matches_dense_reference_with_documents(S, window_
     q, k, v = torch.randn(2, S, 4, 12, generator=gen), torch.randn(2, S, 2, 12, generator=gen), torch.randn(2, S, 2, 8, generator=gen)
     sink = torch.randn(4, generator=gen)
     doc_ids = torch.cumsum((torch.rand(2, S, generator=gen) < 0.08).long(), dim=1)
-    ours = get_backend("torch").sliding_window_attention(q, k, v, window_keys=window_keys, scale=0.3, sink=sink,
+    ours = torch_backend.sliding_window_attention(q, k, v, window_keys=window_keys, scale=0.3, sink=sink,
                                                          doc_ids=doc_ids)
     ref = _dense_reference(q, k, v, window_keys, 0.3, sink, doc_ids)
     assert (ours - ref).abs().max().item() < 1e-5

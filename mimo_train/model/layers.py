@@ -1,7 +1,8 @@
 """The building blocks of MiMo-V2-Flash: RMSNorm, partial rotary embeddings, attention, dense and MoE FFNs.
 
 Parameter names follow the Hugging Face implementation (`transformers.models.mimo_v2_flash`) so that a state dict
-maps one to one. The attention kernels and the expert GEMMs come from a kernel backend (`parallel.kernels`).
+maps one to one. The attention cores and the expert GEMMs come from a layer spec (`parallel.kernels`, chosen by
+`parallel.backend`): the model asks it for them by layer type and stays the same whatever kernels run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimo_train.config import ModelConfig
-from parallel.kernels import get_backend
+from parallel.kernels import get_spec
+from parallel.kernels.metadata import AttentionMetadata
 
 
 class RMSNorm(nn.Module):
@@ -69,9 +71,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """GQA attention with QK head dim 192, V head dim 128, partial RoPE, value scale, and (SWA only) a sink."""
 
-    def __init__(self, cfg: ModelConfig, sliding: bool, apply_value_scale: bool = True, backend: str = "torch"):
+    def __init__(self, cfg: ModelConfig, sliding: bool, apply_value_scale: bool = True,
+                 spec=None):
         super().__init__()
+        spec = spec or get_spec("torch")
         self.sliding = sliding
+        self.layer_type = "sliding_attention" if sliding else "full_attention"
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.swa_num_key_value_heads if sliding else cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -83,11 +88,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * cfg.v_head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * cfg.v_head_dim, cfg.hidden_size, bias=False)
-        # The sink joins the softmax denominator of every query of its head (SWA layers only).
-        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if sliding else None
-        self.kernels = get_backend(backend)
+        # The spec's parameters of this core (SWA: `sinks`, one logit per head that joins the softmax denominator
+        # of every query of its head; None on global layers).
+        for name, param in spec.attention_parameters(self.layer_type, self.num_heads).items():
+            self.register_parameter(name, param)
+        self.core = spec.attention_core(self.layer_type, window_keys=self.window_keys, scale=self.scale)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_meta):
+        """attn_meta: the micro-batch's AttentionMetadata (document boundaries), built once in prepare()."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Shapes come from the projections: under sequence parallelism x holds a slice of the sequence and the
         # projections gather it, and under tensor parallelism they return this rank's heads only.
@@ -96,12 +104,9 @@ class Attention(nn.Module):
         k = k.view(B, S, -1, self.head_dim)
         v = v.view(B, S, -1, self.v_head_dim) * self.v_scale
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.sliding:
-            out = self.kernels.sliding_window_attention(
-                q, k, v, window_keys=self.window_keys, scale=self.scale, sink=self.sinks, doc_ids=doc_ids
-            )
-        else:
-            out = self.kernels.causal_attention(q, k, v, scale=self.scale, doc_ids=doc_ids)
+        if not isinstance(attn_meta, AttentionMetadata):  # bare document ids (a tensor or None), as simulate passes
+            attn_meta = AttentionMetadata(attn_meta, B, S, q.device)
+        out = self.core(q, k, v, attn_meta, sink=self.sinks)
         return self.o_proj(out.reshape(B, S, -1))
 
 
@@ -162,28 +167,30 @@ class TopKRouter(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts' SwiGLU weights as stacked 3-D tensors, ready for a grouped GEMM."""
+    """The routed experts' SwiGLU weights as stacked 3-D tensors, ready for a grouped GEMM. The layer spec gives a
+    subclass whose forward runs them (a loop in the reference, a grouped GEMM in `fused`)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: str = "torch") -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.kernels = get_backend(backend)
 
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        return self.kernels.expert_mlp(x_sorted, tokens_per_expert, self.gate_up_proj, self.down_proj)
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor | list[int]) -> torch.Tensor:
+        """x_sorted [N, H]: rows grouped by expert in order; tokens_per_expert [E]: how many rows each expert has
+        (a device tensor, or a host list where it is already known, under expert parallelism). Returns [N, H]."""
+        raise NotImplementedError
 
 
 class MoE(nn.Module):
     """Top-k routed experts without shared experts. Also computes the sequence-wise balance loss and counts the
     tokens each expert received (for the bias update and for logging)."""
 
-    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+    def __init__(self, cfg: ModelConfig, spec=None) -> None:
         super().__init__()
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.gate = TopKRouter(cfg)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, backend)
+        self.experts = (spec or get_spec("torch")).experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
 
     def forward(self, x: torch.Tensor):
         """x: [B, S, H] -> (y [B, S, H], seq_aux_loss_sum (scalar, summed over the B sequences), tokens_per_expert [E])."""
@@ -205,7 +212,7 @@ class MoE(nn.Module):
 
     def compute_experts(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Rows grouped by expert -> expert outputs in the same order (expert parallelism overrides this)."""
-        return self.experts(rows, tokens_per_expert.tolist())
+        return self.experts(rows, tokens_per_expert)
 
     def balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return balance_loss(*balance_statistics(scores, indices), self.top_k)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from mimo_train.config import ModelConfig
 from mimo_train.model.layers import Attention, DenseMLP, MoE, RMSNorm, RotaryEmbedding
+from parallel.kernels import get_spec
+from parallel.kernels.metadata import document_ids
 
 IGNORE_INDEX = -100
 
@@ -44,18 +46,18 @@ class ModelOutput:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: str = "torch") -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, spec) -> None:
         super().__init__()
         self.sliding = not cfg.is_global_layer(layer_idx)
         self.layer_type = "sliding_attention" if self.sliding else "full_attention"
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, self.sliding, backend=backend)
+        self.self_attn = Attention(cfg, self.sliding, spec=spec)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, backend) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg, spec) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, doc_ids):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+    def forward(self, x, cos, sin, attn_meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_meta)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             y, aux, counts = self.mlp(h)
@@ -66,54 +68,49 @@ class DecoderLayer(nn.Module):
 class MTPBlock(nn.Module):
     """One MTP depth: [enorm(emb(x_{i+d})); hnorm(h_i)] -> eh_proj -> an SWA layer with a dense FFN -> final norm."""
 
-    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+    def __init__(self, cfg: ModelConfig, spec) -> None:
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, sliding=True, apply_value_scale=cfg.mtp.apply_value_scale, backend=backend)
+        self.self_attn = Attention(cfg, sliding=True, apply_value_scale=cfg.mtp.apply_value_scale, spec=spec)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, hidden, token_embeds, cos, sin, doc_ids):
+    def forward(self, hidden, token_embeds, cos, sin, attn_meta):
         x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden)], dim=-1))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, doc_ids)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_meta)
         x = x + self.mlp(self.pre_mlp_layernorm(x))
         # The un-normed x feeds the next depth; the normed one feeds the shared LM head.
         return x, self.final_layernorm(x)
 
 
 class MTP(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+    def __init__(self, cfg: ModelConfig, spec) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([MTPBlock(cfg, backend) for _ in range(cfg.mtp.num_blocks)])
+        self.layers = nn.ModuleList([MTPBlock(cfg, spec) for _ in range(cfg.mtp.num_blocks)])
 
 
 class MiMoModel(nn.Module):
     """Embedding, decoder layers and final norm (HF name: `model`)."""
 
-    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+    def __init__(self, cfg: ModelConfig, spec) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             cfg.rotary_dim, {"full_attention": cfg.rope_theta, "sliding_attention": cfg.swa_rope_theta}
         )
-        self.mtp = MTP(cfg, backend) if cfg.mtp.num_blocks > 0 else None
+        self.mtp = MTP(cfg, spec) if cfg.mtp.num_blocks > 0 else None
 
 
 def _generator(seed: int, *parts) -> torch.Generator:
     key = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Packed documents restart their positions at 0; number the documents of each row from there."""
-    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
 
 
 def shift_within_documents(t: torch.Tensor, doc_ids: torch.Tensor, d: int, fill: int) -> torch.Tensor:
@@ -127,9 +124,11 @@ def shift_within_documents(t: torch.Tensor, doc_ids: torch.Tensor, d: int, fill:
 
 class MiMoForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
+        """backend: the layer spec's name (`parallel.backend`: torch | fused)."""
         super().__init__()
         self.cfg = cfg
-        self.model = MiMoModel(cfg, backend)
+        self.spec = get_spec(backend)
+        self.model = MiMoModel(cfg, self.spec)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Summed cross-entropy of logits against labels; tensor parallelism swaps in the vocab-parallel one.
         self.cross_entropy_sum = cross_entropy_sum
@@ -207,17 +206,16 @@ class MiMoForCausalLM(nn.Module):
     # The forward in pieces, so a pipeline stage can run only its own: prepare -> embed -> run_layers -> head.
     def prepare(self, input_ids, position_ids=None, labels=None) -> "Batch":
         B, S = input_ids.shape
+        # Document boundaries are computed on the device, once per micro-batch, and never read by the host: the
+        # attention metadata (cu_seqlens, masks) every layer shares is derived from them on the device too.
+        doc_ids = document_ids(position_ids) if position_ids is not None else None
+        attn_meta = self.spec.metadata(doc_ids, B, S, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-            doc_ids = None
-        else:
-            doc_ids = document_ids(position_ids)
-            if bool((doc_ids == doc_ids[:, :1]).all()):
-                doc_ids = None  # one document per row: plain causal masks are cheaper
         local_positions = self.sequence_layout.local(position_ids)
         dtype = next(self.parameters()).dtype  # the dtype of the hidden states the tables multiply
         rope = {t: self.model.rotary_emb(local_positions, t, dtype) for t in ("full_attention", "sliding_attention")}
-        return Batch(input_ids, position_ids, labels, doc_ids, rope)
+        return Batch(input_ids, position_ids, labels, doc_ids, rope, attn_meta)
 
     def embed(self, batch: "Batch") -> torch.Tensor:
         return self.model.embed_tokens(self.sequence_layout.local(batch.input_ids))
@@ -225,7 +223,7 @@ class MiMoForCausalLM(nn.Module):
     def run_layers(self, x, layers, batch: "Batch"):
         aux_terms, counts = [], []
         for layer in layers:
-            x, aux, cnt = layer(x, *batch.rope[layer.layer_type], batch.doc_ids)
+            x, aux, cnt = layer(x, *batch.rope[layer.layer_type], batch.attn_meta)
             if aux is not None:
                 aux_terms.append(aux)
                 counts.append(cnt)
@@ -253,7 +251,7 @@ class MiMoForCausalLM(nn.Module):
                 # context-parallel rank boundaries freely.
                 tokens = local(shift_within_documents(batch.input_ids, docs, d, fill=0))
                 targets = local(shift_within_documents(batch.labels, docs, d, fill=IGNORE_INDEX))
-                h, normed = block(h, m.embed_tokens(tokens), *batch.rope["sliding_attention"], batch.doc_ids)
+                h, normed = block(h, m.embed_tokens(tokens), *batch.rope["sliding_attention"], batch.attn_meta)
                 mtp_logits = self.lm_head(normed)
                 loss_sum, n = self.cross_entropy_sum(mtp_logits, targets)
                 if return_logits:
@@ -266,13 +264,15 @@ class MiMoForCausalLM(nn.Module):
 @dataclass
 class Batch:
     """A micro-batch as every piece of the forward sees it: token ids, positions, labels and document ids of the
-    whole sequence, and the rotary tables of this rank's part of it."""
+    whole sequence, the rotary tables of this rank's part of it, and the attention metadata every layer shares
+    (`parallel.kernels.metadata.AttentionMetadata`, from the layer spec)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     doc_ids: torch.Tensor | None
     rope: dict
+    attn_meta: object = None
 
 
 class WholeSequence:

@@ -1,33 +1,38 @@
-"""Kernel backends: the local computation that the model and the parallel wrappers delegate to.
+"""Layer specs: which kernels run the model's attention cores and experts (`parallel.backend`).
 
-`torch` is the reference backend and runs everywhere (CPU included). `te` runs Transformer Engine kernels on
-NVIDIA GPUs. A backend provides:
+In the spirit of Megatron-Core's `ModuleSpec` / `TESpecProvider`, the model asks a spec for
 
-- `sliding_window_attention(q, k, v, *, window_keys, scale, sink, doc_ids)`
-- `causal_attention(q, k, v, *, scale, doc_ids)`
-- `causal_attention_at(q, k, v, *, q_start, scale, doc_ids)` (queries that are a chunk of a longer sequence)
-- `expert_mlp(x_sorted, tokens_per_expert, gate_up_proj, down_proj)` (the grouped GEMM of the local experts)
+- `attention_core(layer_type, *, window_keys, scale)`: the core of an attention layer (`sliding_attention` or
+  `full_attention`), called `core(q, k, v, attn_meta, sink=...)`; a global core also has `core.at(...)` for
+  queries that are a chunk of a longer sequence (context parallelism);
+- `attention_parameters(layer_type, num_heads)`: the parameters the core needs, which the attention module
+  registers under these names (`sinks`, as in the Hugging Face checkpoints);
+- `experts(num_experts, hidden, intermediate)`: the routed experts' module (`gate_up_proj`, `down_proj`);
+- `metadata(doc_ids, batch, seq_len, device)`: the per-micro-batch `AttentionMetadata` every layer shares.
 
-Tensors are laid out [batch, seq, heads, head_dim]; `doc_ids` [batch, seq] marks packed documents (attention never
-crosses a document boundary), or is None for one document per row.
+Specs: `torch` (the reference, `parallel/kernels/spec.py`, runs everywhere) and `fused` (torch's fused kernels:
+flash / efficient / flex attention with the sink folded into the log-sum-exp, `torch._grouped_mm` experts;
+`parallel/kernels/fused.py`). Tensors are laid out [batch, seq, heads, head_dim].
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from mimo_train.config import KERNEL_BACKENDS
 
-_BACKENDS: dict[str, ModuleType] = {}
+_SPECS: dict = {}
 
 
-def get_backend(name: str = "torch") -> ModuleType:
-    if name not in _BACKENDS:
+def get_spec(name: str = "torch"):
+    """The layer spec named by `parallel.backend` (one instance per name; specs hold no state)."""
+    if name not in _SPECS:
         if name == "torch":
-            from parallel.kernels import torch_backend as mod
-        elif name == "te":
-            raise NotImplementedError(
-                "parallel.backend=te: the Transformer Engine backend is not implemented yet; use parallel.backend=torch"
-            )
+            from parallel.kernels.spec import LayerSpec
+            spec = LayerSpec()
+        elif name == "fused":
+            from parallel.kernels.fused import FusedSpec
+            spec = FusedSpec()
         else:
-            raise ValueError(f"parallel.backend: unknown kernel backend {name!r} (valid: torch, te)")
-        _BACKENDS[name] = mod
-    return _BACKENDS[name]
+            raise ValueError(f"parallel.backend: unknown kernel backend {name!r} (valid: {', '.join(KERNEL_BACKENDS)})")
+        _SPECS[name] = spec
+    return _SPECS[name]
+
