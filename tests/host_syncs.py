@@ -65,7 +65,9 @@ def count_host_syncs(trainer):
 
 
 def sync_budget(trainer, micro_batches: int) -> int:
-    """What a step may cost: one read of expert split sizes per MoE layer and micro-batch (the all-to-all splits
-    under EP; the torch backend's expert loop otherwise), one document-boundary check per micro-batch, and the
-    step's one read of its results."""
-    return len(trainer.model.moe_layers()) * micro_batches + micro_batches + 1
+    """What a step may cost: one read of expert split sizes per MoE layer and micro-batch where the experts need
+    them on the host (the all-to-all splits under EP; the torch backend's expert loop), and the step's one read of
+    its results. Document boundaries cost nothing: the attention metadata is built on the device."""
+    parallel = trainer.cfg.parallel
+    host_sized_experts = parallel.ep > 1 or parallel.backend == "torch"
+    return (len(trainer.model.moe_layers()) * micro_batches if host_sized_experts else 0) + 1
