@@ -20,7 +20,8 @@ The model is analytical, built from the code rather than from rules of thumb:
 - **Activations** are the tensors autograd saves in our implementation, per token, layer by layer (see
   `_attention_bytes`, `_moe_bytes`, ...): q/k/v/o with the 192/128 head dims; for the `torch` kernel backend the
   SWA score tiles of S x (block + W) per head and, for GA with packed documents, the S x S probabilities of the
-  math SDPA path; for a `fused` kernel (TE / flash, the GPU assumption) only q, k, v, out and the log-sum-exp;
+  math SDPA path; for a `fused` kernel (the GPU assumption: `parallel/kernels/fused.py`, flash varlen with the sink
+  folded into its lse for SWA, flex_attention or efficient varlen for GA) only q, k, v, out and the log-sum-exp;
   MoE: fp32 router input and scores, the dispatched rows (top-k x tokens x hidden), the expert intermediates and
   the combined rows; the LM head's fp32 log-softmax (vocab-parallel) for the main head and each MTP block; the
   all-gathered K/V of GA layers under CP. Sequence parallelism divides the norm/residual/MoE tokens by tp.
@@ -117,7 +118,8 @@ class Assumptions:
     overlap_cp: float = 0.5
     overlap_pp: float = 0.9
     overlap_dp: float = 0.5
-    kernel: str = "fused"  # attention kernels: "fused" (TE / flash: O(S) memory) or "torch" (our reference backend)
+    # attention kernels: "fused" (parallel.backend=fused on a GPU: flash varlen / flex, O(S) memory) or "torch"
+    kernel: str = "fused"
     packed_documents: bool = True  # torch kernel: GA layers use the masked (S x S) SDPA path
     micro_batch_size: int = 1
 
@@ -341,7 +343,8 @@ def _attention_bytes(cfg: ModelConfig, sliding: bool, kv_heads: int, s: ActShape
             Tq = T + (2 * W * s.mbs if s.cp > 1 else 0)  # CP: halo rows prepended to each chunk
             keys = C + W
             b += Tq * a * (hq * D + hq * D * keys / C + 3 * hq * keys + hq * Dv * keys / C + 3 * hq) + Tq * keys
-        else:  # fused kernel (or the core recomputed): q, k, v and the log-sum-exp
+        else:  # fused kernel (flash varlen + sink fold, parallel/kernels/sink_attention.py; or the core
+            # recomputed): q, k, v and the log-sum-exp
             b += T * (a * (hq * D + hkv * (D + Dv)) + 4 * hq)
     else:
         keys_kv = T * (s.cp if s.cp > 1 else 1)  # GA under CP: the all-gathered K/V of the whole sequence
@@ -986,7 +989,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
                    help="weights, gradients and optimizer-state precision (default bf16)")
     p.add_argument("--kernel", choices=("fused", "torch"), default="fused",
-                   help="attention kernels for the activation model (fused: TE/flash on GPUs)")
+                   help="attention kernels for the activation model (fused: parallel.backend=fused's flash/flex "
+                        "kernels on GPUs)")
     p.add_argument("--efficiency", type=float, default=Assumptions.compute_efficiency,
                    help="achieved fraction of peak FLOP/s on compute (default %(default)s)")
     p.add_argument("--reserve-gb", type=float, default=Assumptions.reserve_gb,

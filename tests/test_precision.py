@@ -52,6 +52,12 @@ LAYOUTS = {
                             "parallel.recompute=full"], "fp32"),
     "CP2-selective-recompute": ([*BASE, "parallel.cp=2", "parallel.recompute=selective"], "fp32"),
     "PP2-full-recompute": ([*BASE, "parallel.pp=2", "parallel.recompute=full"], "fp32"),
+    # The fused layer spec inside context and expert parallelism, with selective recompute over its cores and
+    # grouped experts, against the torch spec's single-process run (fp32).
+    "CP2-fused-selective-recompute": ([*BASE, "parallel.cp=2", "parallel.backend=fused",
+                                       "parallel.recompute=selective"], "fp32"),
+    "EP2-fused": ([*BASE, "parallel.dp=2", "parallel.ep=2", "train.micro_batch_size=1", "parallel.backend=fused"],
+                  "fp32"),
 }
 REFERENCES = {"bf16": BF16, "fp32-no-mtp": [*BASE, *NO_MTP], "fp32": BASE}
 BF16_TOLERANCE = {"loss": 5e-4, "lm_loss": 5e-4, "mtp_loss": 5e-4, "aux_loss": 2e-3, "grad_norm": 7.8e-3}
@@ -158,12 +164,13 @@ def test_host_syncs_per_step_single_process(backend, tmp_path):
     assert counter.count <= sync_budget(trainer, micro_batches=2)
 
 
-def test_host_syncs_per_step_under_expert_parallelism(layout_runs):
+@pytest.mark.parametrize("layout", ["EP2", "EP2-fused"])
+def test_host_syncs_per_step_under_expert_parallelism(layout, layout_runs):
     """The same budget per rank under EP2 (the all-to-all split sizes are read once per MoE layer and
     micro-batch), every step (114 per step and rank, then 25 with a document check per micro-batch, now 23)."""
     root, _ = layout_runs
     for rank in range(2):
-        record = json.loads((root / "EP2" / f"host_syncs_rank{rank}.json").read_text())
-        print(f"EP2 rank {rank}: host syncs per step {record['per_step']} (budget {record['budget']})")
+        record = json.loads((root / layout / f"host_syncs_rank{rank}.json").read_text())
+        print(f"{layout} rank {rank}: host syncs per step {record['per_step']} (budget {record['budget']})")
         assert len(record["per_step"]) == STEPS
         assert max(record["per_step"]) <= record["budget"]

@@ -2,7 +2,7 @@
 
 | piece | GPU (Hopper; written, not measured) | CPU |
 | --- | --- | --- |
-| SWA + sink core | flash varlen with a window, sink folded into the lse, V padded to 192 | CPU flash kernel on query blocks (sink folded) |
+| SWA + sink core | flash varlen with a window, sink folded into the lse, V padded to 192 (bf16/fp16; fp32 runs the reference) | CPU flash kernel on query blocks (sink folded) |
 | global core | flex_attention with a document BlockMask (provisional: bench/gpu/global_attention measures it against efficient varlen) | CPU flash kernel with a dense mask (proof only) |
 | experts | `torch._grouped_mm`, device-side int32 offsets | the same (fp32 / bf16 eager) |
 
@@ -12,6 +12,9 @@ see which spec built the model.
 
 from __future__ import annotations
 
+import torch
+
+from parallel.kernels import torch_backend
 from parallel.kernels.flex import flex_sink_attention
 from parallel.kernels.grouped_experts import GroupedExperts
 from parallel.kernels.metadata import AttentionMetadata
@@ -20,6 +23,7 @@ from parallel.kernels.spec import SLIDING, LayerSpec
 
 # Which kernel the global core uses on a GPU; "flex" until bench/gpu/global_attention has measured the others.
 GPU_GLOBAL_KERNEL = "flex"
+HALF = (torch.bfloat16, torch.float16)
 
 
 class FusedSlidingWindowCore:
@@ -27,9 +31,12 @@ class FusedSlidingWindowCore:
         self.window_keys, self.scale = window_keys, scale
 
     def __call__(self, q, k, v, attn_meta: AttentionMetadata, sink=None):
-        if q.is_cuda:
+        if q.is_cuda and q.dtype in HALF:
             return flash_varlen_attention(q, k, v, attn_meta, scale=self.scale, sink=sink,
                                           window_keys=self.window_keys)
+        if q.is_cuda:  # fp32 on a GPU: the flash kernel has no fp32 path
+            return torch_backend.sliding_window_attention(q, k, v, window_keys=self.window_keys, scale=self.scale,
+                                                          sink=sink, doc_ids=attn_meta.doc_ids)
         return blocked_sliding_window(q, k, v, attn_meta, window_keys=self.window_keys, scale=self.scale, sink=sink)
 
 
@@ -42,7 +49,7 @@ class FusedGlobalCore:
 
     def at(self, q, k, v, attn_meta: AttentionMetadata, *, q_start: int, sink=None):
         if q.is_cuda:
-            if GPU_GLOBAL_KERNEL == "flash":
+            if GPU_GLOBAL_KERNEL == "flash" and q.dtype in HALF:
                 return flash_varlen_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
             return flex_sink_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
         return cpu_global_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)

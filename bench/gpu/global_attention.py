@@ -1,0 +1,86 @@
+"""Section 3: the global attention core (causal + packed documents, 64 query / 4 KV heads, QK 192 / V 128, no
+sink), forward + backward, S = 4k and 32k: each candidate, and the one `fused` uses on a GPU (GPU_GLOBAL_KERNEL,
+provisional until this section has measured it).
+
+Candidates: `torch` (reference: SDPA with an S x S document mask), flash varlen (V padded to 192), efficient
+varlen (V 128; its lse is [documents, heads, S], so it takes the host-known document bound), flex_attention
+(compiled) with a document BlockMask, and cuDNN SDPA on one document per row (it has no document mask here).
+On a CPU (--smoke) only torch, fused (the CPU flash kernel) and flex's forward run; the others report gpu_only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.gpu import attention_common as common
+from bench.gpu.harness import Harness
+from parallel.kernels import fused as fused_spec
+from parallel.kernels import get_spec
+from parallel.kernels.flex import flex_sink_attention
+from parallel.kernels.sink_attention import efficient_varlen_attention, flash_varlen_attention
+
+DOCUMENTS = 5  # packed_positions' four documents, and document 0
+
+
+def _candidates(h: Harness, scale: float):
+    reference = get_spec("torch").attention_core("full_attention", window_keys=0, scale=scale)
+    fused = get_spec("fused").attention_core("full_attention", window_keys=0, scale=scale)
+
+    def flash(q, k, v, meta, sink=None):
+        return flash_varlen_attention(q, k, v, meta, scale=scale)
+
+    def efficient(q, k, v, meta, sink=None):
+        return efficient_varlen_attention(q, k, v, meta, scale=scale)
+
+    def flex(q, k, v, meta, sink=None):
+        return flex_sink_attention(q, k, v, meta, scale=scale)
+
+    def cudnn_one_document(q, k, v, meta, sink=None):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    gpu_only = {"flash_varlen": flash, "efficient_varlen": efficient, "cudnn_one_document": cudnn_one_document}
+    return reference, {"torch": reference, "fused": fused, "flex": flex, **gpu_only}, set(gpu_only)
+
+
+def run(h: Harness) -> None:
+    Hq, Hkv, D, Dv = h.pick(64, 4), h.pick(4, 2), h.pick(192, 24), h.pick(128, 16)
+    scale = D**-0.5
+    reference, candidates, gpu_only = _candidates(h, scale)
+    dtype = torch.bfloat16 if h.cuda else torch.float32
+    chosen = fused_spec.GPU_GLOBAL_KERNEL if h.cuda else "cpu_flash"
+    for S in h.pick((4096, 32768), (96, 256)):
+        positions = common.packed_positions(S, h.device)
+        q, k, v, _, dout = common.inputs(h, S, Hq, Hkv, D, Dv, dtype)
+        flops = 3 * 2 * Hq * (S * (S + 1) / 2) * (D + Dv)  # causal over the whole row: an upper bound with documents
+        ref = None
+        for name, core in candidates.items():
+            one_document = name == "cudnn_one_document"
+            meta = common.metadata(positions if not one_document else torch.arange(S, device=h.device)[None],
+                                   documents=DOCUMENTS)
+            if name in gpu_only and not h.cuda:
+                h.result(f"global_{name}", seq_len=S, status="gpu_only")
+                continue
+            forward_only = name == "flex" and not h.cuda  # flex has no CPU backward
+            run_once = (lambda: core(q, k, v, meta)) if forward_only else (
+                lambda: common.step(core, q, k, v, None, dout, meta))
+            seconds, status = common.attempt(h, lambda: h.time(run_once, warmup=1, iters=3))
+            peak = common.attempt(h, lambda: h.peak_memory(run_once))[0] if status == "ok" else None
+            fields = {}
+            if status == "ok" and not one_document:
+                got = run_once()
+                if name == "torch":
+                    ref = got
+                elif ref is not None:
+                    fields = {"err_out": common.errors([got], [ref[0]])["err_out"]} if forward_only else \
+                        common.errors(got, ref)
+            h.result(f"global_{name}", seq_len=S, dtype=str(dtype).removeprefix("torch."), status=status,
+                     passes="fwd" if forward_only else "fwd_bwd", ms=seconds * 1e3 if seconds else None,
+                     model_tflops=common.tflops(h, flops, seconds) if seconds else None,
+                     peak_mib=peak / 2**20 if peak else None, **fields)
+        h.result("global_chosen", seq_len=S, kernel=chosen, provisional="yes")
