@@ -224,6 +224,16 @@ def test_grouped_mm_zeroes_rows_past_the_last_offset():
     assert (y[:7] - loop).abs().max() <= TOL
 
 
+def test_grouped_experts_with_no_row_stay_in_the_graph():
+    """An expert-parallel rank that receives no row: an empty output that still carries a gradient path."""
+    _, fused = _expert_pair(4, 16, 8)
+    x = torch.zeros(0, 16, requires_grad=True)
+    y = fused(x, torch.zeros(4, dtype=torch.long))
+    assert y.shape == (0, 16) and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 16)
+
+
 def test_fused_model_keeps_parameter_names_and_matches_the_reference():
     cfg = tiny_model_config()
     ref = randomised_model(cfg, seed=3)

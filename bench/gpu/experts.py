@@ -26,13 +26,20 @@ def skewed_counts(h: Harness, experts: int, rows: int) -> torch.Tensor:
 
 
 def _pair(h: Harness, E: int, H: int, I: int, dtype):
-    loop, grouped = get_spec("torch").experts(E, H, I), get_spec("fused").experts(E, H, I)
+    """The reference loop and the grouped experts with the same weights, made on the device (at full size the two
+    modules hold 26 GB of bf16 weights: no host copy)."""
+    made = []
+    for name in ("torch", "fused"):
+        with torch.device("meta"):
+            experts = get_spec(name).experts(E, H, I)
+        made.append(experts.to_empty(device=h.device).to(dtype))
+    loop, grouped = made
     with torch.no_grad():
-        g = torch.Generator().manual_seed(0)
-        loop.gate_up_proj.copy_(torch.randn(loop.gate_up_proj.shape, generator=g) * H**-0.5)
-        loop.down_proj.copy_(torch.randn(loop.down_proj.shape, generator=g) * I**-0.5)
+        g = torch.Generator(device=h.device).manual_seed(0)
+        loop.gate_up_proj.normal_(0.0, H**-0.5, generator=g)
+        loop.down_proj.normal_(0.0, I**-0.5, generator=g)
     grouped.load_state_dict(loop.state_dict())
-    return loop.to(h.device, dtype), grouped.to(h.device, dtype)
+    return loop, grouped
 
 
 def _step(experts, x, counts, dout):

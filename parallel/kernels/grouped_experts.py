@@ -74,6 +74,9 @@ class GroupedExperts(Experts):
     """SwiGLU experts as two grouped GEMMs; the same parameters (names, layout) as the reference."""
 
     def forward(self, x_sorted, tokens_per_expert):
+        if x_sorted.shape[0] == 0:  # no row for any local expert (expert parallelism): stay in the autograd graph,
+            # so the backward of the return all-to-all runs on this rank too
+            return x_sorted.new_zeros(0, self.down_proj.shape[1]) + 0 * x_sorted.sum()
         offs = group_offsets(tokens_per_expert, x_sorted.device)
         gate, up = grouped_mm(x_sorted, self.gate_up_proj, offs).chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
