@@ -1,6 +1,8 @@
 """Section 2: the sliding-window + sink attention core (B=1, 64/8 heads, QK 192 / V 128, window 128, packed
 documents), forward + backward: `fused` (flash varlen with the sink folded into its lse) against the `torch`
 reference (banded blocks) and SDPA with a boolean band mask (no sink: SDPA has none; a timing baseline only).
+`fused` gets the micro-batch's document bound (as a data loader knows it); `fused_static_bound` (S = 4k only) runs
+without it: the cu_seqlens table then has S + 1 slots, and the kernel's grid grows with it.
 
 RESULT swa_<candidate>: time, model TFLOP/s (window counted as O(S W)), peak memory; RESULT swa_numerics: out, dq,
 dk, dv, dsink of `fused` relative to the reference, in bf16 and fp32 (on a GPU fp32 inputs run the reference:
@@ -43,9 +45,13 @@ def run(h: Harness) -> None:
         meta = common.metadata(positions, documents=5)
         q, k, v, sink, dout = common.inputs(h, S, Hq, Hkv, D, Dv, dtype)
         flops = 3 * 2 * Hq * S * min(window_keys, S) * (D + Dv)
-        for name, core in candidates.items():
+        static = common.metadata(positions)  # no document bound: S + 1 slots per row
+        runs = [(name, core, meta) for name, core in candidates.items()]
+        if S <= 4096:
+            runs.append(("fused_static_bound", cores["fused"], static))
+        for name, core, run_meta in runs:
             use_sink = sink if name != "sdpa_band_mask" else None
-            run_once = lambda: common.step(core, q, k, v, use_sink, dout, meta)  # noqa: E731
+            run_once = lambda: common.step(core, q, k, v, use_sink, dout, run_meta)  # noqa: E731
             seconds, status = common.attempt(h, lambda: h.time(run_once, warmup=1, iters=3))
             peak = common.attempt(h, lambda: h.peak_memory(run_once))[0] if status == "ok" else None
             h.result(f"swa_{name}", seq_len=S, dtype=str(dtype).removeprefix("torch."), status=status,

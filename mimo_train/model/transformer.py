@@ -204,12 +204,14 @@ class MiMoForCausalLM(nn.Module):
         return self.head(x, batch, aux_terms, counts, return_logits)
 
     # The forward in pieces, so a pipeline stage can run only its own: prepare -> embed -> run_layers -> head.
-    def prepare(self, input_ids, position_ids=None, labels=None) -> "Batch":
+    def prepare(self, input_ids, position_ids=None, labels=None, max_documents: int | None = None) -> "Batch":
+        """max_documents: a bound on the documents of a row, when the caller knows it on the host (the data loader
+        does, before the batch is copied to the device); it only shortens the varlen kernels' tables."""
         B, S = input_ids.shape
         # Document boundaries are computed on the device, once per micro-batch, and never read by the host: the
         # attention metadata (cu_seqlens, masks) every layer shares is derived from them on the device too.
         doc_ids = document_ids(position_ids) if position_ids is not None else None
-        attn_meta = self.spec.metadata(doc_ids, B, S, input_ids.device)
+        attn_meta = self.spec.metadata(doc_ids, B, S, input_ids.device, max_documents)
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         local_positions = self.sequence_layout.local(position_ids)

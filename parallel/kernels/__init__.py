@@ -8,7 +8,8 @@ In the spirit of Megatron-Core's `ModuleSpec` / `TESpecProvider`, the model asks
 - `attention_parameters(layer_type, num_heads)`: the parameters the core needs, which the attention module
   registers under these names (`sinks`, as in the Hugging Face checkpoints);
 - `experts(num_experts, hidden, intermediate)`: the routed experts' module (`gate_up_proj`, `down_proj`);
-- `metadata(doc_ids, batch, seq_len, device)`: the per-micro-batch `AttentionMetadata` every layer shares.
+- `metadata(doc_ids, batch, seq_len, device, max_documents=None)`: the per-micro-batch `AttentionMetadata` every
+  layer shares (built in `MiMoForCausalLM.prepare`; `max_documents`, a host-known bound, shortens varlen tables).
 
 Specs: `torch` (the reference, `parallel/kernels/spec.py`, runs everywhere) and `fused` (torch's fused kernels:
 flash / efficient / flex attention with the sink folded into the log-sum-exp, `torch._grouped_mm` experts;

@@ -68,5 +68,5 @@ class LayerSpec:
     def experts(self, num_experts: int, hidden_size: int, intermediate_size: int) -> Experts:
         return ReferenceExperts(num_experts, hidden_size, intermediate_size)
 
-    def metadata(self, doc_ids, batch: int, seq_len: int, device) -> AttentionMetadata:
-        return AttentionMetadata(doc_ids, batch, seq_len, device)
+    def metadata(self, doc_ids, batch: int, seq_len: int, device, max_documents: int | None = None):
+        return AttentionMetadata(doc_ids, batch, seq_len, device, max_documents)
