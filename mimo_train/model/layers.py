@@ -71,8 +71,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """GQA attention with QK head dim 192, V head dim 128, partial RoPE, value scale, and (SWA only) a sink."""
 
-    def __init__(self, cfg: ModelConfig, sliding: bool, apply_value_scale: bool = True,
-                 spec=None):
+    def __init__(self, cfg: ModelConfig, sliding: bool, apply_value_scale: bool = True, spec=None):
         super().__init__()
         spec = spec or get_spec("torch")
         self.sliding = sliding

@@ -39,7 +39,6 @@ class SinkFoldedAttention(torch.autograd.Function):
             lse2_rows = torch.logaddexp(rows, s)
             out = (out.float() * torch.exp(rows - lse2_rows).unsqueeze(-1)).to(out.dtype)
             lse = kernel.lse_native(lse2_rows, lse)
-            ctx.lse2_rows = lse2_rows
         ctx.kernel, ctx.saved, ctx.has_sink = kernel, saved, sink is not None
         ctx.save_for_backward(q, k, v, out, lse, sink if sink is not None else q.new_zeros(0))
         return out
@@ -51,7 +50,7 @@ class SinkFoldedAttention(torch.autograd.Function):
         dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.saved)
         dsink = None
         if ctx.has_sink:
-            rows = ctx.lse2_rows
+            rows = ctx.kernel.lse_rows(lse)  # lse2, shaped like out[..., 0]
             p_sink = torch.exp(sink.float().view(ctx.kernel.sink_shape(rows)) - rows)
             per_row = -(p_sink * (dout.float() * out.float()).sum(-1))
             head_axis = per_row.dim() + ctx.kernel.head_axis
@@ -71,12 +70,12 @@ class CpuFlashKernel:
 
     def forward(self, q, k, v):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
-            q, k, v, 0.0, False, attn_mask=self.mask.to(q.dtype), scale=self.scale)
+            q, k, v, 0.0, False, attn_mask=self.mask, scale=self.scale)
         return out, lse, ()
 
     def backward(self, dout, q, k, v, out, lse, saved):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
-            dout, q, k, v, out, lse, 0.0, False, attn_mask=self.mask.to(q.dtype), scale=self.scale)
+            dout, q, k, v, out, lse, 0.0, False, attn_mask=self.mask, scale=self.scale)
 
     # lse [N, H, L] is already shaped like out[..., 0]
     @staticmethod
@@ -93,8 +92,9 @@ class CpuFlashKernel:
 
 
 
-def _additive(allowed: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, float("-inf"))
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """The CPU flash kernel's mask: additive, of the query dtype (it rejects bool masks)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def _pad_v(v: torch.Tensor, d: int) -> torch.Tensor:
@@ -148,7 +148,8 @@ def blocked_sliding_window(q, k, v, meta: AttentionMetadata, *, window_keys: int
         return blocks.permute(0, 1, 2, 4, 3).reshape(B * nb, Hkv, C + W, t.shape[-1])
 
     kb, vb = key_blocks(k), key_blocks(_pad_v(v, D))
-    mask = _additive(sliding_window_block_mask(meta, window_keys, C)).reshape(B * nb, 1, C, C + W)
+    mask = meta.cached(("swa_additive", window_keys, C, q.dtype), lambda: _additive(
+        sliding_window_block_mask(meta, window_keys, C), q.dtype).reshape(B * nb, 1, C, C + W))
     out = SinkFoldedAttention.apply(qb.contiguous(), kb.contiguous(), vb.contiguous(), sink,
                                     CpuFlashKernel(mask, scale))
     out = out.view(B, nb, Hq, C, D).permute(0, 1, 3, 2, 4).reshape(B, Sp, Hq, D)
@@ -172,7 +173,8 @@ def global_mask(meta: AttentionMetadata, q_start: int, q_len: int) -> torch.Tens
 def cpu_global_attention(q, k, v, meta: AttentionMetadata, *, scale: float, q_start: int = 0):
     """Causal + documents through the CPU flash kernel (an additive [Lq, Sk] mask: for proof, not for speed)."""
     D, Dv = q.shape[-1], v.shape[-1]
-    mask = _additive(global_mask(meta, q_start, q.shape[1]))
+    mask = meta.cached(("global_additive", q_start, q.shape[1], q.dtype),
+                       lambda: _additive(global_mask(meta, q_start, q.shape[1]), q.dtype))
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, _pad_v(v, D)))
     out = SinkFoldedAttention.apply(qt, kt, vt, None, CpuFlashKernel(mask, scale))
     return out.transpose(1, 2)[..., :Dv]
