@@ -71,12 +71,15 @@ def group_offsets(tokens_per_expert: torch.Tensor | list[int], device) -> torch.
 
 
 class GroupedExperts(Experts):
-    """SwiGLU experts as two grouped GEMMs; the same parameters (names, layout) as the reference."""
+    """SwiGLU experts as two grouped GEMMs; the same parameters (names, layout) as the reference. `gemm` is the
+    grouped GEMM (`grouped_mm`'s signature); a quantised one is set on an instance from outside (FP8)."""
+
+    gemm = staticmethod(grouped_mm)
 
     def forward(self, x_sorted, tokens_per_expert):
         if x_sorted.shape[0] == 0:  # no row for any local expert (expert parallelism): stay in the autograd graph,
             # so the backward of the return all-to-all runs on this rank too
             return x_sorted.new_zeros(0, self.down_proj.shape[1]) + 0 * x_sorted.sum()
         offs = group_offsets(tokens_per_expert, x_sorted.device)
-        gate, up = grouped_mm(x_sorted, self.gate_up_proj, offs).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
+        gate, up = self.gemm(x_sorted, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return self.gemm(F.silu(gate) * up, self.down_proj, offs)
