@@ -66,11 +66,13 @@ def quantize_blocks(x: torch.Tensor, block_rows: int, block_cols: int = TILE, *,
         raise ValueError(f"quantize_blocks: expects a 2-D tensor, got shape {tuple(x.shape)}")
     R, C = x.shape
     nr, nc = math.ceil(R / block_rows), math.ceil(C / block_cols)
-    padded = _pad_to(x.float(), nr * block_rows, nc * block_cols)
+    # Row-major whatever the input's strides (a transposed operand stays transposed through elementwise ops):
+    # cuBLAS takes the values row-major as they are returned here.
+    padded = _pad_to(x.float(), nr * block_rows, nc * block_cols).contiguous()
     blocks = padded.view(nr, block_rows, nc, block_cols)
     scale = _scales_from_amax(blocks.abs().amax(dim=(1, 3)), pow2)
     values = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return values.view(nr * block_rows, nc * block_cols)[:R, :C], scale
+    return values.view(nr * block_rows, nc * block_cols)[:R, :C].contiguous(), scale
 
 
 def dequantize_blocks(values: torch.Tensor, scale: torch.Tensor, block_rows: int, block_cols: int = TILE) -> torch.Tensor:
