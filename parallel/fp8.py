@@ -164,21 +164,39 @@ def _note_emulation(device: torch.device) -> None:
     global _emulation_reported
     if not _emulation_reported:
         _emulation_reported = True
-        print(f"train.precision=fp8: no blockwise FP8 GEMM on {device}: emulating the recipe (quantise, dequantise, "
-              "multiply in fp32)", flush=True)
+        why = "a GEMM shape cuBLAS's blockwise kernel does not take" if device.type == "cuda" else "this device"
+        print(f"train.precision=fp8: no blockwise FP8 GEMM for {why} ({device}): emulating the recipe (quantise, "
+              "dequantise, multiply in fp32)", flush=True)
 
 
-def _gpu_shapes_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape[1] % TILE == 0 and b.shape[0] % TILE == 0 and a.shape[0] % 16 == 0
+def cublas_operands(a: torch.Tensor, b: torch.Tensor, b_rows: int):
+    """(a, b) zero-padded to the shapes cuBLAS's blockwise GEMM takes, or None where it cannot run them.
+
+    The contraction dimension must be whole 128-tiles: model dimensions are; token counts (the wgrad contraction)
+    are padded with zero rows, which leave every real tile's scale and every product unchanged (a tile of zeros
+    has scale 1). Output rows are padded to a multiple of 16 and cut off again by the caller."""
+    (M, K), N = a.shape, b.shape[0]
+    Kp = _round_up(K, TILE) if b_rows == 1 else K
+    if Kp % TILE or N % (TILE if b_rows == TILE else 16):
+        return None
+    Mp = _round_up(M, 16)
+    if (Mp, Kp) != (M, K):
+        a = F.pad(a, (0, Kp - K, 0, Mp - M))
+    if Kp != K:
+        b = F.pad(b, (0, Kp - K))
+    return a, b
 
 
 def blockwise_mm(a: torch.Tensor, b: torch.Tensor, *, b_rows: int, out_dtype: torch.dtype,
                  pow2: bool = True) -> torch.Tensor:
     """a @ b^T with the recipe: a [M, K] in 1x128 tiles along K, b [N, K] in 128x128 blocks (b_rows=128, a weight)
     or 1x128 tiles along K (b_rows=1, an activation). fp32 accumulation, `out_dtype` result."""
-    if blockwise_supported(a.device) and _gpu_shapes_ok(a, b) and (b_rows == 1 or b.shape[0] % TILE == 0):
-        return _scaled_mm_blockwise(*quantize_rows(a, pow2=pow2), *quantize_blocks(b, b_rows, TILE, pow2=pow2),
-                                    out_dtype, b_rows=b_rows)
+    operands = cublas_operands(a, b, b_rows) if blockwise_supported(a.device) else None
+    if operands is not None:
+        pa, pb = operands
+        out = _scaled_mm_blockwise(*quantize_rows(pa, pow2=pow2), *quantize_blocks(pb, b_rows, TILE, pow2=pow2),
+                                   out_dtype, b_rows=b_rows)
+        return out[: a.shape[0]]
     _note_emulation(a.device)
     return (round_trip(a, 1, pow2=pow2) @ round_trip(b, b_rows, pow2=pow2).t()).to(out_dtype)
 

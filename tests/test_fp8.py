@@ -285,15 +285,27 @@ def test_fp8_training_tracks_bf16_over_30_steps(tmp_path, capsys, monkeypatch):
     assert max(gaps) < 1.5e-2
 
 
-@pytest.mark.parametrize("M,K,N", [(256, 768, 512), (384, 1024, 768)])
+@pytest.mark.parametrize("M,K,N", [(256, 768, 512), (200, 1024, 768)])
 def test_cublas_path_builds_valid_calls_on_meta(M, K, N):
-    """The GPU code path itself (quantise, lay out the scales, call F.scaled_mm) on meta tensors, for the three GEMMs
-    of fp8_linear exactly as its forward and backward form them: every call passes torch's checks."""
+    """The GPU code path itself (pad, quantise, lay out the scales, call F.scaled_mm) on meta tensors, for the three
+    GEMMs of fp8_linear as its forward and backward form them (200 tokens: the wgrad contraction is padded to whole
+    tiles, the output rows to 16): every call passes torch's checks."""
     x, w, dy = (torch.empty(*s, device="meta", dtype=torch.bfloat16) for s in ((M, K), (N, K), (M, N)))
     cases = [(x, w, fp8.TILE, (M, N)), (dy, w.t(), fp8.TILE, (M, K)), (dy.t(), x.t(), 1, (N, K))]
     for a, b, b_rows, shape in cases:
-        qa, sa = quantize_rows(a)
-        qb, sb = quantize_blocks(b, b_rows)
-        assert fp8._gpu_shapes_ok(qa, qb)
-        out = fp8._scaled_mm_blockwise(qa, sa, qb, sb, torch.bfloat16, b_rows=b_rows)
+        pa, pb = fp8.cublas_operands(a, b, b_rows)
+        qa, sa = quantize_rows(pa)
+        qb, sb = quantize_blocks(pb, b_rows)
+        out = fp8._scaled_mm_blockwise(qa, sa, qb, sb, torch.bfloat16, b_rows=b_rows)[: a.shape[0]]
         assert out.shape == shape and out.dtype == torch.bfloat16
+    assert fp8.cublas_operands(x[:, :100], w[:, :100], fp8.TILE) is None  # K not whole tiles: emulated instead
+
+
+def test_zero_padding_of_the_token_tiles_changes_nothing():
+    """What cublas_operands does to a wgrad contraction, checked with the emulation: identical results."""
+    dyt, xt = _heavy_tailed(64, 200, seed=10), _heavy_tailed(96, 200, seed=11)
+    pa, pb = fp8.cublas_operands(dyt, xt, 1)
+    assert pa.shape == (64, 256) and pb.shape == (96, 256)
+    for padded, original in ((pa, dyt), (pb, xt)):  # the same quantised values, zeros after them
+        q = round_trip(padded, 1)
+        assert torch.equal(q[:, :200], round_trip(original, 1)) and q[:, 200:].eq(0).all()
