@@ -135,7 +135,7 @@ def blockwise_probe(device: torch.device) -> tuple[bool, str]:
             out = _scaled_mm_blockwise(*quantize_rows(a), *quantize_weight(a), torch.bfloat16)
             ok = bool(torch.equal(out.float(), torch.full_like(out.float(), TILE)))
             _blockwise_probe[key] = (ok, "" if ok else "blockwise scaled_mm returned a wrong result")
-        except (RuntimeError, NotImplementedError, TypeError, AttributeError) as exc:
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError, ImportError) as exc:
             _blockwise_probe[key] = (False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     return _blockwise_probe[key]
 
@@ -147,16 +147,17 @@ def blockwise_supported(device: torch.device) -> bool:
 def _scaled_mm_blockwise(a, a_scale, b, b_scale, out_dtype, *, b_rows: int = TILE) -> torch.Tensor:
     """a [M, K] E4M3 with 1x128 scales [M, K/128]; b [N, K] E4M3 with 128x128 scales [N/128, K/128] (b_rows=128)
     or 1x128 scales [N, K/128] (b_rows=1). Returns a @ b^T in `out_dtype` through cuBLAS."""
-    from torch.nn.functional import ScalingType
-
     sa = tile_scale_layout(a_scale)
     sb = block_scale_layout(b_scale) if b_rows == TILE else tile_scale_layout(b_scale)
-    recipe_b = ScalingType.BlockWise128x128 if b_rows == TILE else ScalingType.BlockWise1x128
     mat_b = b.t()  # [K, N], column-major as cuBLAS wants
     if hasattr(F, "scaled_mm"):  # torch >= 2.10: explicit recipes
+        from torch.nn.functional import ScalingType
+
+        recipe_b = ScalingType.BlockWise128x128 if b_rows == TILE else ScalingType.BlockWise1x128
         return F.scaled_mm(a, mat_b, sa, ScalingType.BlockWise1x128, sb, recipe_b, output_dtype=out_dtype)
-    if b_rows == TILE:  # torch._scaled_mm infers the recipe from the scale shapes: [K/128, N/128]
-        sb = sb[: a.shape[1] // TILE]
+    # torch._scaled_mm infers the recipe from the scale shapes, which it takes K-major: [K/128, N/128] for 128x128
+    # blocks, [K/128, N] for 1x128 tiles (as torch's own blockwise tests pass them)
+    sb = sb[: a.shape[1] // TILE] if b_rows == TILE else sb.t()
     return torch._scaled_mm(a, mat_b, sa, sb, out_dtype=out_dtype)
 
 
