@@ -25,7 +25,6 @@ Parameters keep their names and stay bf16 with fp32 main gradients and masters: 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -35,11 +34,9 @@ import torch.nn.functional as F
 TILE = 128
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-# Linears that stay bf16 (the report: attention output projection; the head and embedding are not nn.Linear
-# modules of a decoder layer's dense path, and the router keeps its own fp32 matmul).
+# The linears that stay bf16 (the report's recipe: the attention output projection and the output head). The
+# embedding is an nn.Embedding and the router (TopKRouter) its own fp32 matmul: neither is an nn.Linear to convert.
 BF16_LINEARS = ("o_proj", "lm_head")
-
-log = logging.getLogger(__name__)
 
 
 # ---- quantisation (plain torch: runs on any device) --------------------------------------------------------------
