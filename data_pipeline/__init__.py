@@ -14,13 +14,24 @@ Modules, one responsibility each:
   stream          GlobalSampleStream: global sample index, stages, DP slices, prefetch, digests, state
 """
 
-from .config import DataConfig, SourceConfig
-from .packing import IGNORE_INDEX, windows_to_batch
-from .prepare import add_prepare_data_parser, ensure_builtin_corpus, prepare_dataset
-from .source import DataWarning
-from .stream import GlobalSampleStream, combine_sample_digests, digest_token_windows, sample_digests
+from importlib import import_module
 
-__all__ = [
-    "DataConfig", "SourceConfig", "GlobalSampleStream", "digest_token_windows", "sample_digests", "combine_sample_digests", "add_prepare_data_parser",
-    "ensure_builtin_corpus", "prepare_dataset", "windows_to_batch", "IGNORE_INDEX", "DataWarning",
-]
+from .config import DataConfig, SourceConfig
+
+# The rest is imported on first use: `mimo_train.config` needs only the config classes, and importing the shard
+# reader would pull in webdataset, which the one-GPU benchmark machine does not have (bench/gpu).
+_LAZY = {
+    "IGNORE_INDEX": "packing", "windows_to_batch": "packing",
+    "add_prepare_data_parser": "prepare", "ensure_builtin_corpus": "prepare", "prepare_dataset": "prepare",
+    "DataWarning": "source",
+    "GlobalSampleStream": "stream", "combine_sample_digests": "stream", "digest_token_windows": "stream",
+    "sample_digests": "stream",
+}
+
+__all__ = ["DataConfig", "SourceConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -337,9 +337,12 @@ class TrainConfig:
     expert_bias_update_rate: float = 1e-3
     # Where and in which precision to train. device: "auto" (cuda when available), "cpu" or "cuda" (each rank
     # uses cuda:LOCAL_RANK). precision: "fp32", or "bf16": bf16 weights and activations, fp32 gradients
-    # accumulated over micro-batches, fp32 master weights and Adam moments in each rank's optimizer shard.
+    # accumulated over micro-batches, fp32 master weights and Adam moments in each rank's optimizer shard; or
+    # "fp8": bf16 as above, with the dense and expert GEMMs in blockwise-scaled FP8 (parallel/fp8.py; emulated
+    # where the device has no blockwise FP8 GEMM). compile: regional torch.compile of each decoder layer.
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False
     bf16: bool | None = None  # deprecated alias: bf16=true means precision=bf16
     log_interval: int = 1
     save_interval: int = 0  # checkpoint every N steps (0: only at stage boundaries and when the run ends)
@@ -357,7 +360,7 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
     DEVICES = ("auto", "cpu", "cuda")
-    PRECISIONS = ("fp32", "bf16")
+    PRECISIONS = ("fp32", "bf16", "fp8")
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix

@@ -191,7 +191,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         with torch.device("meta"):  # no rank ever holds the whole model
             self.model = MiMoForCausalLM(copy.deepcopy(cfg.model), backend=p.backend)
-        self.layouts, self.pipeline = build_parallel_model(self.model, self.topo, p)
+        self.layouts, self.pipeline = build_parallel_model(self.model, self.topo, p, fp8=t.precision == "fp8",
+                                                          compile=t.compile)
         materialize(self.model, self.layouts, seed=t.seed, device=self.device)
         # Mixed precision: the optimizer takes its fp32 masters from the fp32 initial values, then the model
         # becomes bf16 and gets fp32 gradient accumulators.

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# fp8 stores bf16 parameters like bf16: only the chosen GEMMs quantise their operands on the fly (parallel/fp8.py).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:

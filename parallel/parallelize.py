@@ -158,14 +158,20 @@ def _init_megatron_tp_state(topo: Topology) -> None:
         raise RuntimeError(f"megatron-core's tensor-parallel group {theirs} differs from ours {mine}")
 
 
-def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p):
-    """Everything a training rank needs: keep this rank's pipeline stages, shard them, tie the embedding copies.
-    Returns (layouts, pipeline runner or None)."""
+def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p, *, fp8: bool = False, compile: bool = False):
+    """Everything a training rank needs: keep this rank's pipeline stages, (FP8 GEMMs), shard them, (recompute,
+    compile), tie the embedding copies. Returns (layouts, pipeline runner or None)."""
     from parallel.pipeline import PipelineRunner, prune_to_local_stages, tie_group
 
     local = prune_to_local_stages(model, p, topo.rank_in("pp")) if topo.pp > 1 else None
+    if fp8:  # before sharding: the tensor-parallel wrappers keep the FP8 matmul of the linears they wrap
+        from parallel.fp8 import convert_to_fp8
+        convert_to_fp8(model)
     layouts = parallelize(model, topo)
     apply_recompute(model, p.recompute)
+    if compile:
+        from parallel.compile import compile_layers
+        compile_layers(model)
     if local is None:
         return layouts, None
     tied = tie_group(topo, p, model.cfg)

@@ -23,6 +23,11 @@ def _rows(weight: torch.Tensor, rows: slice) -> nn.Parameter:
     return nn.Parameter(weight.detach()[rows].clone())
 
 
+def _linear_function(linear: nn.Module):
+    """The matmul of the wrapped linear: its own (an FP8 linear's, parallel/fp8.py) or F.linear."""
+    return getattr(linear, "linear_function", F.linear)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows. Input: sequence slice (SP) or replicated; output: this rank's columns
     over the full sequence. `rows` selects the output rows this rank keeps (a plain 1/tp split, or the rows of the
@@ -31,6 +36,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, rows: slice, group, sequence_parallel: bool):
         super().__init__()
         self.weight = _rows(linear.weight, rows)
+        self.linear_function = _linear_function(linear)
         self.group = group
         self.sequence_parallel = sequence_parallel
 
@@ -39,7 +45,7 @@ class ColumnParallelLinear(nn.Module):
             x = comm.gather_from_sequence(x, SEQ_DIM, self.group)
         else:
             x = comm.copy_to_region(x, self.group)
-        return F.linear(x, self.weight)
+        return self.linear_function(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
@@ -49,11 +55,12 @@ class RowParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, cols: slice, group, sequence_parallel: bool):
         super().__init__()
         self.weight = nn.Parameter(linear.weight.detach()[:, cols].clone())
+        self.linear_function = _linear_function(linear)
         self.group = group
         self.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.linear_function(x, self.weight)
         if self.sequence_parallel:
             return comm.reduce_scatter_to_sequence(y, SEQ_DIM, self.group)
         return comm.reduce_from_region(y, self.group)

@@ -1,0 +1,103 @@
+"""Section 5: the model's GEMMs (configs/model/mimo_v2_flash.yaml) in training form, forward + dgrad + wgrad of
+`y = x W^T`: bf16 (`F.linear`) vs blockwise FP8 (parallel/fp8.py: cuBLAS 1x128 / 128x128 scaling on sm90, emulated
+elsewhere) vs torchao's float8 training (tensorwise and rowwise, when torchao imports).
+
+For each: TFLOP/s (3 x 2 M N K per fwd+bwd, quantisation included) and the relative error (Frobenius) of y and of
+dx against an fp32 reference of the same bf16 operands. The FP8 error bound checked here is E4M3's: each operand
+element rounds by at most 2^-4 relative (half an ulp with 3 mantissa bits), so a product of two rounded operands
+errs by well under 2 x 2^-4 in norm; random operands give about 2^-4 x sqrt(2/3) (uniform rounding errors of both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from bench.gpu.harness import Harness, relative_error
+from parallel import fp8
+
+FP8_ERROR_BOUND = 2.0 ** -4  # relative Frobenius error of an FP8 GEMM of random operands (see above)
+BF16_ERROR_BOUND = 2.0 ** -7  # bf16 operands are exact; only the bf16 output rounds (u = 2^-8), with slack
+
+
+def model_gemms(cfg) -> list[tuple[str, int, int]]:
+    """(name, N out, K in) of every GEMM of a decoder layer, as parallel/fp8.py applies FP8 (o_proj stays bf16 and
+    is measured for comparison)."""
+    h, hd, vd = cfg.hidden_size, cfg.head_dim, cfg.v_head_dim
+    swa_kv = cfg.num_key_value_heads * cfg.swa_kv_head_factor
+    return [
+        ("q_proj", cfg.num_attention_heads * hd, h),
+        ("k_proj_swa", swa_kv * hd, h), ("v_proj_swa", swa_kv * vd, h),
+        ("k_proj_ga", cfg.num_key_value_heads * hd, h), ("v_proj_ga", cfg.num_key_value_heads * vd, h),
+        ("o_proj", h, cfg.num_attention_heads * vd),
+        ("dense_gate_up", 2 * cfg.intermediate_size, h), ("dense_down", h, cfg.intermediate_size),
+        ("expert_gate_up", 2 * cfg.moe_intermediate_size, h), ("expert_down", h, cfg.moe_intermediate_size),
+        ("mtp_eh_proj", h, 2 * h),
+    ]
+
+
+def _torchao_linear(weight: torch.Tensor, recipe: str):
+    """torchao's Float8Linear over a copy of `weight`, or None when torchao does not import."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except (ImportError, RuntimeError, OSError):
+        return None
+    module = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
+                                     dtype=weight.dtype))
+    with torch.no_grad():
+        module[0].weight.copy_(weight)
+    convert_to_float8_training(module, config=Float8LinearConfig.from_recipe_name(recipe))
+    return module
+
+
+def _candidates(weight: torch.Tensor):
+    w = weight.detach().clone().requires_grad_()
+    yield "bf16", lambda x: torch.nn.functional.linear(x, w), w
+    w8 = weight.detach().clone().requires_grad_()
+    yield "fp8_blockwise", lambda x: fp8.fp8_linear(x, w8), w8
+    for recipe in ("tensorwise", "rowwise"):
+        module = _torchao_linear(weight.detach(), recipe)
+        if module is not None:
+            yield f"torchao_{recipe}", module, module[0].weight
+
+
+def run(h: Harness) -> None:
+    from mimo_train.config import load_model_config
+
+    cfg = load_model_config("configs/model/mimo_v2_flash.yaml", [])
+    tokens = h.pick(16384, 256)
+    gemms = model_gemms(cfg)
+    if h.smoke:  # tiny shapes with the same structure: 128-multiples and a K/128 that needs the L4 padding
+        gemms = [("q_proj", 384, 256), ("k_proj_ga", 128, 256), ("expert_down", 256, 768)]
+    gen = torch.Generator(device=h.device).manual_seed(0)
+    blockwise = fp8.blockwise_supported(h.device)
+    for name, n, k in gemms:
+        x = torch.randn(tokens, k, device=h.device, generator=gen).bfloat16()
+        weight = (torch.randn(n, k, device=h.device, generator=gen) * k ** -0.5).bfloat16()
+        dy = torch.randn(tokens, n, device=h.device, generator=gen).bfloat16()
+        ref_y = x.float() @ weight.float().t()
+        ref_dx = dy.float() @ weight.float()
+        flops = 3 * 2 * tokens * n * k
+        for label, fn, w in _candidates(weight):
+            xi = x.clone().requires_grad_()
+
+            def step():
+                xi.grad, w.grad = None, None
+                fn(xi).backward(dy)
+
+            seconds = h.time(step)
+            xi.grad = None
+            y = fn(xi)
+            y.backward(dy)
+            err_y, err_dx = relative_error(y, ref_y), relative_error(xi.grad, ref_dx)
+            bound = BF16_ERROR_BOUND if label == "bf16" else FP8_ERROR_BOUND
+            h.result("gemm", shape=name, m=tokens, n=n, k=k, kind=label,
+                     path=("cublas" if blockwise else "emulated") if label == "fp8_blockwise" else "native",
+                     tflops=flops / seconds / 1e12, err_y=f"{err_y:.2e}", err_dx=f"{err_dx:.2e}",
+                     within_bound=err_y < bound and err_dx < bound)
+            if h.smoke and label in ("bf16", "fp8_blockwise") and not (err_y < bound and err_dx < bound):
+                raise AssertionError(f"gemm {name} {label}: error y {err_y:.2e} dx {err_dx:.2e} above {bound:.2e}")
+        if blockwise:  # the cuBLAS kernel and the emulation quantise identically: only accumulation order differs
+            kernel = fp8.blockwise_mm(x, weight, b_rows=fp8.TILE, out_dtype=torch.bfloat16)
+            emulated = (fp8.round_trip(x, 1) @ fp8.round_trip(weight, fp8.TILE).t()).bfloat16()
+            h.result("gemm_fp8_vs_emulation", shape=name, rel_diff=f"{relative_error(kernel, emulated):.2e}")
