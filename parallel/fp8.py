@@ -271,23 +271,16 @@ class Fp8Linear(nn.Linear):
         return new
 
 
-class Fp8ExpertKernels:
-    """A kernel backend whose `expert_mlp` runs the routed experts' GEMMs in FP8 (everything else delegates)."""
+def fp8_experts(experts: nn.Module) -> nn.Module:
+    """The routed experts of any layer spec as grouped experts whose two GEMMs are `fp8_grouped_mm`; the same
+    Parameters (names, initialisation and optimizer state unchanged)."""
+    from parallel.kernels.grouped_experts import GroupedExperts
 
-    def __init__(self, base):
-        self.base = base
-
-    def __getattr__(self, name):
-        if name == "base":  # not set yet (copy/pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.base, name)
-
-    @staticmethod
-    def expert_mlp(x_sorted, tokens_per_expert, gate_up_proj, down_proj):
-        counts = torch.as_tensor(tokens_per_expert, dtype=torch.int64)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        gate, up = fp8_grouped_mm(x_sorted, gate_up_proj, offs).chunk(2, dim=-1)
-        return fp8_grouped_mm(F.silu(gate) * up, down_proj, offs)
+    new = GroupedExperts.__new__(GroupedExperts)
+    nn.Module.__init__(new)
+    new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+    new.gemm = fp8_grouped_mm
+    return new
 
 
 def fp8_linear_filter(name: str, module: nn.Module) -> bool:
@@ -297,7 +290,7 @@ def fp8_linear_filter(name: str, module: nn.Module) -> bool:
 
 
 def convert_to_fp8(model: nn.Module, *, experts: bool = True) -> list[str]:
-    """Swap the chosen linears for `Fp8Linear` and the routed experts' kernels for FP8 ones, in place (before
+    """Swap the chosen linears for `Fp8Linear` and the routed experts for FP8 grouped experts, in place (before
     tensor/expert parallelism wraps them). Returns the names of the converted modules."""
     from mimo_train.model.layers import Experts
 
@@ -308,7 +301,7 @@ def convert_to_fp8(model: nn.Module, *, experts: bool = True) -> list[str]:
             if fp8_linear_filter(full, child):
                 setattr(parent, child_name, Fp8Linear.from_linear(child))
                 converted.append(full)
-            elif experts and isinstance(child, Experts) and not isinstance(child.kernels, Fp8ExpertKernels):
-                child.kernels = Fp8ExpertKernels(child.kernels)
+            elif experts and isinstance(child, Experts) and getattr(child, "gemm", None) is not fp8_grouped_mm:
+                setattr(parent, child_name, fp8_experts(child))
                 converted.append(full)
     return converted

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from bench.gpu.harness import Harness, relative_error
+from parallel.kernels import get_spec
 
-# The kernel backend of the layer and train sections: "torch" until parallel.backend=fused exists (issue 12, wt-12a);
-# then this one constant switches both to "fused".
-KERNEL_BACKEND = "torch"
+# The kernel backend of the layer and train sections (the fast path a Hopper user gets).
+KERNEL_BACKEND = "fused"
 LAYER_TYPES = {"swa_moe": 1, "ga_moe": 5}  # a layer index of each type (layer 0 is dense; GA every 6th from 0)
 PRECISIONS = ("bf16", "fp8")
 RECOMPUTE = ("none", "selective")
@@ -40,7 +40,7 @@ def build_layer(cfg, index: int, precision: str, recompute: str, device, backend
     from parallel.mixed_precision import cast_parameters
 
     with torch.device("meta"):  # no fp32 copy of 6.4B expert weights on the way
-        layer = DecoderLayer(cfg, index, backend=backend)
+        layer = DecoderLayer(cfg, index, get_spec(backend))
     cast_parameters(layer, torch.bfloat16)  # parameters only: the expert bias buffer stays fp32
     layer.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(index)
@@ -113,12 +113,13 @@ def _measure(h, cfg, kind, index, precision, recompute, x, dy, seq, flops, peak)
     try:
         layer = build_layer(cfg, index, precision, recompute, h.device)
         cos, sin = rope_tables(cfg, layer.layer_type, seq, h.device)
+        attn_meta = get_spec(KERNEL_BACKEND).metadata(None, 1, seq, h.device)  # one document: built once, as prepare() does
         xi = x.clone().requires_grad_()
         last = {}
 
         def step():  # weight gradients accumulate in place after the first call: the peak is activations only
             xi.grad = None
-            out, aux, _ = layer(xi, cos, sin, None)
+            out, aux, _ = layer(xi, cos, sin, attn_meta)
             (out * dy).sum().add(aux.float()).backward()
             last["out"] = out.detach()
 
