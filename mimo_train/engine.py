@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -60,6 +61,13 @@ class Engine:
         self.optimizer.step()
 
 
+def _after_weight_pass(main_grads: MainGradients, optimizer: ShardedAdamW, stage: torch.nn.Module) -> None:
+    """A zero-bubble schedule's weight pass added this micro-batch's weight gradients into `.grad` by hand, running
+    no hooks: fold them into the fp32 main gradients now and count them, as the hooks do for every other gradient."""
+    for p in main_grads.fold(stage):
+        optimizer.gradient_arrived(p)
+
+
 def build_engine(model_cfg: ModelConfig, p: ParallelConfig, seq_len: int, *, precision: str, adam: AdamSettings,
                  seed: int = 0, device: torch.device | str | None = None) -> Engine:
     """Build this rank's engine (collective: every rank calls it). The model is built on the meta device and
@@ -82,4 +90,6 @@ def build_engine(model_cfg: ModelConfig, p: ParallelConfig, seq_len: int, *, pre
         main_grads = MainGradients(model)
     if p.overlap_grad_reduce:
         optimizer.overlap_with_backward()
+    if pipeline is not None and main_grads is not None:
+        pipeline.after_weight_pass = partial(_after_weight_pass, main_grads, optimizer)
     return Engine(topo, model, layouts, pipeline, optimizer, main_grads, sequence_layout(topo))

@@ -31,7 +31,6 @@ Checkpoints expose each row block as a DTensor over (slicing mesh, gradient mesh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -138,6 +137,8 @@ class ShardedAdamW:
     def __init__(self, model: torch.nn.Module, layouts: dict[str, ParamLayout], *, lr: float, betas, eps: float,
                  weight_decay: float, master_weights: bool = False, bucket_mb: float = 40.0):
         self.params = dict(model.named_parameters())
+        self._names = {id(p): n for n, p in self.params.items()}
+        self.overlap = False  # see overlap_with_backward
         self.layouts = layouts
         self.shards = {n: row_shard(p, layouts[n].grad_group) for n, p in self.params.items()}
         self.owned = list(self.params)  # every rank holds a (possibly empty) row block of every parameter
@@ -182,20 +183,24 @@ class ShardedAdamW:
     def overlap_with_backward(self) -> None:
         """Launch each bucket's reduce-scatter from the backward, as soon as its gradients are final (after
         `expect_gradients`). Call after `MainGradients`: its hook must fold the bf16 gradient first."""
-        for name, p in self.params.items():
+        self.overlap = True
+        for p in self.params.values():
             if p.requires_grad:
-                p.register_post_accumulate_grad_hook(partial(self._on_gradient, name))
+                p.register_post_accumulate_grad_hook(self.gradient_arrived)
 
-    def _on_gradient(self, name: str, p: torch.nn.Parameter) -> None:
+    def gradient_arrived(self, p: torch.nn.Parameter) -> None:
+        """`p` received one more gradient (autograd's hook; or the engine, after a pipeline's weight pass)."""
         if hasattr(p, "main_grad") and p.grad is not None:
             raise RuntimeError("ShardedAdamW.overlap_with_backward() was called before MainGradients was created")
-        self.schedule.accumulated(name)
+        if self.overlap:
+            self.schedule.accumulated(self._names[id(p)])
 
     def expect_gradients(self, micro_batches: int, uses: dict[str, int] | None = None) -> None:
         """Before a step's first backward: each parameter receives `micro_batches` x uses[name] gradients (uses:
         the local pipeline stages that hold it; 1 without a pipeline)."""
-        uses = uses if uses is not None else dict.fromkeys(self.params, 1)
-        self.schedule.expect({n: micro_batches * k for n, k in uses.items()})
+        if self.overlap:
+            uses = uses if uses is not None else dict.fromkeys(self.params, 1)
+            self.schedule.expect({n: micro_batches * k for n, k in uses.items()})
 
     def _launch(self, g: int, b: int) -> None:
         group, buckets = self.bucket_groups[g]

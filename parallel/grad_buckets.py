@@ -84,9 +84,9 @@ class BucketSchedule:
             self.launched_early += 1
 
     def launch_remaining(self) -> None:
-        """Launch every bucket not launched yet, in order; disarm."""
+        """Launch every bucket not launched yet, in order; disarm until the next step's `expect`."""
         for g, buckets in enumerate(self.groups):
             for b in range(self.next[g], len(buckets)):
                 self._launch(g, b)
-            self.next[g] = len(buckets)
+        self.next = [0] * len(self.groups)
         self.armed = False

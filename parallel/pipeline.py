@@ -16,6 +16,8 @@ the schedules run with scale_grads=False.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -143,6 +145,26 @@ def prune_to_local_stages(model, p: ParallelConfig, pp_rank: int) -> list[tuple[
     return local
 
 
+def _stage_class():
+    """torch's PipelineStage, telling `after_weight_pass` when a separate weight pass has run. The zero-bubble
+    schedules (ZBV, DualPipeV) compute weight gradients apart from input gradients, with `torch.autograd.grad`,
+    and add them into `.grad` by hand: autograd's post-accumulate-grad hooks (the fp32 main-gradient fold, the
+    overlapped reduction's count) do not run for them, so the engine runs their work there."""
+    from torch.distributed import pipelining
+
+    class Stage(pipelining.PipelineStage):
+        def __init__(self, submodule, after_weight_pass, *args, **kwargs):
+            super().__init__(submodule, *args, **kwargs)
+            self.after_weight_pass = after_weight_pass
+
+        def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward=False):
+            super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
+            if self.after_weight_pass is not None:
+                self.after_weight_pass(self.submod)
+
+    return Stage
+
+
 class PipelineRunner:
     """Runs one optimizer step's micro-batches through the schedule; the pipeline analogue of forward_backward."""
 
@@ -156,6 +178,8 @@ class PipelineRunner:
         self.model = [model]  # not a submodule
         self.key = None
         self.schedule = None
+        # Called with each stage module after the zero-bubble schedules' separate weight pass (see _stage_class).
+        self.after_weight_pass: Callable[[nn.Module], None] | None = None
 
     def gradient_uses(self) -> dict[str, int]:
         """{parameter name: the local stages that use it}: each gives it one gradient per micro-batch (the V's first
@@ -186,8 +210,8 @@ class PipelineRunner:
         loss = torch.empty((), device="meta")
         stages = []
         for m, (s, _) in zip(self.modules, self.local_stages):
-            stages.append(pipelining.PipelineStage(
-                m, s, self.n_stages, self.device, group=self.topo.group("pp"),
+            stages.append(_stage_class()(
+                m, self.after_weight_pass, s, self.n_stages, self.device, group=self.topo.group("pp"),
                 input_args=None if s == 0 else (hidden,), output_args=loss if s == self.n_stages - 1 else hidden))
         schedule_cls = getattr(pipelining, SCHEDULES[self.p.pp_schedule])
         self.schedule = schedule_cls(stages[0] if self.p.pp_schedule == "1f1b" else stages, n_microbatches=n_micro,
