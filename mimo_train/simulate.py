@@ -4,9 +4,9 @@ report what each rank holds and sends.
     mimo-train simulate --config configs/model/mimo_v2_flash.yaml --gpus 512 \
         [--layout tp=2,pp=16,cp=4,dp=4,ep=8,pp_schedule=dualpipev,pp_virtual=2] [--seq 32768] [--json]
 
-Each simulated rank joins torch's fake process group as rank r of the job (`parallel/fake_group.py`), builds the
-model on the meta device and shards it with the project's own `build_topology` and `build_parallel_model`, then
-builds the optimizer and gradient buffers exactly as the trainer does (`Trainer._build`). Nothing is allocated.
+Each simulated rank joins torch's fake process group as rank r of the job (`parallel/fake_group.py`) and builds its
+engine with the trainer's own builder (`mimo_train/engine.py`): the model on the meta device, sharded by
+`build_topology` and `build_parallel_model`, the optimizer and the gradient buffers. Nothing is allocated.
 
 - **Memory**: parameters, gradient buffers and optimizer state are the bytes of the tensors the engine created,
   found generically: every tensor reachable from the parameters (`.grad`, `.main_grad`) and from the optimizer

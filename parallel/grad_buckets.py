@@ -44,7 +44,8 @@ class BucketSchedule:
     `groups[g]` is group g's list of buckets (lists of parameter names) in launch order; `launch(g, b)` starts the
     collective of bucket b of group g."""
 
-    def __init__(self, groups: list[list[list[str]]], launch: Callable[[int, int], None], deferred: set[str] = frozenset()):
+    def __init__(self, groups: list[list[list[str]]], launch: Callable[[int, int], None],
+                 deferred: set[str] = frozenset()):
         self.groups = groups
         self._launch = launch
         self.deferred = set(deferred)

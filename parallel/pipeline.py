@@ -131,7 +131,7 @@ def prune_to_local_stages(model, p: ParallelConfig, pp_rank: int) -> list[tuple[
     layers, ranks = stage_layers(p, model.cfg), stage_ranks(p)
     local = [(s, layers[s]) for s in range(len(layers)) if ranks[s] == pp_rank]
     keep = {i for _, ls in local for i in ls}
-    for key in [k for k in model.model.layers if int(k) not in keep]:  # the others keep their names (model.layers.17...)
+    for key in [k for k in model.model.layers if int(k) not in keep]:  # the rest keep their names (model.layers.17.…)
         del model.model.layers[key]
     last = len(layers) - 1
     has_first = any(s == 0 for s, _ in local)

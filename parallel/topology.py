@@ -216,7 +216,8 @@ def _kv_replica_group(grid: torch.Tensor, num_kv_heads: int, topo: Topology):
     """When tp > KV heads, each KV head lives on tp / KV consecutive tp ranks: the group those ranks form together
     with their dp x cp peers, over which that head's gradients are summed."""
     pp, dp, cp, tp = grid.shape
-    rows = grid.view(pp, dp, cp, num_kv_heads, tp // num_kv_heads).permute(0, 3, 1, 2, 4).reshape(-1, dp * cp * tp // num_kv_heads)
+    rep = tp // num_kv_heads
+    rows = grid.view(pp, dp, cp, num_kv_heads, rep).permute(0, 3, 1, 2, 4).reshape(-1, dp * cp * rep)
     return _subgroups(rows, topo.rank, topo.group_ranks, f"kv{num_kv_heads}")
 
 

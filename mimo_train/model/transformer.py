@@ -98,8 +98,8 @@ class MiMoModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        # Keyed by layer index ("0".."N-1", HF names model.layers.<i>.*): a pipeline stage deletes the layers it does not
-        # run, and the others keep their global names.
+        # Keyed by layer index ("0".."N-1", HF names model.layers.<i>.*): a pipeline stage deletes the layers it does
+        # not run, and the others keep their global names.
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
