@@ -163,6 +163,10 @@ class ParallelConfig:
     # Activation recompute: "none", "selective" (attention cores and SwiGLU intermediates) or "full" (each decoder
     # layer keeps only its input). See parallel/recompute.py.
     recompute: str = "none"
+    # Data parallelism (parallel/data_parallel.py): reduce-scatter each bucket of gradients (about grad_bucket_mb MB
+    # of fp32) while the backward still runs, as Megatron-LM's --overlap-grad-reduce; false: all after the backward.
+    overlap_grad_reduce: bool = True
+    grad_bucket_mb: float = 40.0
 
     PP_SCHEDULES = ("1f1b", "interleaved_1f1b", "zbv", "dualpipev")
     RECOMPUTE = ("none", "selective", "full")
@@ -189,6 +193,11 @@ class ParallelConfig:
                  self.backend)
         _require(self.recompute in self.RECOMPUTE, f"{prefix}.recompute", f"must be one of {', '.join(self.RECOMPUTE)}",
                  self.recompute)
+        _require(isinstance(self.overlap_grad_reduce, bool), f"{prefix}.overlap_grad_reduce", "must be true or false",
+                 self.overlap_grad_reduce)
+        _require(isinstance(self.grad_bucket_mb, (int, float)) and not isinstance(self.grad_bucket_mb, bool)
+                 and self.grad_bucket_mb > 0, f"{prefix}.grad_bucket_mb", "must be a number of megabytes > 0 "
+                 "(the fp32 gradient bytes reduced by one collective; Megatron-LM uses about 40)", self.grad_bucket_mb)
 
     @property
     def world_size(self) -> int:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from mimo_train.config import ConfigError
 from mimo_train.model.transformer import IGNORE_INDEX, document_ids, shift_within_documents
 from parallel import comm
+from parallel.parallelize import sequence_layout
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
@@ -96,7 +97,7 @@ class Evaluator:
         acceptance = torch.zeros(2 * depths + 1, dtype=torch.float64)  # accepted per depth, chains per K, positions
         for mb in micro_batches:
             out = self.model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"],
-                             return_logits=with_acceptance)
+                             return_logits=with_acceptance, sequence_layout=sequence_layout(self.topo))
             loss_sums += torch.stack([out.lm_loss_sum, *out.mtp_loss_sums]).double()
             counts += self.model.count_targets(mb["labels"], mb["position_ids"]).double()
             if with_acceptance:

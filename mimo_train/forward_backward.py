@@ -45,11 +45,13 @@ def empty_parts(spec: LossSpec, device) -> torch.Tensor:
     return torch.zeros(2 + len(spec.mtp_tokens), dtype=torch.float64, device=device)
 
 
-def forward_backward(model, micro_batches: list[dict], spec: LossSpec) -> StepResult:
+def forward_backward(model, micro_batches: list[dict], spec: LossSpec, sequence_layout=None) -> StepResult:
+    """`sequence_layout`: the positions this rank computes (context parallelism's chunks; default all)."""
     parts = empty_parts(spec, spec.lm_tokens.device)
     expert_counts = None
     for mb in micro_batches:
-        out = model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"], return_logits=False)
+        out = model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"], return_logits=False,
+                    sequence_layout=sequence_layout)
         loss, mb_parts = micro_batch_loss(out, spec)
         loss.backward()
         parts += mb_parts

@@ -119,7 +119,7 @@ def model_report(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]
     attn_flops = {"swa": 0.0, "ga": 0.0}
     naive_attn_main = 0.0
     sums = {"attention": 0, "ffn": 0, "norms": 0, "active": 0, "matmul": 0}
-    for i, layer in enumerate(trunk.layers):
+    for i, layer in enumerate(model.decoder_layers()):
         attn = _count(layer.self_attn)
         ffn = _count(layer.mlp)
         whole = _count(layer)
@@ -185,7 +185,7 @@ def model_report(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]
     total_flops = dense_flops + attn_flops["swa"] + attn_flops["ga"] + mtp_flops
     naive_flops = dense_flops + naive_attn_main + mtp_naive
     swa_layers = [l for l in layers if l["attention"] == "SWA"]
-    window_keys = trunk.layers[0].self_attn.window_keys if layers else cfg.window_keys
+    window_keys = trunk.layers["0"].self_attn.window_keys if layers else cfg.window_keys
 
     return {
         "config": {

@@ -185,7 +185,7 @@ def geometry(cfg: ModelConfig) -> ModelGeometry:
     layers = [Unit() for _ in range(cfg.num_layers)]
     embed, head, mtp, everywhere = Unit(), Unit(), Unit(), Unit()
     shapes = []
-    for layer in model.model.layers:
+    for layer in model.decoder_layers():
         shapes.append(LayerShape(layer.self_attn.sliding, layer.is_moe, layer.self_attn.num_kv_heads))
     kv_of = {}
     for name, mod in model.named_modules():
@@ -729,11 +729,8 @@ MEMORY_TOLERANCE = 0.10
 
 
 def runnable_config(L: Layout) -> ParallelConfig:
-    """The layout as `parallel.*`, recompute included when the engine has it (`parallel.recompute`)."""
-    p = L.parallel_config()
-    if hasattr(p, "recompute"):
-        p = replace(p, recompute=L.recompute)
-    return p
+    """The layout as `parallel.*`, recompute included."""
+    return replace(L.parallel_config(), recompute=L.recompute)
 
 
 def top_pick(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768,

@@ -4,9 +4,9 @@ report what each rank holds and sends.
     mimo-train simulate --config configs/model/mimo_v2_flash.yaml --gpus 512 \
         [--layout tp=2,pp=16,cp=4,dp=4,ep=8,pp_schedule=dualpipev,pp_virtual=2] [--seq 32768] [--json]
 
-Each simulated rank joins torch's fake process group as rank r of the job (`parallel/fake_group.py`), builds the
-model on the meta device and shards it with the project's own `build_topology` and `build_parallel_model`, then
-builds the optimizer and gradient buffers exactly as the trainer does (`Trainer._build`). Nothing is allocated.
+Each simulated rank joins torch's fake process group as rank r of the job (`parallel/fake_group.py`) and builds its
+engine with the trainer's own builder (`mimo_train/engine.py`): the model on the meta device, sharded by
+`build_topology` and `build_parallel_model`, the optimizer and the gradient buffers. Nothing is allocated.
 
 - **Memory**: parameters, gradient buffers and optimizer state are the bytes of the tensors the engine created,
   found generically: every tensor reachable from the parameters (`.grad`, `.main_grad`) and from the optimizer
@@ -29,7 +29,6 @@ optimizer shard); the first and the last rank of every pipeline stage are built 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -40,12 +39,13 @@ from typing import Any
 import torch
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from mimo_train.engine import AdamSettings, Engine, build_engine
 from mimo_train.planner import model_config, pipeline_sends
+from parallel.mixed_precision import DTYPES
 from parallel.fake_group import BalancedRouting, CollectiveCounter, fake_world
 
 GB = 1e9
 KIND_OF_GROUP = {"tp": "tp", "tp_cp": "tp", "cp": "cp", "ep": "ep", "pp": "pp"}  # every other group: "dp"
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -88,14 +88,13 @@ def parallel_config(layout: dict[str, Any], gpus: int | None) -> ParallelConfig:
 
 
 def layout_of(p: ParallelConfig) -> str:
-    keys = ["tp", "pp", "dp", "cp", "ep", "etp", "pp_schedule", "pp_virtual"] + (["recompute"] if
-                                                                              hasattr(p, "recompute") else [])
+    keys = ["tp", "pp", "dp", "cp", "ep", "etp", "pp_schedule", "pp_virtual", "recompute"]
     return ",".join(f"{k}={getattr(p, k)}" for k in keys)
 
 
 def recompute_modes() -> tuple[str, ...]:
-    """The recompute modes the engine implements (`parallel.recompute`, once it exists)."""
-    return tuple(getattr(ParallelConfig, "RECOMPUTE", ("none",)))
+    """The recompute modes the engine implements (`parallel.recompute`)."""
+    return ParallelConfig.RECOMPUTE
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -104,48 +103,22 @@ def recompute_modes() -> tuple[str, ...]:
 
 
 @dataclasses.dataclass
-class RankShards:
-    topo: Any
-    model: Any
-    layouts: dict
-    pipeline: Any
-    optimizer: Any
-    main_grads: Any
+class RankShards(Engine):
     fake_mode: Any = None  # set once the model has moved onto fake CPU tensors (`fake_mode_of`)
 
 
 def build_rank(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: str) -> RankShards:
-    """The trainer's `_build` on the meta device (without materialising weights or opening data): topology, model,
-    shards, optimizer, fp32 main gradients under bf16. Call inside `fake_world`."""
-    from mimo_train.model import MiMoForCausalLM
-    from parallel.data_parallel import ShardedAdamW
-    from parallel.mixed_precision import MainGradients, cast_parameters
-    from parallel.parallelize import build_parallel_model
-    from parallel.topology import build_topology
-
-    topo = build_topology(p, cfg, seq)
-    with torch.device("meta"):
-        model = MiMoForCausalLM(copy.deepcopy(cfg), backend=p.backend)
-    layouts, pipeline = build_parallel_model(model, topo, p)
-    low = precision != "fp32"
-    optimizer = ShardedAdamW(model, layouts, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                             master_weights=low)
-    main_grads = None
-    if low:
-        cast_parameters(model, PRECISION_DTYPES[precision])
-        main_grads = MainGradients(model)
-    return RankShards(topo, model, layouts, pipeline, optimizer, main_grads)
+    """The trainer's engine (`build_engine`) on the meta device, without materialising weights or opening data:
+    topology, model, shards, optimizer, fp32 main gradients under bf16. Call inside `fake_world`."""
+    engine = build_engine(cfg, p, seq, precision=precision, adam=AdamSettings())
+    return RankShards(**vars(engine))
 
 
 def optimizer_step(shards: RankShards) -> None:
     """What the trainer does after the last micro-batch's backward (`Trainer.train_step`): reduce-scatter the
     gradients, take the global norm, update, all-gather the rows."""
-    from parallel.data_parallel import fill_missing_gradients
-
-    fill_missing_gradients(shards.model)
-    shards.optimizer.reduce_gradients()
-    shards.optimizer.grad_norm_squared()
-    shards.optimizer.step()
+    shards.reduce_gradients()
+    shards.update(max_norm=0.0, grad_norm=0.0)
     shards.optimizer.zero_grad()  # as before the next step: what stays is the optimizer's persistent state
 
 
@@ -153,7 +126,7 @@ def group_names(shards: RankShards) -> dict[str, str]:
     """{c10d group_name: our name} for every group this rank belongs to."""
     names = {}
     for name, g in shards.topo.groups.items():
-        if g is not None and not name.startswith("kv_mesh"):
+        if g is not None:
             names[g.group_name] = name
     for layout in shards.layouts.values():
         if layout.grad_group is not None:
@@ -267,7 +240,7 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
     counter = CollectiveCounter(group_names(shards))
     with fake_mode_of(shards), BalancedRouting():
         input_ids = torch.zeros(mbs, seq, dtype=torch.long)
-        batch = model.prepare(input_ids)
+        batch = model.prepare(input_ids, sequence_layout=shards.sequence_layout)
         x = torch.empty(mbs, seq // topo.cp // topo.tp, model.cfg.hidden_size, dtype=dtype, requires_grad=True)
         tracker = MemTracker()
         tracker.track_external(layer)
@@ -299,7 +272,7 @@ def run_ends(shards: RankShards, seq: int, mbs: int = 1) -> dict[str, float]:
     dtype = next(model.parameters()).dtype
     with fake_mode_of(shards), BalancedRouting():
         ids = torch.zeros(mbs, seq, dtype=torch.long)
-        batch = model.prepare(ids)
+        batch = model.prepare(ids, sequence_layout=shards.sequence_layout)
         hidden = torch.empty(mbs, seq // topo.cp // topo.tp, model.cfg.hidden_size, dtype=dtype, requires_grad=True)
         with counter:
             outputs = []
@@ -337,7 +310,7 @@ def _planner_layout(p: ParallelConfig):
     from mimo_train.planner import Layout
 
     return Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp, pp_schedule=p.pp_schedule,
-                  pp_virtual=p.pp_virtual, recompute=getattr(p, "recompute", "none"))
+                  pp_virtual=p.pp_virtual, recompute=p.recompute)
 
 
 def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micro_batches: int, precision: str,
@@ -392,7 +365,7 @@ def layer_activations(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: 
     else:
         owner = {i: 0 for i in range(cfg.num_layers)}
     for mode in recompute_modes():
-        q = dataclasses.replace(p, recompute=mode) if hasattr(p, "recompute") else p
+        q = dataclasses.replace(p, recompute=mode)
         runs: dict[str, dict] = {}
         for pp_rank in sorted(set(owner.values())):
             with fake_world(pp_rank * per_stage, p.world_size):
@@ -528,7 +501,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 2^26 tokens / seq)")
     p.add_argument("--mtp-blocks", type=int, default=1, help="MTP blocks (default 1, as plan; -1: the config's)")
-    p.add_argument("--precision", choices=sorted(PRECISION_DTYPES), default="bf16",
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
                    help="weights/gradients/optimizer precision to account for (default bf16, as train.precision)")
     p.add_argument("--ranks", choices=("classes", "all"), default="classes",
                    help="classes: first and last rank of each pipeline stage; all: every rank")

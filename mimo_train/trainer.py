@@ -14,7 +14,6 @@ processes), or exits with EXIT_RELAUNCH and a message naming the process count t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -30,6 +29,7 @@ import torch.distributed as dist
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
+from mimo_train.engine import AdamSettings, build_engine
 from mimo_train.evaluation import Evaluator
 from mimo_train.forward_backward import LossSpec, forward_backward
 from mimo_train.info import startup_banner
@@ -39,13 +39,10 @@ from mimo_train.preflight import check_resume_config
 from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
 from mimo_train.stopping import StopRequest
 from parallel import comm
-from parallel.data_parallel import ShardedAdamW, fill_missing_gradients
 from parallel.device import resolve_device, use_device
-from parallel.initialize import materialize
-from parallel.mixed_precision import DTYPES, MainGradients, cast_parameters
-from parallel.parallelize import build_parallel_model
+from parallel.mixed_precision import MainGradients
 from parallel.state_dict import copy_loaded_model_state, model_state, optimizer_state
-from parallel.topology import build_topology, init_distributed, validate_layout
+from parallel.topology import init_distributed, validate_layout
 
 # Exit status when the next stage needs another number of processes: the boundary checkpoint is saved; relaunch
 # with the process count the message names and `--resume auto` continues in the new stage.
@@ -132,7 +129,6 @@ class Trainer:
         self.stage_start = StageStart()
         self.last_saved_step: int | None = None
         self.last_save_seconds = 0.0
-        self._stop_requested = False
         self._signals = StopRequest(announce=False)
         self._flops_per_token: dict[int, float] = {}
         self.data = None
@@ -184,25 +180,12 @@ class Trainer:
     def _build(self, stage: Stage) -> None:
         """Topology, model, optimizer and data stream for `stage`'s layout (collective)."""
         cfg, t, p = self.cfg, self.cfg.train, stage.parallel
-        self.topo = build_topology(p, cfg.model, stage.seq_len)
-        # The model is built on the meta device, sharded, and only then are this rank's slices given their initial
-        # values, which depend on (seed, parameter name) alone: every layout starts from exactly the
-        # single-process weights. (The model gets its own config: stages change its RoPE base.)
-        torch.manual_seed(t.seed)
-        with torch.device("meta"):  # no rank ever holds the whole model
-            self.model = MiMoForCausalLM(copy.deepcopy(cfg.model), backend=p.backend)
-        self.layouts, self.pipeline = build_parallel_model(self.model, self.topo, p, fp8=t.precision == "fp8",
-                                                          compile=t.compile)
-        materialize(self.model, self.layouts, seed=t.seed, device=self.device)
-        # Mixed precision: the optimizer takes its fp32 masters from the fp32 initial values, then the model
-        # becomes bf16 and gets fp32 gradient accumulators.
-        low_precision = t.precision != "fp32"
-        self.optimizer = ShardedAdamW(self.model, self.layouts, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                      eps=t.adam_eps, weight_decay=t.weight_decay, master_weights=low_precision)
-        self.main_grads = None
-        if low_precision:
-            cast_parameters(self.model, DTYPES[t.precision])
-            self.main_grads = MainGradients(self.model)
+        adam = AdamSettings(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        self.engine = build_engine(cfg.model, p, stage.seq_len, precision=t.precision, adam=adam, seed=t.seed,
+                                   device=self.device, compile=t.compile)
+        e = self.engine
+        self.topo, self.model, self.layouts, self.pipeline = e.topo, e.model, e.layouts, e.pipeline
+        self.optimizer, self.main_grads = e.optimizer, e.main_grads
 
         from data_pipeline import GlobalSampleStream
 
@@ -346,16 +329,14 @@ class Trainer:
         self.model.train()
         n_mtp = len(mtp_tokens)
         spec = LossSpec(stage.mtp_loss_weight, stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
-        run = self.pipeline.forward_backward if self.pipeline is not None else partial(forward_backward, self.model)
+        run = (self.pipeline.forward_backward if self.pipeline is not None
+               else partial(forward_backward, self.model, sequence_layout=self.engine.sequence_layout))
+        self.engine.expect_gradients(len(micro_batches))  # gradient buckets are reduced as the backward finishes them
         result = run(micro_batches, spec)
         parts, expert_counts = result.parts, result.expert_counts
         router_margin = self._take_router_margin()
 
-        if self.main_grads is not None:
-            self.main_grads.fold_remaining()
-        fill_missing_gradients(self.model)
-        self.optimizer.reduce_gradients()
-        grad_norm_sq = self.optimizer.grad_norm_squared()
+        grad_norm_sq = self.engine.reduce_gradients()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
         parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares
         parts[1] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
@@ -375,8 +356,7 @@ class Trainer:
         skipped, grad_norm, router_margin = bool(host[0]), math.sqrt(host[1]), host[2]
         lm_loss, aux_loss, mtp_depths = host[3], host[4], host[5:5 + n_mtp]
         if not skipped:
-            self.optimizer.clip(t.clip_grad, grad_norm)
-            self.optimizer.step()
+            self.engine.update(t.clip_grad, grad_norm)
             if expert_counts is not None:
                 update_expert_bias(self.model, expert_counts, stage.expert_bias_update_rate)
             self.consecutive_skips = 0
@@ -438,8 +418,7 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------------------------
     def _agreed_stop(self) -> bool:
         """Stop when any rank was signalled (ranks must leave the loop at the same step)."""
-        self._stop_requested = self._stop_requested or self._signals.requested
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        flag = torch.tensor([1.0 if self._signals.requested else 0.0], device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -513,7 +492,7 @@ class Trainer:
         skipped = self.data.report() if self.data is not None else ""
         if self.is_logger and skipped:
             print(f"data: {skipped}", flush=True)
-        if self.is_logger and self._stop_requested:
+        if self.is_logger and self._signals.requested:
             print(f"stopped by a signal at step {self.step}; checkpoint {self.ckpt_dir / ckpt.checkpoint_name(self.step)}",
                   flush=True)
         return records

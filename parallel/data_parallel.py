@@ -16,8 +16,11 @@ keeps the Adam moments (and, in bf16 runs, the fp32 master) of its rows only, so
 group. (The first dimension alone would not do: a stack of one local expert, `[1, 2I, H]` under EP = #experts, would
 leave all of its state on the first rank of its edp group.) One step:
 
-1. the gradients of each group are reduce-scattered (one flat collective per group, all groups in flight at once):
-   each rank receives the sum of its rows (the loss is normalised by global token counts: a sum, not a mean);
+1. the gradients of each group are reduce-scattered in buckets of about `parallel.grad_bucket_mb` (one flat
+   collective per bucket): each rank receives the sum of its rows (the loss is normalised by global token counts: a
+   sum, not a mean). With `parallel.overlap_grad_reduce` (the default) a bucket is launched from the backward as
+   soon as its gradients are final, in a fixed order per group (`parallel/grad_buckets.py`); the step waits for
+   all of them before the norm;
 2. the global gradient norm counts each row once, on the rank that holds it; clipping scales the rows;
 3. Adam updates the rows; the updated rows are all-gathered into every replica (one flat collective per group).
 
@@ -34,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel import comm
+from parallel.grad_buckets import BucketSchedule, split_into_buckets
 from parallel.mixed_precision import gradient
 from parallel.parallelize import GRAD_KINDS, ParamLayout
 
@@ -131,8 +135,10 @@ class ShardedAdamW:
     is built (so build it before casting the model to bf16); otherwise it is a view of the parameter's rows."""
 
     def __init__(self, model: torch.nn.Module, layouts: dict[str, ParamLayout], *, lr: float, betas, eps: float,
-                 weight_decay: float, master_weights: bool = False):
+                 weight_decay: float, master_weights: bool = False, bucket_mb: float = 40.0):
         self.params = dict(model.named_parameters())
+        self._names = {id(p): n for n, p in self.params.items()}
+        self.overlap = False  # see overlap_with_backward
         self.layouts = layouts
         self.shards = {n: row_shard(p, layouts[n].grad_group) for n, p in self.params.items()}
         self.owned = list(self.params)  # every rank holds a (possibly empty) row block of every parameter
@@ -140,6 +146,7 @@ class ShardedAdamW:
         self.masters = {n: r.float().clone() for n, r in rows.items()} if master_weights else None
         self._rows = self.masters if master_weights else rows
         self.grad_shards: dict[str, torch.Tensor] = {}
+        self._build_buckets(bucket_mb)
         decay = [self._rows[n] for n in self.owned if self.params[n].ndim >= 2]
         no_decay = [self._rows[n] for n in self.owned if self.params[n].ndim < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -160,27 +167,65 @@ class ShardedAdamW:
         return next(iter(self.params.values())).device
 
     # ---- gradients --------------------------------------------------------------------------------------------
+    def _build_buckets(self, bucket_mb: float) -> None:
+        """Each gradient group's parameters in reverse order (the backward's), cut into buckets of ~bucket_mb MB."""
+        self.bucket_groups, self.single = [], []  # [(process group, [bucket names])], names of 1-rank groups
+        for _, group, names in _by_kind(self.params, self.layouts):
+            if comm.group_size(group) == 1:
+                self.single += names
+                continue
+            nbytes = {n: self._block_numel(n) * self.shards[n].size * self.params[n].element_size() for n in names}
+            self.bucket_groups.append((group, split_into_buckets(names[::-1], nbytes, bucket_mb * 2**20)))
+        tied = {n for n, l in self.layouts.items() if l.tied_group is not None}
+        self.schedule = BucketSchedule([buckets for _, buckets in self.bucket_groups], self._launch, deferred=tied)
+        self._in_flight: list[tuple[object, torch.Tensor, list[str]]] = []
+
+    def overlap_with_backward(self) -> None:
+        """Launch each bucket's reduce-scatter from the backward, as soon as its gradients are final (after
+        `expect_gradients`). Call after `MainGradients`: its hook must fold the bf16 gradient first."""
+        self.overlap = True
+        for p in self.params.values():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self.gradient_arrived)
+
+    def gradient_arrived(self, p: torch.nn.Parameter) -> None:
+        """`p` received one more gradient (autograd's hook; or the engine, after a pipeline's weight pass)."""
+        if hasattr(p, "main_grad") and p.grad is not None:
+            raise RuntimeError("ShardedAdamW.overlap_with_backward() was called before MainGradients was created")
+        if self.overlap:
+            self.schedule.accumulated(self._names[id(p)])
+
+    def expect_gradients(self, micro_batches: int, uses: dict[str, int] | None = None) -> None:
+        """Before a step's first backward: each parameter receives `micro_batches` x uses[name] gradients (uses:
+        the local pipeline stages that hold it; 1 without a pipeline)."""
+        if self.overlap:
+            uses = uses if uses is not None else dict.fromkeys(self.params, 1)
+            self.schedule.expect({n: micro_batches * k for n, k in uses.items()})
+
+    def _launch(self, g: int, b: int) -> None:
+        group, buckets = self.bucket_groups[g]
+        names = buckets[b]
+        flat = torch.cat([_blocks(gradient(self.params[n]), self.shards[n]) for n in names], dim=1)
+        out = flat.new_empty(flat.shape[1])
+        work = dist.reduce_scatter_tensor(out, flat.reshape(-1), group=group, async_op=True)
+        self._in_flight.append((work, out, names))
+
     def reduce_gradients(self) -> None:
-        """Sum every gradient over its gradient group, keeping this rank's rows (`grad_shards`)."""
+        """Sum every gradient over its gradient group, keeping this rank's rows (`grad_shards`): launch the buckets
+        the backward has not launched, then wait for all."""
         for name, layout in self.layouts.items():  # pipeline: the first and last stage's embedding copies
             if layout.tied_group is not None:
                 dist.all_reduce(gradient(self.params[name]), group=layout.tied_group)
-        pending = []
-        for _, group, names in _by_kind(self.params, self.layouts):
-            if comm.group_size(group) == 1:
-                for n in names:
-                    self.grad_shards[n] = gradient(self.params[n])
-                continue
-            flat = torch.cat([_blocks(gradient(self.params[n]), self.shards[n]) for n in names], dim=1)
-            out = flat.new_empty(flat.shape[1])
-            pending.append((dist.reduce_scatter_tensor(out, flat.reshape(-1), group=group, async_op=True), out,
-                            names))
-        for work, out, names in pending:
+        self.schedule.launch_remaining()
+        for n in self.single:
+            self.grad_shards[n] = gradient(self.params[n])
+        for work, out, names in self._in_flight:
             work.wait()
             for n, block in zip(names, out.split([self._block_numel(n) for n in names])):
                 s, p = self.shards[n], self.params[n]
                 mine = block[:(s.end - s.start) * _row_numel(p, s)]
                 self.grad_shards[n] = _rows_back(mine, s, s.of(p).shape)
+        self._in_flight.clear()
 
     def _block_numel(self, name: str) -> int:
         return self.shards[name].chunk * _row_numel(self.params[name], self.shards[name])
@@ -189,9 +234,9 @@ class ShardedAdamW:
         """The squared global L2 norm (float64, on the device: no host sync): each gradient element is counted
         once, on the rank holding its row, then summed over all ranks."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for n, g in self.grad_shards.items():
+        for n in self.params:  # a fixed order (not the buckets' completion order): the same sum every step
             if self.layouts[n].count_in_norm:
-                sq += g.double().pow(2).sum()
+                sq += self.grad_shards[n].double().pow(2).sum()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sq)
         return sq

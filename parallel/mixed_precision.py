@@ -42,9 +42,17 @@ class MainGradients:
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)
             p.register_post_accumulate_grad_hook(_fold)
 
+    def fold(self, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Fold the gradients accumulated into `.grad` without the hook (the zero-bubble pipeline schedules add
+        weight gradients by hand; the engine calls this after each of their weight passes, so those too are summed
+        in fp32 across micro-batches). Returns the parameters folded."""
+        folded = [p for p in module.parameters() if hasattr(p, "main_grad") and p.grad is not None]
+        for p in folded:
+            _fold(p)
+        return folded
+
     def fold_remaining(self) -> None:
-        """Fold gradients that were accumulated without the hook (the zero-bubble pipeline schedules add weight
-        gradients into `p.grad` by hand, so there they are summed in bf16 over a step's micro-batches)."""
+        """Fold whatever is left in `.grad` at the end of the backward (nothing, when every path folds)."""
         for p in self.params:
             if p.grad is not None:
                 _fold(p)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mimo_train.model import MiMoForCausalLM
+from mimo_train.model.transformer import WholeSequence
 from mimo_train.model.layers import Attention, DenseMLP, MoE
 from parallel.context_parallel import ChunkLayout, ContextParallelAttention
 from parallel.expert_parallel import ExpertParallelMoE
@@ -24,7 +25,7 @@ from parallel.tensor_parallel import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy_sum,
 )
-from parallel.topology import Topology, kv_replica_group
+from parallel.topology import Topology
 
 
 @dataclass
@@ -56,7 +57,6 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
     tp, tp_group, tp_rank = topo.tp, topo.group("tp"), topo.rank_in("tp")
     sp = tp > 1
     special: dict[int, ParamLayout] = {}  # id(param) -> layout, for everything that is not a full replica
-    kv_cache: dict = {}
 
     def sharded(param, dim, index, num, gather_kind, gather_group, grad_kind, grad_group, replicas=1):
         special[id(param)] = ParamLayout(grad_kind, grad_group, dim, index, num, gather_group, gather_kind, replicas)
@@ -71,19 +71,19 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
             model.lm_head = ColumnParallelLinear(model.lm_head, slice(tp_rank * vocab, (tp_rank + 1) * vocab),
                                                  tp_group, sp)
             sharded(model.lm_head.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
-        model.cross_entropy_sum = vocab_parallel_cross_entropy_sum
+        model.cross_entropy = VocabParallelCrossEntropySum()
         _init_megatron_tp_state(topo)
 
     for module in list(model.modules()):
         if isinstance(module, Attention) and tp > 1:
-            _shard_attention(module, topo, sharded, kv_cache)
+            _shard_attention(module, topo, sharded)
         elif isinstance(module, DenseMLP) and tp > 1:
             _shard_mlp(module, topo, sharded)
     if topo.cp > 1:
-        model.sequence_layout = ChunkLayout(topo.cp, topo.rank_in("cp"))
+        layout = sequence_layout(topo)
         for module in model.modules():
             if isinstance(module, Attention):
-                module.core = ContextParallelAttention(module.core, model.sequence_layout, topo.group("cp"),
+                module.core = ContextParallelAttention(module.core, layout, topo.group("cp"),
                                                        sliding=module.sliding, window_keys=module.window_keys)
     sequence_group = topo.group("tp_cp") if (sp or topo.cp > 1) else None
     for parent in list(model.modules()):
@@ -98,7 +98,20 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
     return {name: special.get(id(p), replicated) for name, p in model.named_parameters()}
 
 
-def _shard_attention(attn: Attention, topo: Topology, sharded, kv_cache) -> None:
+def sequence_layout(topo: Topology):
+    """Which positions of each sequence this rank computes: its context-parallel chunks, or all of them. The
+    trainer, the pipeline stages and the evaluator pass it to the model's forward."""
+    return ChunkLayout(topo.cp, topo.rank_in("cp")) if topo.cp > 1 else WholeSequence()
+
+
+class VocabParallelCrossEntropySum(nn.Module):
+    """The model's `CrossEntropySum` over vocabulary-sharded logits (megatron-core's kernel)."""
+
+    def forward(self, logits, labels):
+        return vocab_parallel_cross_entropy_sum(logits, labels)
+
+
+def _shard_attention(attn: Attention, topo: Topology, sharded) -> None:
     tp, tp_rank, tp_group = topo.tp, topo.rank_in("tp"), topo.group("tp")
     dp_cp = topo.group("dp_cp")
     heads = attn.num_heads // tp
@@ -118,7 +131,7 @@ def _shard_attention(attn: Attention, topo: Topology, sharded, kv_cache) -> None
     else:  # fewer KV heads than ranks: each head is replicated on tp / kv consecutive ranks (Megatron-Bridge refuses)
         replicas = tp // kv
         per, first, num = 1, tp_rank // replicas, kv
-        grad_kind, grad_group = f"kv{kv}", kv_replica_group(topo, kv, kv_cache)
+        grad_kind, grad_group = f"kv{kv}", topo.group(f"kv{kv}")
     for name, dim in (("k_proj", hd), ("v_proj", vd)):
         layer = ColumnParallelLinear(getattr(attn, name), slice(first * dim, (first + per) * dim), tp_group, True)
         setattr(attn, name, layer)
@@ -161,7 +174,7 @@ def _init_megatron_tp_state(topo: Topology) -> None:
 def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p, *, fp8: bool = False, compile: bool = False):
     """Everything a training rank needs: keep this rank's pipeline stages, (FP8 GEMMs), shard them, (recompute,
     compile), tie the embedding copies. Returns (layouts, pipeline runner or None)."""
-    from parallel.pipeline import PipelineRunner, prune_to_local_stages, tie_group
+    from parallel.pipeline import PipelineRunner, prune_to_local_stages
 
     local = prune_to_local_stages(model, p, topo.rank_in("pp")) if topo.pp > 1 else None
     if fp8:  # before sharding: the tensor-parallel wrappers keep the FP8 matmul of the linears they wrap
@@ -174,9 +187,9 @@ def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p, *, fp8: bool
         compile_layers(model)
     if local is None:
         return layouts, None
-    tied = tie_group(topo, p, model.cfg)
+    tied = topo.group("tied_embedding")
     name = "model.embed_tokens.weight"
     if tied is not None and name in layouts:
         holds_first = any(stage == 0 for stage, _ in local)
         layouts[name] = replace(layouts[name], tied_group=tied, count_in_norm=holds_first)
-    return layouts, PipelineRunner(model, topo, p, local)
+    return layouts, PipelineRunner(model, topo, p, local, sequence_layout(topo))

@@ -16,8 +16,9 @@ the schedules run with scale_grads=False.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
@@ -73,9 +74,10 @@ class _AttachLoss(torch.autograd.Function):
 class StageModule(nn.Module):
     """One pipeline stage of the model: its decoder layers, plus the embedding (first) or the head (last)."""
 
-    def __init__(self, model, layers: list[int], is_first: bool, is_last: bool):
+    def __init__(self, model, layers: list[int], is_first: bool, is_last: bool, sequence_layout):
         super().__init__()
         self.model = [model]  # a plain list: the stage must not re-register the whole model's parameters
+        self.sequence_layout = sequence_layout
         self.layers = nn.ModuleList([model.model.layers[str(i)] for i in layers])
         self.is_first, self.is_last = is_first, is_last
         if is_first:
@@ -108,7 +110,7 @@ class StageModule(nn.Module):
 
     def forward(self, hidden=None, *, input_ids, position_ids, labels):
         model = self.model[0]
-        batch = model.prepare(input_ids, position_ids, labels)
+        batch = model.prepare(input_ids, position_ids, labels, self.sequence_layout)
         x = model.embed(batch) if self.is_first else hidden
         x, aux_terms, counts = model.run_layers(x, self.layers, batch)
         if self.is_last:
@@ -129,8 +131,8 @@ def prune_to_local_stages(model, p: ParallelConfig, pp_rank: int) -> list[tuple[
     layers, ranks = stage_layers(p, model.cfg), stage_ranks(p)
     local = [(s, layers[s]) for s in range(len(layers)) if ranks[s] == pp_rank]
     keep = {i for _, ls in local for i in ls}
-    # A ModuleDict keyed by the original index keeps every parameter's global name (model.layers.17...).
-    model.model.layers = nn.ModuleDict({str(i): l for i, l in enumerate(model.model.layers) if i in keep})
+    for key in [k for k in model.model.layers if int(k) not in keep]:  # the rest keep their names (model.layers.17.…)
+        del model.model.layers[key]
     last = len(layers) - 1
     has_first = any(s == 0 for s, _ in local)
     has_last = any(s == last for s, _ in local)
@@ -143,18 +145,51 @@ def prune_to_local_stages(model, p: ParallelConfig, pp_rank: int) -> list[tuple[
     return local
 
 
+def _stage_class():
+    """torch's PipelineStage, telling `after_weight_pass` when a separate weight pass has run. The zero-bubble
+    schedules (ZBV, DualPipeV) compute weight gradients apart from input gradients, with `torch.autograd.grad`,
+    and add them into `.grad` by hand: autograd's post-accumulate-grad hooks (the fp32 main-gradient fold, the
+    overlapped reduction's count) do not run for them, so the engine runs their work there."""
+    from torch.distributed import pipelining
+
+    class Stage(pipelining.PipelineStage):
+        def __init__(self, submodule, after_weight_pass, *args, **kwargs):
+            super().__init__(submodule, *args, **kwargs)
+            self.after_weight_pass = after_weight_pass
+
+        def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward=False):
+            super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
+            if self.after_weight_pass is not None:
+                self.after_weight_pass(self.submod)
+
+    return Stage
+
+
 class PipelineRunner:
     """Runs one optimizer step's micro-batches through the schedule; the pipeline analogue of forward_backward."""
 
-    def __init__(self, model, topo, p: ParallelConfig, local_stages: list[tuple[int, list[int]]]):
+    def __init__(self, model, topo, p: ParallelConfig, local_stages: list[tuple[int, list[int]]], sequence_layout):
         self.n_stages = p.pp * p.pp_virtual
         self.local_stages = local_stages
-        self.modules = [StageModule(model, ls, s == 0, s == self.n_stages - 1) for s, ls in local_stages]
+        self.modules = [StageModule(model, ls, s == 0, s == self.n_stages - 1, sequence_layout)
+                        for s, ls in local_stages]
         self.topo, self.p = topo, p
         self.hidden_size = model.cfg.hidden_size
         self.model = [model]  # not a submodule
         self.key = None
         self.schedule = None
+        # Called with each stage module after the zero-bubble schedules' separate weight pass (see _stage_class).
+        self.after_weight_pass: Callable[[nn.Module], None] | None = None
+
+    def gradient_uses(self) -> dict[str, int]:
+        """{parameter name: the local stages that use it}: each gives it one gradient per micro-batch (the V's first
+        and last stage share the embedding on one rank)."""
+        names = {id(p): n for n, p in self.model[0].named_parameters()}
+        uses = dict.fromkeys(names.values(), 0)
+        for m in self.modules:
+            for p in m.parameters():
+                uses[names[id(p)]] += 1
+        return uses
 
     def _schedule(self, n_micro: int, micro_batch: int, seq_len: int):
         """Stages and schedule for this shape. The shapes are given, not inferred: shape inference would run the
@@ -175,8 +210,8 @@ class PipelineRunner:
         loss = torch.empty((), device="meta")
         stages = []
         for m, (s, _) in zip(self.modules, self.local_stages):
-            stages.append(pipelining.PipelineStage(
-                m, s, self.n_stages, self.device, group=self.topo.group("pp"),
+            stages.append(_stage_class()(
+                m, self.after_weight_pass, s, self.n_stages, self.device, group=self.topo.group("pp"),
                 input_args=None if s == 0 else (hidden,), output_args=loss if s == self.n_stages - 1 else hidden))
         schedule_cls = getattr(pipelining, SCHEDULES[self.p.pp_schedule])
         self.schedule = schedule_cls(stages[0] if self.p.pp_schedule == "1f1b" else stages, n_microbatches=n_micro,
@@ -196,18 +231,3 @@ class PipelineRunner:
         parts = sum((m.parts for m in self.modules if m.parts is not None), empty_parts(spec, self.device))
         counts = [m.expert_counts for m in self.modules if m.expert_counts is not None]
         return StepResult(parts, torch.cat(counts) if counts else None)
-
-
-def tie_group(topo, p: ParallelConfig, model: ModelConfig):
-    """The ranks holding the first stage's and the last stage's copy of the embedding (same dp/cp/tp place), or
-    None for every rank when there is no second copy: without MTP the last stage does not keep the embedding, and
-    when both stages sit on one rank (a V) they share one parameter. (Collective: every rank creates every pair.)"""
-    last_rank = stage_ranks(p)[-1]
-    mine = None
-    if last_rank != 0 and model.mtp.num_blocks > 0:
-        grid = torch.arange(topo.world_size).view(p.pp, p.dp, p.cp, p.tp)
-        for first, last in zip(grid[0].reshape(-1).tolist(), grid[last_rank].reshape(-1).tolist()):
-            g = dist.new_group([first, last])
-            if topo.rank in (first, last):
-                mine = g
-    return mine

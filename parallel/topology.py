@@ -86,6 +86,7 @@ class Topology:
     groups: dict = field(default_factory=dict)
     group_ranks: dict = field(default_factory=dict)
     optimizer_meshes: dict = field(default_factory=dict)  # gradient kind -> mesh (see _optimizer_meshes)
+    kv_meshes: dict = field(default_factory=dict)  # KV heads -> mesh (see kv_mesh)
 
     @property
     def edp(self) -> int:
@@ -107,11 +108,7 @@ class Topology:
     def kv_mesh(self, num_kv_heads: int):
         """A world mesh whose tp dimension is split into (kv, rep): the ranks holding the distinct KV heads when
         each head is replicated on tp / num_kv_heads ranks (for checkpointing those replicated heads)."""
-        key = f"kv_mesh{num_kv_heads}"
-        if key not in self.groups:
-            rep = self.tp // num_kv_heads
-            self.groups[key] = _mesh((self.pp, self.dp, self.cp, num_kv_heads, rep), ("pp", "dp", "cp", "kv", "rep"))
-        return self.groups[key]
+        return self.kv_meshes[num_kv_heads]
 
 
 def init_distributed(timeout_s: int = 120, device: str = "auto") -> tuple[int, int]:
@@ -169,8 +166,17 @@ def build_topology(p: ParallelConfig, model: ModelConfig, seq_len: int | None = 
     topo.groups["tp_dp_cp"] = _subgroups(grid.reshape(p.pp, -1), topo.rank, topo.group_ranks, "tp_dp_cp")
     # The ranks holding parts of the same sequences: sequence-parallel slices and context-parallel chunks.
     topo.groups["tp_cp"] = _subgroups(grid.permute(0, 1, 2, 3).reshape(-1, p.cp * p.tp), topo.rank, topo.group_ranks, "tp_cp")
+    for kv in replicated_kv_heads(p, model):
+        topo.groups[f"kv{kv}"] = _kv_replica_group(grid, kv, topo)
+        topo.kv_meshes[kv] = _mesh((p.pp, p.dp, p.cp, kv, p.tp // kv), ("pp", "dp", "cp", "kv", "rep"))
+    topo.groups["tied_embedding"] = _tied_embedding_group(p, model, grid, topo)
     topo.optimizer_meshes = _optimizer_meshes(p, model, topo.edp, grid)
     return topo
+
+
+def replicated_kv_heads(p: ParallelConfig, model: ModelConfig) -> list[int]:
+    """The KV head counts (GA, SWA) that are fewer than the tp ranks: each head is then held by tp / kv ranks."""
+    return sorted(kv for kv in {model.num_key_value_heads, model.swa_num_key_value_heads} if kv < p.tp)
 
 
 def _optimizer_meshes(p: ParallelConfig, model: ModelConfig, edp: int, grid: torch.Tensor) -> dict:
@@ -190,7 +196,7 @@ def _optimizer_meshes(p: ParallelConfig, model: ModelConfig, edp: int, grid: tor
         "edp": mesh(torch.arange(world).view(p.pp, edp, p.ep).permute(0, 2, 1), ("pp", "slice", "grad")),
     }
     for kv in sorted({model.num_key_value_heads, model.swa_num_key_value_heads}):
-        if kv < p.tp:  # KV heads replicated over tp / kv ranks (see kv_replica_group)
+        if kv < p.tp:  # KV heads replicated over tp / kv ranks (see _kv_replica_group)
             rows = grid.view(p.pp, p.dp, p.cp, kv, p.tp // kv).permute(0, 3, 1, 2, 4).reshape(p.pp, kv, -1)
             meshes[f"kv{kv}"] = mesh(rows, ("pp", "slice", "grad"))
     return meshes
@@ -206,15 +212,22 @@ def _subgroups(rows: torch.Tensor, rank: int, record: dict, name: str):
     return mine
 
 
-def kv_replica_group(topo: Topology, num_kv_heads: int, cache: dict):
+def _kv_replica_group(grid: torch.Tensor, num_kv_heads: int, topo: Topology):
     """When tp > KV heads, each KV head lives on tp / KV consecutive tp ranks: the group those ranks form together
     with their dp x cp peers, over which that head's gradients are summed."""
-    key = ("kv", num_kv_heads)
-    if key not in cache:
-        p_tp = topo.tp
-        rep = p_tp // num_kv_heads
-        grid = torch.arange(topo.world_size).view(topo.pp, topo.dp, topo.cp, num_kv_heads, rep)
-        rows = grid.permute(0, 3, 1, 2, 4).reshape(-1, topo.dp * topo.cp * rep)
-        cache[key] = _subgroups(rows, topo.rank, topo.group_ranks, f"kv{num_kv_heads}")
-        topo.kv_mesh(num_kv_heads)  # created now, collectively, so checkpoints can use it later
-    return cache[key]
+    pp, dp, cp, tp = grid.shape
+    rep = tp // num_kv_heads
+    rows = grid.view(pp, dp, cp, num_kv_heads, rep).permute(0, 3, 1, 2, 4).reshape(-1, dp * cp * rep)
+    return _subgroups(rows, topo.rank, topo.group_ranks, f"kv{num_kv_heads}")
+
+
+def _tied_embedding_group(p: ParallelConfig, model: ModelConfig, grid: torch.Tensor, topo: Topology):
+    """The pair of ranks holding the first stage's and the last stage's copy of the embedding (same dp/cp/tp place),
+    or None when there is no second copy: without MTP the last stage does not keep the embedding, and when both
+    stages sit on one rank (a V) they share one parameter."""
+    from parallel.pipeline import stage_ranks
+
+    if p.pp == 1 or model.mtp.num_blocks == 0 or stage_ranks(p)[-1] == 0:
+        return None
+    pairs = torch.stack([grid[0].reshape(-1), grid[stage_ranks(p)[-1]].reshape(-1)], dim=1)
+    return _subgroups(pairs, topo.rank, topo.group_ranks, "tied_embedding")

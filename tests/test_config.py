@@ -43,6 +43,9 @@ def test_train_config_and_overrides():
         ("parallel.tp=0", "parallel.tp: must be >= 1"),
         ("data.sources[0]=x", "data.sources[0]: unknown key"),
         ("model.mtp.hidden_input=middle", "model.mtp.hidden_input: must be 'final_norm' or 'pre_norm'"),
+        ("parallel.grad_bucket_mb=0", "parallel.grad_bucket_mb: must be a number of megabytes > 0"),
+        ("parallel.grad_bucket_mb=-4", "parallel.grad_bucket_mb: must be a number of megabytes > 0"),
+        ("parallel.overlap_grad_reduce=sometimes", "parallel.overlap_grad_reduce: must be"),
     ],
 )
 def test_invalid_values_name_the_field_and_rule(override, message):

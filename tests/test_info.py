@@ -68,7 +68,7 @@ def test_tiny_meta_count_equals_real_model():
     assert report["params"]["total"] == numel(real) - mtp_numel
     assert report["params"]["mtp_per_block"] == numel(real.model.mtp.layers[0])
     assert report["params"]["embedding"] == real.model.embed_tokens.weight.numel()
-    for row, layer in zip(report["layers"], real.model.layers, strict=True):
+    for row, layer in zip(report["layers"], real.decoder_layers(), strict=True):
         assert row["total_params"] == numel(layer)
         assert row["attention_params"] == numel(layer.self_attn)
     # Layer types: GA at i == 0 or (i + 1) % 6 == 0 (GA at 0, 5, 11 for 12 layers); only layer 0 is dense.

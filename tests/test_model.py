@@ -96,7 +96,7 @@ def test_sliding_window_kernel_matches_dense_reference_with_documents(S, window_
 def test_router_selects_with_bias_but_weights_without_it():
     cfg = tiny_model_config()
     model = randomised_model(cfg, seed=2)
-    gate = model.model.layers[1].mlp.gate
+    gate = model.model.layers["1"].mlp.gate
     x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         gate.e_score_correction_bias.zero_()
@@ -131,7 +131,7 @@ def test_sequence_balance_loss_matches_megatron_core():
 
 def test_expert_bias_update_is_sign_based():
     model = randomised_model(tiny_model_config(), seed=0)
-    moe = [l.mlp for l in model.model.layers if l.is_moe]
+    moe = [l.mlp for l in model.decoder_layers() if l.is_moe]
     before = [m.gate.e_score_correction_bias.clone() for m in moe]
     counts = torch.zeros(len(moe), 8)
     counts[:, 0] = 100  # expert 0 overloaded, expert 1 exactly at the mean (100 / 8 is not), others starved
@@ -144,7 +144,7 @@ def test_expert_bias_update_is_sign_based():
 
 def test_moe_with_all_tokens_on_one_expert_is_finite():
     model = randomised_model(tiny_model_config(), seed=3)
-    for l in model.model.layers:
+    for l in model.decoder_layers():
         if l.is_moe:
             l.mlp.gate.e_score_correction_bias[:2] = 100.0  # every token goes to experts 0 and 1
     ids = torch.randint(0, 4096, (2, 40))

@@ -23,7 +23,8 @@ from parallel.topology import Topology
 
 STEPS = 5
 BASE = ["train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=2",
-        f"train.steps={STEPS}", "run.wandb_mode=disabled", "train.lr=3.2e-4", "train.min_lr=1e-4"]  # the MiMo recipe's peak LR
+        f"train.steps={STEPS}", "run.wandb_mode=disabled", "train.lr=3.2e-4", "train.min_lr=1e-4",  # the MiMo recipe's peak LR
+        "parallel.grad_bucket_mb=0.25"]  # ~10 gradient buckets per group, reduced while the backward runs
 
 # name -> (processes, overrides)
 LAYOUTS = {

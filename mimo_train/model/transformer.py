@@ -100,7 +100,9 @@ class MiMoModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)])
+        # Keyed by layer index ("0".."N-1", HF names model.layers.<i>.*): a pipeline stage deletes the layers it does
+        # not run, and the others keep their global names.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, spec) for i in range(cfg.num_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             cfg.rotary_dim, {"full_attention": cfg.rope_theta, "sliding_attention": cfg.swa_rope_theta}
@@ -130,10 +132,7 @@ class MiMoForCausalLM(nn.Module):
         self.spec = get_spec(backend)
         self.model = MiMoModel(cfg, self.spec)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # Summed cross-entropy of logits against labels; tensor parallelism swaps in the vocab-parallel one.
-        self.cross_entropy_sum = cross_entropy_sum
-        # Which positions of the sequence this rank computes; context parallelism swaps in its chunk layout.
-        self.sequence_layout = WholeSequence()
+        self.cross_entropy = CrossEntropySum()
 
     # ---- initialisation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,9 +166,8 @@ class MiMoForCausalLM(nn.Module):
                 b.zero_()
 
     def decoder_layers(self) -> list[DecoderLayer]:
-        """This rank's decoder layers in order (a pipeline stage keeps only its own, in a dict by global index)."""
-        layers = self.model.layers
-        return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+        """The decoder layers this model holds, in order."""
+        return list(self.model.layers.values())
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.decoder_layers() if layer.is_moe]
@@ -196,17 +194,22 @@ class MiMoForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        sequence_layout: "WholeSequence | None" = None,
     ) -> ModelOutput:
         """input_ids [B, S]; position_ids [B, S] restart at 0 per packed document (default: 0..S-1);
-        labels [B, S] are the next tokens (IGNORE_INDEX where no loss is taken)."""
-        batch = self.prepare(input_ids, position_ids, labels)
+        labels [B, S] are the next tokens (IGNORE_INDEX where no loss is taken). `sequence_layout` says which
+        positions this rank computes (default: all; context parallelism passes its chunks)."""
+        batch = self.prepare(input_ids, position_ids, labels, sequence_layout)
         x, aux_terms, counts = self.run_layers(self.embed(batch), self.decoder_layers(), batch)
         return self.head(x, batch, aux_terms, counts, return_logits)
 
     # The forward in pieces, so a pipeline stage can run only its own: prepare -> embed -> run_layers -> head.
-    def prepare(self, input_ids, position_ids=None, labels=None, max_documents: int | None = None) -> "Batch":
-        """max_documents: a bound on the documents of a row, when the caller knows it on the host (the data loader
-        does, before the batch is copied to the device); it only shortens the varlen kernels' tables."""
+    def prepare(self, input_ids, position_ids=None, labels=None, sequence_layout=None,
+                max_documents: int | None = None) -> "Batch":
+        """sequence_layout: which positions of the sequence this rank computes (context parallelism passes its
+        chunk layout; default: all of them). max_documents: a bound on the documents of a row, when the caller
+        knows it on the host (the data loader does, before the batch is copied to the device); it only shortens
+        the varlen kernels' tables."""
         B, S = input_ids.shape
         # Document boundaries are computed on the device, once per micro-batch, and never read by the host: the
         # attention metadata (cu_seqlens, masks) every layer shares is derived from them on the device too.
@@ -214,13 +217,14 @@ class MiMoForCausalLM(nn.Module):
         attn_meta = self.spec.metadata(doc_ids, B, S, input_ids.device, max_documents)
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-        local_positions = self.sequence_layout.local(position_ids)
+        layout = sequence_layout if sequence_layout is not None else WholeSequence()
+        local_positions = layout.local(position_ids)
         dtype = next(self.parameters()).dtype  # the dtype of the hidden states the tables multiply
         rope = {t: self.model.rotary_emb(local_positions, t, dtype) for t in ("full_attention", "sliding_attention")}
-        return Batch(input_ids, position_ids, labels, doc_ids, rope, attn_meta)
+        return Batch(input_ids, position_ids, labels, doc_ids, rope, attn_meta, layout)
 
     def embed(self, batch: "Batch") -> torch.Tensor:
-        return self.model.embed_tokens(self.sequence_layout.local(batch.input_ids))
+        return self.model.embed_tokens(batch.layout.local(batch.input_ids))
 
     def run_layers(self, x, layers, batch: "Batch"):
         aux_terms, counts = [], []
@@ -233,7 +237,7 @@ class MiMoForCausalLM(nn.Module):
 
     def head(self, x, batch: "Batch", aux_terms=(), counts=(), return_logits: bool = True) -> ModelOutput:
         """Final norm, LM head and losses, then the MTP blocks."""
-        m, local = self.model, self.sequence_layout.local
+        m, local = self.model, batch.layout.local
         trunk_out = x
         hidden = m.norm(x)
         logits = self.lm_head(hidden)
@@ -243,7 +247,7 @@ class MiMoForCausalLM(nn.Module):
         if batch.labels is None:
             return out
 
-        out.lm_loss_sum, out.lm_tokens = self.cross_entropy_sum(logits, local(batch.labels))
+        out.lm_loss_sum, out.lm_tokens = self.cross_entropy(logits, local(batch.labels))
         if m.mtp is not None:
             docs = batch.doc_ids if batch.doc_ids is not None else torch.zeros_like(batch.input_ids)
             h = hidden if self.cfg.mtp.hidden_input == "final_norm" else trunk_out
@@ -255,7 +259,7 @@ class MiMoForCausalLM(nn.Module):
                 targets = local(shift_within_documents(batch.labels, docs, d, fill=IGNORE_INDEX))
                 h, normed = block(h, m.embed_tokens(tokens), *batch.rope["sliding_attention"], batch.attn_meta)
                 mtp_logits = self.lm_head(normed)
-                loss_sum, n = self.cross_entropy_sum(mtp_logits, targets)
+                loss_sum, n = self.cross_entropy(mtp_logits, targets)
                 if return_logits:
                     out.mtp_logits.append(mtp_logits)
                 out.mtp_loss_sums.append(loss_sum)
@@ -266,26 +270,30 @@ class MiMoForCausalLM(nn.Module):
 @dataclass
 class Batch:
     """A micro-batch as every piece of the forward sees it: token ids, positions, labels and document ids of the
-    whole sequence, the rotary tables of this rank's part of it, and the attention metadata every layer shares
-    (`parallel.kernels.metadata.AttentionMetadata`, from the layer spec)."""
+    whole sequence, the rotary tables of this rank's part of it, which part that is (`layout.local`), and the
+    attention metadata every layer shares (`parallel.kernels.metadata.AttentionMetadata`, from the layer spec)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     doc_ids: torch.Tensor | None
     rope: dict
-    attn_meta: object = None
+    attn_meta: object
+    layout: "WholeSequence"
 
 
 class WholeSequence:
-    """Every position on this rank; context parallelism swaps in its chunk layout."""
+    """Every position on this rank (the default; context parallelism passes its chunk layout instead)."""
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (labels != IGNORE_INDEX).sum()
+class CrossEntropySum(nn.Module):
+    """The summed cross-entropy (in fp32) of logits against labels, and the number of targets. Tensor parallelism
+    replaces this module by its vocab-parallel version, as it replaces the linears."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, (labels != IGNORE_INDEX).sum()

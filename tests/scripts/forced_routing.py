@@ -16,7 +16,7 @@ def main(run_dir: str, overrides: list[str]) -> None:
                                                        "run.wandb_mode=disabled", *overrides])
     trainer = Trainer(cfg, resume="none")
     with torch.no_grad():
-        for layer in trainer.model.model.layers:
+        for layer in trainer.model.decoder_layers():
             if layer.is_moe:
                 layer.mlp.gate.e_score_correction_bias[:2] = 100.0
     trainer.fit()
