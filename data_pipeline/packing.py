@@ -48,6 +48,18 @@ def windows_to_batch(windows, eos_ids) -> dict[str, torch.Tensor]:
     return {"input_ids": inputs.contiguous(), "labels": labels, "position_ids": columns - last_start}
 
 
+def documents_bound(windows, eos_ids) -> int:
+    """A bound on the document ids of any row of these windows (AttentionMetadata.max_documents: ids lie in
+    [0, bound)), read from the host copy before it goes to the device, so it costs no device-to-host sync. A
+    document starts at the first input and after every EOS among the inputs but the last; they are numbered from 1
+    (0 is kept for a row that starts mid-document). Variable-length attention kernels size their tables by it."""
+    inputs = torch.as_tensor(windows)[:, :-1]
+    if inputs.device.type != "cpu" or inputs.shape[0] == 0:
+        return inputs.shape[1] + 1  # no host copy to read: the bound that always holds
+    eos = torch.as_tensor(eos_ids).reshape(-1, 1)
+    return 2 + int((inputs[:, :-1] == eos).sum(dim=1).max())
+
+
 def to_device(windows: torch.Tensor, eos_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The compact form on the training device: pinned memory and an asynchronous copy for CUDA."""
     if device is None or torch.device(device).type == "cpu":

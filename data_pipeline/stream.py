@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import BUILTIN_SOURCE, DataConfig, check_weight
 from .mixture import MixtureSchedule
-from .packing import to_device, windows_to_batch
+from .packing import documents_bound, to_device, windows_to_batch
 from .source import DataWarning, TokenSource, stable_key
 
 STATE_VERSION = 1
@@ -117,10 +117,13 @@ def rank_sample_indices(start: int, global_batch_size: int, dp_rank: int, dp_siz
 
 def split_micro_batches(windows: torch.Tensor, eos: torch.Tensor, micro_batch_size: int,
                         device=None) -> list[dict[str, torch.Tensor]]:
-    """Model-ready micro-batches on ``device``: one copy of the compact int32 windows, then the derivation there."""
+    """Model-ready micro-batches on ``device``: one copy of the compact int32 windows, then the derivation there.
+    Each also carries ``max_documents``, a host-side bound on the documents of its rows (for the attention kernels)."""
+    starts = range(0, len(windows), micro_batch_size)
+    bounds = [documents_bound(windows[m : m + micro_batch_size], eos[m : m + micro_batch_size]) for m in starts]
     windows, eos = to_device(windows, eos, device)
-    return [windows_to_batch(windows[m : m + micro_batch_size], eos[m : m + micro_batch_size])
-            for m in range(0, len(windows), micro_batch_size)]
+    return [{**windows_to_batch(windows[m : m + micro_batch_size], eos[m : m + micro_batch_size]), "max_documents": b}
+            for m, b in zip(starts, bounds)]
 
 
 class _PrefetchedSteps(IterableDataset):

@@ -51,7 +51,7 @@ def forward_backward(model, micro_batches: list[dict], spec: LossSpec, sequence_
     expert_counts = None
     for mb in micro_batches:
         out = model(mb["input_ids"], position_ids=mb["position_ids"], labels=mb["labels"], return_logits=False,
-                    sequence_layout=sequence_layout)
+                    sequence_layout=sequence_layout, max_documents=mb.get("max_documents"))
         loss, mb_parts = micro_batch_loss(out, spec)
         loss.backward()
         parts += mb_parts

@@ -245,7 +245,7 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
         tracker = MemTracker()
         tracker.track_external(layer)
         with tracker, counter:
-            out, aux, _ = layer(x, *batch.rope[layer.layer_type], batch.doc_ids)
+            out, aux, _ = layer(x, *batch.rope[layer.layer_type], batch.attn_meta)
             after_forward = tracker.get_tracker_snapshot("current")[torch.device("cpu")]
             loss = out.float().sum() + (aux.float().sum() if aux is not None else 0.0)
             loss.backward()
@@ -282,7 +282,7 @@ def run_ends(shards: RankShards, seq: int, mbs: int = 1) -> dict[str, float]:
                 h = m.norm(hidden)
                 outputs.append(model.lm_head(h))
                 for block in (m.mtp.layers if m.mtp is not None else []):
-                    h, normed = block(h, model.embed(batch), *batch.rope["sliding_attention"], batch.doc_ids)
+                    h, normed = block(h, model.embed(batch), *batch.rope["sliding_attention"], batch.attn_meta)
                     outputs.append(model.lm_head(normed))
             if outputs:
                 sum(o.float().sum() for o in outputs).backward()

@@ -90,6 +90,7 @@ class StageModule(nn.Module):
                 # compute weight gradients per stage, would miss its MTP share.
                 self.mtp_embedding = model.model.embed_tokens
         self.spec: LossSpec | None = None
+        self.max_documents: int | None = None  # host-known bound on a row's documents, set per step by the runner
         self.reset()
 
     def reset(self):
@@ -110,7 +111,7 @@ class StageModule(nn.Module):
 
     def forward(self, hidden=None, *, input_ids, position_ids, labels):
         model = self.model[0]
-        batch = model.prepare(input_ids, position_ids, labels, self.sequence_layout)
+        batch = model.prepare(input_ids, position_ids, labels, self.sequence_layout, self.max_documents)
         x = model.embed(batch) if self.is_first else hidden
         x, aux_terms, counts = model.run_layers(x, self.layers, batch)
         if self.is_last:
@@ -224,6 +225,9 @@ class PipelineRunner:
             m.spec = spec
             m.reset()
         batch = {k: torch.cat([mb[k] for mb in micro_batches]) for k in ("input_ids", "position_ids", "labels")}
+        bounds = [mb.get("max_documents") for mb in micro_batches]
+        for m in self.modules:  # the stages see one micro-batch at a time: a bound that holds for all of them
+            m.max_documents = None if None in bounds else max(bounds)
         mb, seq_len = micro_batches[0]["input_ids"].shape
         schedule = self._schedule(len(micro_batches), mb, seq_len)
         # The last stage needs a target to run its loss function; the loss is already the stage's output.

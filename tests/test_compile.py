@@ -47,7 +47,7 @@ def test_one_compiled_layer_equals_eager_forward_and_backward():
     results = []
     for layer in (eager, compiled):
         xi = x.clone().requires_grad_()
-        out, aux, counts = layer(xi, *batch.rope[layer.layer_type], batch.doc_ids)
+        out, aux, counts = layer(xi, *batch.rope[layer.layer_type], batch.attn_meta)
         loss = out.float().square().mean()
         (loss if aux is None else loss + aux).backward()
         results.append((out, aux, counts, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))

@@ -128,6 +128,25 @@ def test_cu_seqlens_are_built_exactly_with_a_static_size():
     assert bounded.cu_seqlens() is bounded.cu_seqlens()
 
 
+def test_the_data_streams_document_bound_holds_and_keeps_the_tables_exact():
+    """The data stream's host-side bound (no device read) covers every document id and only drops empty slots."""
+    from data_pipeline.stream import split_micro_batches
+
+    eos = torch.tensor([7, 7, 7, 7], dtype=torch.int32)
+    windows = torch.randint(0, 7, (4, 33), dtype=torch.int32)
+    windows[0, [3, 9, 10, 20]] = 7  # four documents end inside row 0 (one of them empty)
+    windows[1, 31] = 7  # EOS as the last input: the document after it starts with the label only
+    windows[3, -1] = 7  # EOS as a label only: no new document among the inputs
+    for mb in split_micro_batches(windows, eos, micro_batch_size=2):
+        docs = document_ids(mb["position_ids"])
+        bound = mb["max_documents"]
+        assert int(docs.max()) < bound <= int(docs.max()) + 1  # holds, and is tight
+        B, S = docs.shape
+        exact = AttentionMetadata(docs, B, S, "cpu", max_documents=bound).cu_seqlens()
+        loose = AttentionMetadata(docs, B, S, "cpu").cu_seqlens()
+        assert torch.equal(exact.unique_consecutive(), loose.unique_consecutive())
+
+
 def _dense_allowed(doc_ids, q_start, q_len, kv_len, window_keys):
     q_pos = torch.arange(q_start, q_start + q_len).view(-1, 1)
     kv = torch.arange(kv_len).view(1, -1)

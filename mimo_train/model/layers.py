@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from mimo_train.config import ModelConfig
 from parallel.kernels import get_spec
-from parallel.kernels.metadata import AttentionMetadata
 
 
 class RMSNorm(nn.Module):
@@ -103,8 +102,6 @@ class Attention(nn.Module):
         k = k.view(B, S, -1, self.head_dim)
         v = v.view(B, S, -1, self.v_head_dim) * self.v_scale
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if not isinstance(attn_meta, AttentionMetadata):  # bare document ids (a tensor or None), as simulate passes
-            attn_meta = AttentionMetadata(attn_meta, B, S, q.device)
         out = self.core(q, k, v, attn_meta, sink=self.sinks)
         return self.o_proj(out.reshape(B, S, -1))
 

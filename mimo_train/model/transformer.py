@@ -195,11 +195,13 @@ class MiMoForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
         sequence_layout: "WholeSequence | None" = None,
+        max_documents: int | None = None,
     ) -> ModelOutput:
         """input_ids [B, S]; position_ids [B, S] restart at 0 per packed document (default: 0..S-1);
         labels [B, S] are the next tokens (IGNORE_INDEX where no loss is taken). `sequence_layout` says which
-        positions this rank computes (default: all; context parallelism passes its chunks)."""
-        batch = self.prepare(input_ids, position_ids, labels, sequence_layout)
+        positions this rank computes (default: all; context parallelism passes its chunks); `max_documents`, a
+        host-known bound on the documents of a row (the data stream gives one), see `prepare`."""
+        batch = self.prepare(input_ids, position_ids, labels, sequence_layout, max_documents)
         x, aux_terms, counts = self.run_layers(self.embed(batch), self.decoder_layers(), batch)
         return self.head(x, batch, aux_terms, counts, return_logits)
 
