@@ -39,9 +39,9 @@ def test_one_compiled_layer_equals_eager_forward_and_backward():
     model, twin = _tiny_model(), _tiny_model()  # the same seed: the same weights (a layer holds modules: no deepcopy)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
     batch = model.prepare(ids)
-    eager = model.model.layers[LAYER]
+    eager = model.model.layers[str(LAYER)]
     assert eager.sliding == SLIDING and eager.is_moe == MOE
-    compiled = twin.model.layers[LAYER]
+    compiled = twin.model.layers[str(LAYER)]
     assert compile_layers(compiled) == 1
     x = torch.randn(2, 64, model.cfg.hidden_size, generator=torch.Generator().manual_seed(2)).bfloat16()
     results = []
@@ -72,4 +72,4 @@ def test_build_parallel_model_compiles_every_decoder_layer_and_keeps_names():
     names = [n for n, _ in model.named_parameters()]
     build_parallel_model(model, Topology(), cfg.parallel, compile=True)
     assert [n for n, _ in model.named_parameters()] == names
-    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert all(layer._compiled_call_impl is not None for layer in model.decoder_layers())

@@ -274,7 +274,7 @@ def test_fp8_training_tracks_bf16_over_30_steps(tmp_path, capsys, monkeypatch):
         if precision == "fp8":  # fp8 outside the GEMMs is bf16: bf16 parameters, fp32 main gradients and masters
             assert all(p.dtype == torch.bfloat16 and p.main_grad.dtype == torch.float32
                        for p in trainer.model.parameters())
-            assert isinstance(trainer.model.model.layers[1].self_attn.q_proj, fp8.Fp8Linear)
+            assert isinstance(trainer.model.model.layers["1"].self_attn.q_proj, fp8.Fp8Linear)
         rows = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
         losses[precision] = [json.loads(r)["lm_loss"] for r in rows]
     assert capsys.readouterr().out.count("emulating the recipe") == 1  # said once in the log
