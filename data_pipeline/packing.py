@@ -53,11 +53,12 @@ def documents_bound(windows, eos_ids) -> int:
     [0, bound)), read from the host copy before it goes to the device, so it costs no device-to-host sync. A
     document starts at the first input and after every EOS among the inputs but the last; they are numbered from 1
     (0 is kept for a row that starts mid-document). Variable-length attention kernels size their tables by it."""
-    inputs = torch.as_tensor(windows)[:, :-1]
-    if inputs.device.type != "cpu" or inputs.shape[0] == 0:
-        return inputs.shape[1] + 1  # no host copy to read: the bound that always holds
-    eos = torch.as_tensor(eos_ids).reshape(-1, 1)
-    return 2 + int((inputs[:, :-1] == eos).sum(dim=1).max())
+    windows = torch.as_tensor(windows)
+    if windows.device.type != "cpu" or windows.shape[0] == 0:
+        return windows.shape[1]  # no host copy to read: the bound that always holds (seq_len + 1)
+    # numpy, because this is host arithmetic on host memory, not a read of a device tensor
+    inputs, eos = windows[:, :-1].numpy(), torch.as_tensor(eos_ids).numpy().reshape(-1, 1)
+    return 2 + int((inputs[:, :-1] == eos).sum(axis=1).max())
 
 
 def to_device(windows: torch.Tensor, eos_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:

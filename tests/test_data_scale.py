@@ -117,7 +117,8 @@ def test_host_to_device_bytes_are_four_per_token_and_derivation_matches_the_host
     windows = stream.local_token_windows(0, 8)
     assert windows.dtype == torch.int32  # what crosses to the device: (seq_len + 1) x 4 bytes per sample
     host_bytes = windows.numel() * windows.element_size() / (8 * 32)
-    model_bytes = sum(t.numel() * t.element_size() for mb in batches for t in mb.values()) / (8 * 32)
+    tensors = [mb[key] for mb in batches for key in ("input_ids", "labels", "position_ids")]
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors) / (8 * 32)
     assert host_bytes == 4 * 33 / 32 and model_bytes == 24
     # the derivation on a tensor (where the device does it) equals the one on numpy rows of int64
     reference = windows_to_batch(windows.numpy().astype(np.int64), np.full(8, EOS))

@@ -60,9 +60,13 @@ def test_micro_batch_contents(tmp_path):
     assert len(micro_batches) == 2
     windows = stream.local_token_windows(0, 8).numpy()
     for m, batch in enumerate(micro_batches):
-        assert set(batch) == {"input_ids", "labels", "position_ids"}
-        assert all(t.dtype == torch.int64 and t.shape == (4, SEQ_LEN) for t in batch.values())
+        assert set(batch) == {"input_ids", "labels", "position_ids", "max_documents"}
+        assert all(batch[k].dtype == torch.int64 and batch[k].shape == (4, SEQ_LEN)
+                   for k in ("input_ids", "labels", "position_ids"))
         rows = windows[4 * m : 4 * m + 4]
+        # the host-side bound on document ids (for the attention kernels' tables) holds and is tight
+        docs = torch.cumsum((batch["position_ids"] == 0).int(), dim=1)
+        assert int(docs.max()) < batch["max_documents"] <= int(docs.max()) + 1
         np.testing.assert_array_equal(batch["input_ids"].numpy(), rows[:, :-1])
         expected_labels = np.where(rows[:, :-1] == EOS, IGNORE_INDEX, rows[:, 1:])
         np.testing.assert_array_equal(batch["labels"].numpy(), expected_labels)
