@@ -22,8 +22,8 @@ from parallel.recompute import apply_recompute
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallelCrossEntropySum,
     VocabParallelEmbedding,
-    vocab_parallel_cross_entropy_sum,
 )
 from parallel.topology import Topology
 
@@ -102,13 +102,6 @@ def sequence_layout(topo: Topology):
     """Which positions of each sequence this rank computes: its context-parallel chunks, or all of them. The
     trainer, the pipeline stages and the evaluator pass it to the model's forward."""
     return ChunkLayout(topo.cp, topo.rank_in("cp")) if topo.cp > 1 else WholeSequence()
-
-
-class VocabParallelCrossEntropySum(nn.Module):
-    """The model's `CrossEntropySum` over vocabulary-sharded logits (megatron-core's kernel)."""
-
-    def forward(self, logits, labels):
-        return vocab_parallel_cross_entropy_sum(logits, labels)
 
 
 def _shard_attention(attn: Attention, topo: Topology, sharded) -> None:

@@ -90,14 +90,22 @@ class VocabParallelEmbedding(nn.Module):
         return comm.reduce_from_region(out, self.group)
 
 
-def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
-    """Summed cross-entropy of vocab-sharded logits [B, S, V/tp] (megatron-core's vocab-parallel kernel, which
-    reduces over its tensor-parallel group: the trainer initialises megatron's parallel state to our tp groups)."""
-    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+class VocabParallelCrossEntropySum(nn.Module):
+    """The model's `CrossEntropySum` over vocab-sharded logits [B, S, V/tp]: megatron-core's vocab-parallel kernel,
+    which reduces over its tensor-parallel group (the trainer initialises megatron's parallel state to our tp
+    groups). Returns (summed loss, number of labelled tokens)."""
 
-    valid = labels != ignore_index
-    target = labels.masked_fill(~valid, 0)
-    # megatron expects [S, B, V/tp] and [S, B]
-    loss = vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(), target.transpose(0, 1).contiguous())
-    loss = loss.transpose(0, 1) * valid
-    return loss.sum(), valid.sum()
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor):
+        from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+
+        valid = labels != self.ignore_index
+        target = labels.masked_fill(~valid, 0)
+        # megatron expects [S, B, V/tp] and [S, B]
+        loss = vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(),
+                                            target.transpose(0, 1).contiguous())
+        loss = loss.transpose(0, 1) * valid
+        return loss.sum(), valid.sum()

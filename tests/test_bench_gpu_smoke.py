@@ -32,10 +32,19 @@ sys.exit(rc)
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_gpu") / "bench_gpu.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", RUNNER, "--smoke", "--only", *SECTIONS, "--json", str(out)],
+    run = subprocess.run([sys.executable, "-c", RUNNER, "--smoke", "--only", *SECTIONS, "--json", str(out),
+                          "--calibration", str(out.with_name("calibration.json"))],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout.splitlines(), json.loads(out.read_text())
+
+
+def test_the_calibration_file_is_what_the_planner_reads(smoke, tmp_path_factory):
+    from mimo_train.planner import load_calibration
+
+    (bf16,) = [r for r in _results(smoke[1], "train") if r["precision"] == "bf16"]
+    path = next(tmp_path_factory.getbasetemp().glob("bench_gpu*/calibration.json"))
+    assert load_calibration(str(path)) == {"compute_efficiency": bf16["mfu"]}
 
 
 def _results(payload: dict, name: str) -> list[dict]:
