@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 
 from mimo_train import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
@@ -41,7 +42,8 @@ from mimo_train.stopping import StopRequest
 from parallel import comm
 from parallel.device import resolve_device, use_device
 from parallel.mixed_precision import MainGradients
-from parallel.state_dict import copy_loaded_model_state, model_state, optimizer_state
+from parallel.state_dict import (MASTER_KEY, copy_loaded_model_state, model_state, optimizer_state,
+                                 read_fp32_values_from_saved_place)
 from parallel.topology import init_distributed, validate_layout
 
 # Exit status when the next stage needs another number of processes: the boundary checkpoint is saved; relaunch
@@ -91,6 +93,16 @@ def _rss_gib() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def saved_precision(path: Path) -> str:
+    """`train.precision` of the run that wrote a checkpoint (its saved config); for checkpoints older than that
+    field, from its keys: fp32 master weights are kept by bf16 (and fp8: the same state) runs only."""
+    saved = ckpt.read_meta(path).get("config", {}).get("train", {})
+    if "precision" in saved:
+        return saved["precision"]
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return "bf16" if any(k.endswith(f".{MASTER_KEY}") for k in keys) else "fp32"
 
 
 class Trainer:
@@ -259,9 +271,18 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
+        saved, precision = saved_precision(path), self.cfg.train.precision
+        saved_masters = saved != "fp32"
+        read_fp32_values_from_saved_place(state, self.optimizer, saved_masters)
         meta = ckpt.load_checkpoint(path, state, verified=True)  # the ranks verified it (or this run just wrote it)
         self.ckpt.resumed_from = meta["trainer"]["step"]
         copy_loaded_model_state(self.model, state["model"])
+        if self.optimizer.masters is not None and not saved_masters:
+            self.optimizer.params_from_masters()
+        if self.is_logger and saved != precision:
+            source = "master weights" if saved_masters else "parameters"
+            print(f"precision changed on resume: checkpoint {saved}, run {precision} (fp32 weights from the "
+                  f"checkpoint's fp32 {source})", flush=True)
         tr = meta["trainer"]
         self.step = tr["step"]
         self.tokens = tr["tokens"]

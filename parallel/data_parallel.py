@@ -252,11 +252,18 @@ class ShardedAdamW:
         for n, rows in self._rows.items():
             rows.grad = self.grad_shards[n]
         self.inner.step()
+        for rows in self._rows.values():
+            rows.grad = None
+        if self.masters is not None:
+            self.params_from_masters()
+        else:
+            self._all_gather_rows()
+
+    def params_from_masters(self) -> None:
+        """Re-cast this rank's fp32 master rows into the parameters, then gather every rank's rows (collective)."""
         with torch.no_grad():
-            for n, rows in self._rows.items():
-                rows.grad = None
-                if self.masters is not None:
-                    self.shards[n].of(self.params[n]).copy_(rows)
+            for n, rows in self.masters.items():
+                self.shards[n].of(self.params[n]).copy_(rows)
         self._all_gather_rows()
 
     def zero_grad(self) -> None:

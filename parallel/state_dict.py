@@ -82,12 +82,29 @@ def optimizer_state(opt, layouts: dict[str, ParamLayout], topo: Topology, create
     return state
 
 
+def read_fp32_values_from_saved_place(state: dict, opt, saved_masters: bool) -> None:
+    """Point a load (`model_state` and `optimizer_state` of this run) at where the checkpoint keeps each
+    parameter's fp32 value when its precision differs from this run's: an fp32 checkpoint's parameters are the
+    masters of a bf16/fp8 run (then call `opt.params_from_masters()`), and a bf16/fp8 checkpoint's masters are an
+    fp32 run's parameters (not its rounded bf16 parameters). Both entries are DTensors of the global shape, so DCP
+    reads each rank's slice or rows under any layout. Adam moments and buffers load as usual."""
+    run_masters = opt.masters is not None
+    if saved_masters == run_masters:
+        return
+    for name in opt.owned:
+        master = f"{OPTIM_PREFIX}{name}.{MASTER_KEY}"
+        if run_masters:
+            state["model"][name] = state["optimizer"].pop(master)
+        else:
+            state["optimizer"][master] = state["model"].pop(name)
+
+
 def copy_loaded_model_state(model: torch.nn.Module, state: dict) -> None:
     """DCP loads in place into the tensors it was given; parameters were given as themselves (or DTensor views of
-    themselves), so only buffers that DCP replaced need copying back."""
-    own = model.state_dict(keep_vars=True)
+    themselves, or their masters' rows), so only buffers that DCP replaced need copying back."""
+    buffers = dict(model.named_buffers())
     with torch.no_grad():
         for name, t in state.items():
             local = t.to_local() if isinstance(t, DTensor) else t
-            if local.data_ptr() != own[name].data_ptr():
-                own[name].copy_(local)
+            if name in buffers and local.data_ptr() != buffers[name].data_ptr():
+                buffers[name].copy_(local)

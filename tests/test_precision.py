@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,68 @@ def test_host_syncs_per_step_under_expert_parallelism(layout, layout_runs):
         print(f"{layout} rank {rank}: host syncs per step {record['per_step']} (budget {record['budget']})")
         assert len(record["per_step"]) == STEPS
         assert max(record["per_step"]) <= record["budget"]
+
+
+# ---- switching precision on resume -------------------------------------------------------------------------------
+
+SWITCH = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=4", "train.warmup_steps=1",
+          "run.wandb_mode=disabled", "train.async_save=false", "data.num_workers=0"]
+
+
+def _run(run_dir: Path, overrides: list[str], resume: str) -> Trainer:
+    return Trainer(load_config("configs/train/tiny_cpu.yaml", [*SWITCH, *overrides, f"run.dir={run_dir}"]),
+                   resume=resume)
+
+
+def _saved_fp32(run_dir: Path, masters: bool) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's fp32 parameters (`masters`: its fp32 master weights), read in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    from mimo_train import checkpoint as ckpt
+    from mimo_train.model import MiMoForCausalLM
+
+    names = dict(MiMoForCausalLM(load_config(run_dir / "config.yaml").model).named_parameters())
+    state = {n: torch.zeros_like(p) for n, p in names.items()}
+    loaded = {"optimizer": {f"optim.{n}.master": t for n, t in state.items()}} if masters else {"model": state}
+    dcp.load(loaded, checkpoint_id=str(ckpt.find_latest(run_dir / "checkpoints")))
+    return state
+
+
+def test_fp32_checkpoint_resumes_as_bf16_and_back(tmp_path, capsys):
+    """fp32 -> bf16: the checkpoint's fp32 parameters become the masters exactly, the bf16 parameters are their
+    rounding, and the next step's loss is within bf16 rounding of the fp32 run's: one forward from the same weights,
+    a mean over 256 tokens, u / sqrt(256) = 2.4e-4; bound 1e-3 (measured 2.7e-5; run with -s).
+    bf16 -> fp32 (the checkpoint's meta.json stripped of its precision, as written before it was recorded: then
+    read from its keys): the fp32 parameters are the checkpoint's masters, not its rounded bf16 parameters."""
+    fp32_dir, bf16_dir = tmp_path / "fp32", tmp_path / "bf16"
+    for run_dir, precision in ((fp32_dir, "fp32"), (bf16_dir, "bf16")):
+        _run(run_dir, ["train.steps=2", f"train.precision={precision}"], "none").fit()
+    shutil.copytree(fp32_dir, tmp_path / "fp32-copy")
+    fp32_next = _run(tmp_path / "fp32-copy", ["train.steps=3"], "auto")
+    fp32_next.fit()
+
+    saved = _saved_fp32(fp32_dir, masters=False)
+    capsys.readouterr()
+    trainer = _run(fp32_dir, ["train.steps=3", "train.precision=bf16"], "auto")
+    assert "precision changed on resume: checkpoint fp32, run bf16" in capsys.readouterr().out
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(trainer.optimizer.masters[name], saved[name]), name
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), saved[name].to(torch.bfloat16)), name
+    trainer.fit()
+    loss, reference = _metrics(fp32_dir)[-1]["loss"], _metrics(tmp_path / "fp32-copy")[-1]["loss"]
+    with capsys.disabled():
+        print(f"step 3 resumed as bf16: loss {loss:.6f}, fp32 {reference:.6f}, relative {_rel(loss, reference):.2e}")
+    assert _metrics(fp32_dir)[-1]["step"] == 3 and _rel(loss, reference) < 1e-3
+
+    ckpt_dir = bf16_dir / "checkpoints" / "step_00000002"
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
+    del meta["config"]["train"]["precision"]
+    (ckpt_dir / "meta.json").write_text(json.dumps(meta))
+    masters = _saved_fp32(bf16_dir, masters=True)
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters.values())  # not bf16 values
+    trainer = _run(bf16_dir, ["train.steps=2", "train.precision=fp32"], "auto")
+    assert "precision changed on resume: checkpoint bf16, run fp32" in capsys.readouterr().out
+    for name, p in trainer.model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), masters[name]), name
+    for t in (trainer, fp32_next):
+        t.close()
