@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup train test clean
+.PHONY: setup train test device-bundle clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# What a GPU machine with only Python 3.12 and torch needs for bench/gpu/device_run.sh (PyYAML, pytest and its
+# dependencies, unpacked, < 10 MiB): build/device_bundle/site, to be carried (README: "First GPU run").
+device-bundle: setup
+	$(PY) -m bench.gpu.bundle build/device_bundle
 
 clean:
 	rm -rf runs .cache

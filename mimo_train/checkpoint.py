@@ -428,6 +428,12 @@ def _storage_writer(path: Path):
     return writer
 
 
+def background_group():
+    """The process group of background checkpoint writes: a gloo group of every rank, or None (the default group)
+    on the fake backend."""
+    return None if dist.get_backend() == "fake" else dist.new_group(backend="gloo")
+
+
 class CheckpointManager:
     """Saves of one training run. Every method is called by every rank at the same step boundary, except that
     publication and retention are rank 0's alone (rank 0's DCP future completes only after every rank's files
@@ -447,8 +453,10 @@ class CheckpointManager:
         self.resumed_from: int | None = None
         self.timings: dict[str, float] = {}  # of the last save: stall_s (training blocked), write_s (to publish)
         self.completed: list[dict[str, float]] = []  # {step, write_s} of saves published since last drained
-        # Background writes use their own gloo group, so their collectives never interleave with training's.
-        self.group = dist.new_group(backend="gloo") if distributed else None
+        # Background writes use their own gloo group, so their collectives never interleave with training's. Not
+        # on the fake process group (one process standing in for many: simulations, device tests), which cannot
+        # host a gloo group and whose collectives do nothing, so there is nothing to keep apart.
+        self.group = background_group() if distributed else None
         if rank == 0:
             self.remove_leftovers()
         _barrier()

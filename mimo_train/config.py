@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from data_pipeline.config import DataConfig, SourceConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
@@ -594,7 +592,19 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml():
+    """PyYAML, imported when a config is read or written (the kernels and the one-GPU benchmark import this module
+    for its schema alone, on machines that may have nothing but torch)."""
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError("reading a YAML config needs PyYAML: pip install pyyaml (on a GPU machine without it: "
+                          "carry the bundle of `make device-bundle`)") from None
+    return yaml
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    yaml = _yaml()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -642,6 +652,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r}: empty key segment")
+    yaml = _yaml()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -679,4 +690,4 @@ def load_model_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(_yaml().safe_dump(cfg.to_dict(), sort_keys=False))

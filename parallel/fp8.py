@@ -120,18 +120,66 @@ _blockwise_probe: dict[str, tuple[bool, str]] = {}
 _emulation_reported = False
 
 
+def magnitude_tiles(rows: int, cols: int, *, block_rows: int, device, seed: int) -> torch.Tensor:
+    """bf16 Gaussian values scaled by 2^e, e drawn in [-6, 6] for each 1x128 tile (block_rows=1) or 128x128 block
+    (block_rows=128): every tile or block gets its own scale, so a scale applied to the wrong one (a wrong layout,
+    a transposed or misaligned scale tensor) changes the product by O(1). (All-ones operands, where every tile has
+    the same scale, cannot tell.)"""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(rows, cols, generator=g, device=device)
+    e = torch.randint(-6, 7, (math.ceil(rows / block_rows), math.ceil(cols / TILE)), generator=g, device=device)
+    factor = torch.exp2(e.float()).repeat_interleave(block_rows, 0).repeat_interleave(TILE, 1)[:rows, :cols]
+    return (x * factor).to(torch.bfloat16)
+
+
+def emulated_mm(a: torch.Tensor, b: torch.Tensor, *, b_rows: int, out_dtype: torch.dtype,
+                pow2: bool = True) -> torch.Tensor:
+    """The recipe's a @ b^T without an FP8 GEMM: both operands quantised and dequantised, multiplied in fp32."""
+    return (round_trip(a, 1, pow2=pow2) @ round_trip(b, b_rows, pow2=pow2).t()).to(out_dtype)
+
+
+# A blockwise FP8 GEMM and `emulated_mm` multiply the same E4M3 values by the same power-of-2 scales: they differ
+# only in accumulation and output rounding. Hopper's FP8 MMA accumulates each 128-element K block with ~14
+# significant bits before the fp32 promotion at the block's scale (DeepSeek-V3 section 3.3.2), ~2^-14 sqrt(128) =
+# 7e-4 relative on a block sum at worst for random signs, and the bf16 output then rounds a few elements whose fp32
+# values straddle a rounding boundary to the neighbouring bf16 value (2^-8 apart). 2e-3 (relative Frobenius) covers
+# both; FP8's own quantisation error (E4M3: 2^-4 per element) is ~3e-2, and a scale on the wrong tile is O(1).
+EMULATION_REL_TOLERANCE = 2e-3
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| in fp32."""
+    ref = ref.float()
+    return ((got.float() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def probe_errors(mm, device) -> dict[str, float]:
+    """`mm(a, a_scale, b, b_scale, out_dtype, b_rows=...)` (a blockwise GEMM of quantised operands) against
+    `emulated_mm`, for both recipes (activation x weight, 1x128 x 128x128; activation x activation, 1x128 x 1x128)
+    on 256 x 256 operands whose tiles and blocks have different scales (K/128 = 2 also needs cuBLAS's padded
+    128x128 scale layout). Relative errors, to compare with EMULATION_REL_TOLERANCE."""
+    a = magnitude_tiles(256, 256, block_rows=1, device=device, seed=0)
+    errors = {}
+    for name, b_rows in (("1x128_128x128", TILE), ("1x128_1x128", 1)):
+        b = magnitude_tiles(256, 256, block_rows=b_rows, device=device, seed=b_rows)
+        got = mm(*quantize_rows(a), *quantize_blocks(b, b_rows, TILE), torch.bfloat16, b_rows=b_rows)
+        errors[name] = relative_error(got, emulated_mm(a, b, b_rows=b_rows, out_dtype=torch.bfloat16))
+    return errors
+
+
 def blockwise_probe(device: torch.device) -> tuple[bool, str]:
-    """(whether this device runs blockwise-scaled FP8 GEMMs, why not): tried once per device on a 128x128 problem
-    whose answer is known."""
+    """(whether this device runs blockwise-scaled FP8 GEMMs that equal the recipe, why not): tried once per device
+    (`probe_errors` through cuBLAS)."""
     if device.type != "cuda":
         return False, f"no blockwise FP8 GEMM on {device.type}"
     key = str(device)
     if key not in _blockwise_probe:
         try:
-            a = torch.ones(TILE, TILE, device=device, dtype=torch.bfloat16)
-            out = _scaled_mm_blockwise(*quantize_rows(a), *quantize_weight(a), torch.bfloat16)
-            ok = bool(torch.equal(out.float(), torch.full_like(out.float(), TILE)))
-            _blockwise_probe[key] = (ok, "" if ok else "blockwise scaled_mm returned a wrong result")
+            errors = probe_errors(_scaled_mm_blockwise, device)
+            wrong = {k: f"{v:.1e}" for k, v in errors.items() if not v < EMULATION_REL_TOLERANCE}
+            _blockwise_probe[key] = (not wrong, "" if not wrong else
+                                     f"blockwise scaled_mm differs from the emulated recipe (relative error {wrong}, "
+                                     f"bound {EMULATION_REL_TOLERANCE})")
         except (RuntimeError, NotImplementedError, TypeError, AttributeError, ImportError) as exc:
             _blockwise_probe[key] = (False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     return _blockwise_probe[key]
@@ -196,7 +244,7 @@ def blockwise_mm(a: torch.Tensor, b: torch.Tensor, *, b_rows: int, out_dtype: to
                                    out_dtype, b_rows=b_rows)
         return out[: a.shape[0]]
     _note_emulation(a.device)
-    return (round_trip(a, 1, pow2=pow2) @ round_trip(b, b_rows, pow2=pow2).t()).to(out_dtype)
+    return emulated_mm(a, b, b_rows=b_rows, out_dtype=out_dtype, pow2=pow2)
 
 
 class _Fp8Linear(torch.autograd.Function):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch.distributed as dist
 import torch.nn as nn
 
 from mimo_train.model import MiMoForCausalLM
@@ -71,8 +70,7 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
             model.lm_head = ColumnParallelLinear(model.lm_head, slice(tp_rank * vocab, (tp_rank + 1) * vocab),
                                                  tp_group, sp)
             sharded(model.lm_head.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
-        model.cross_entropy = VocabParallelCrossEntropySum()
-        _init_megatron_tp_state(topo)
+        model.cross_entropy = VocabParallelCrossEntropySum(tp_group)
 
     for module in list(model.modules()):
         if isinstance(module, Attention) and tp > 1:
@@ -142,26 +140,6 @@ def _shard_mlp(mlp: DenseMLP, topo: Topology, sharded) -> None:
         sharded(layer.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
     mlp.down_proj = RowParallelLinear(mlp.down_proj, cols, tp_group, True)
     sharded(mlp.down_proj.weight, 1, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
-
-
-def _init_megatron_tp_state(topo: Topology) -> None:
-    """megatron-core's vocab-parallel cross-entropy reads its global tensor-parallel group; make it ours."""
-    if dist.get_backend() == "fake":  # `mimo-train simulate`: the fake process group cannot host megatron's groups,
-        return                          # and a simulation never runs the loss kernel that reads them
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != topo.tp:
-        ps.destroy_model_parallel()  # a new layout in the same processes (tests run several)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=topo.tp, pipeline_model_parallel_size=topo.pp,
-            context_parallel_size=topo.cp, expert_model_parallel_size=topo.ep,
-            expert_tensor_parallel_size=topo.etp,
-        )
-    mine = dist.get_process_group_ranks(topo.group("tp"))
-    theirs = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
-    if mine != theirs:
-        raise RuntimeError(f"megatron-core's tensor-parallel group {theirs} differs from ours {mine}")
 
 
 def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p, *, fp8: bool = False, compile: bool = False):

@@ -11,6 +11,7 @@ identically on every rank (same seed) and then sharded computes exactly what the
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -90,22 +91,51 @@ class VocabParallelEmbedding(nn.Module):
         return comm.reduce_from_region(out, self.group)
 
 
-class VocabParallelCrossEntropySum(nn.Module):
-    """The model's `CrossEntropySum` over vocab-sharded logits [B, S, V/tp]: megatron-core's vocab-parallel kernel,
-    which reduces over its tensor-parallel group (the trainer initialises megatron's parallel state to our tp
-    groups). Returns (summed loss, number of labelled tokens)."""
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of logits split by vocabulary over `group` (Megatron's algorithm, with the group
+    passed in rather than read from a global state): the global max and the softmax denominator are reduced over
+    the group, and the target's logit comes from the one rank that holds it. Two all-reduces of one fp32 value per
+    token (the max; then the target logit and the denominator together), never the [tokens, vocab] logits."""
 
-    def __init__(self, ignore_index: int = -100) -> None:
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start: int, group):
+        logits_max = logits.detach().amax(dim=-1)
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)
+        local = target - vocab_start
+        elsewhere = (local < 0) | (local >= logits.shape[-1])  # another rank holds this target's logit
+        local = local.masked_fill(elsewhere, 0)
+        target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(elsewhere, 0.0)
+        exp = shifted.exp_()  # shifted is a new tensor: exponentiate in place (the [tokens, V/tp] buffer is large)
+        reduced = torch.stack([target_logit, exp.sum(dim=-1)])
+        dist.all_reduce(reduced, group=group)
+        target_logit, sum_exp = reduced
+        ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, elsewhere)  # this rank's softmax columns
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, elsewhere = ctx.saved_tensors
+        # d loss / d logits = softmax - one_hot(target), the one-hot on the rank that holds the target (in place:
+        # the saved softmax is used once)
+        softmax.scatter_add_(-1, local.unsqueeze(-1), (elsewhere.to(softmax.dtype) - 1.0).unsqueeze(-1))
+        return softmax.mul_(grad.unsqueeze(-1)), None, None, None
+
+
+class VocabParallelCrossEntropySum(nn.Module):
+    """The model's `CrossEntropySum` over vocab-sharded logits [B, S, V/tp] of the tensor-parallel `group` (this
+    rank holds vocabulary rows [rank * V/tp, (rank + 1) * V/tp)). Returns (summed loss, number of labelled tokens).
+    It needs nothing but the group: no global parallel state, so it runs on any process group (the fake one of
+    `mimo-train simulate` included) and wherever megatron-core is not installed."""
+
+    def __init__(self, group, ignore_index: int = -100) -> None:
         super().__init__()
+        self.group = group
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor):
-        from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-
         valid = labels != self.ignore_index
         target = labels.masked_fill(~valid, 0)
-        # megatron expects [S, B, V/tp] and [S, B]
-        loss = vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(),
-                                            target.transpose(0, 1).contiguous())
-        loss = loss.transpose(0, 1) * valid
+        vocab_start = dist.get_rank(self.group) * logits.shape[-1]
+        loss = _VocabParallelCrossEntropy.apply(logits.float(), target, vocab_start, self.group) * valid
         return loss.sum(), valid.sum()

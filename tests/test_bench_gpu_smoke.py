@@ -1,12 +1,12 @@
-"""`python -m bench.gpu --smoke` (the one-GPU benchmark at tiny shapes on a CPU) for the sections env, gemm, layer
-and train: it runs, every RESULT line is well-formed and in the JSON, its numerics checks hold (FP8 GEMM errors
-within E4M3's bound, recompute exact, FP8 layers within their bound of bf16, losses falling), and the whole run
-imports none of the packages the GPU machine lacks."""
+"""`python -m bench.gpu --smoke` (the one-GPU benchmark at tiny shapes on a CPU), every section, end to end in the
+GPU machine's environment (tests/gpu_machine_env.py: torch, the device bundle and the checkout, every other package
+unimportable): it runs, every RESULT line is well-formed and in the JSON, its numerics checks hold (FP8 GEMM errors
+within E4M3's bound and equal to the emulated recipe, recompute exact, FP8 layers within their bound of bf16,
+losses falling), and the whole run imports none of the packages the GPU machine lacks."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +16,13 @@ import pytest
 from bench.common import parse_result
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("env", "gemm", "layer", "train")
+SECTIONS = ("env", "swa", "global_attention", "experts", "gemm", "layer", "train")
 ABSENT_ON_THE_GPU_MACHINE = ("megatron", "webdataset", "wids", "wandb", "transformer_engine")
 RUNNER = f"""
 import sys
 from bench.gpu.__main__ import main
 rc = main(sys.argv[1:])
-loaded = sorted({{m.split('.')[0] for m in sys.modules}} & set({ABSENT_ON_THE_GPU_MACHINE!r}))
+loaded = sorted({{m.split('.')[0] for m, mod in sys.modules.items() if mod is not None}} & set({ABSENT_ON_THE_GPU_MACHINE!r}))
 print('IMPORTED', ','.join(loaded) or '-')
 sys.exit(rc)
 """
@@ -30,11 +30,12 @@ sys.exit(rc)
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    from tests.gpu_machine_env import environment
+
     out = tmp_path_factory.mktemp("bench_gpu") / "bench_gpu.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", RUNNER, "--smoke", "--only", *SECTIONS, "--json", str(out),
                           "--calibration", str(out.with_name("calibration.json"))],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout.splitlines(), json.loads(out.read_text())
 
@@ -81,6 +82,18 @@ def test_gemm_errors_within_bounds(smoke):
         else:  # FP8 rounds (it is not secretly bf16) and stays within E4M3's bound; torchao's recipes too
             assert 1e-3 < err < FP8_ERROR_BOUND, r
     assert all(r["path"] == "emulated" for r in rows if r["kind"] == "fp8_blockwise")
+    # the FP8 GEMM against the emulated recipe, checked (not only printed) for every shape and both recipes
+    checks = _results(smoke[1], "gemm_blockwise_vs_emulation")
+    assert {(r["shape"], r["recipe"]) for r in checks} == {(r["shape"], rc) for r in rows for rc in ("fwd", "wgrad")}
+    assert all(r["ok"] and float(r["rel_diff"]) < r["bound"] for r in checks), checks
+
+
+def test_global_attention_reference_runs_and_the_candidates_match_it(smoke):
+    by_name = {(r["name"], r["seq_len"]): r for r in smoke[1]["results"] if r["name"].startswith("global_")}
+    for S in {seq for _, seq in by_name}:
+        assert by_name[("global_reference", S)]["status"] == "ok"
+        for name in ("global_torch", "global_fused"):
+            assert float(by_name[(name, S)]["err_out"]) <= 1e-5 and float(by_name[(name, S)]["err_dq"]) <= 1e-5
 
 
 def test_layers_run_every_case_and_recompute_is_exact(smoke):

@@ -6,6 +6,9 @@ For each: TFLOP/s (3 x 2 M N K per fwd+bwd, quantisation included) and the relat
 dx against an fp32 reference of the same bf16 operands. The FP8 error bound checked here is E4M3's: each operand
 element rounds by at most 2^-4 relative (half an ulp with 3 mantissa bits), so a product of two rounded operands
 errs by well under 2 x 2^-4 in norm; random operands give about 2^-4 x sqrt(2/3) (uniform rounding errors of both).
+The operands' 1x128 tiles and 128x128 blocks each have their own scale (fp8.magnitude_tiles), and for every shape the
+blockwise GEMM is checked against the emulated recipe (`gemm_blockwise_vs_emulation`, both recipes; bound
+fp8.EMULATION_REL_TOLERANCE): a mismatch fails the section once every shape has reported.
 """
 
 from __future__ import annotations
@@ -62,19 +65,21 @@ def _candidates(weight: torch.Tensor):
 
 
 def run(h: Harness) -> None:
-    from mimo_train.config import load_model_config
+    from mimo_train.config import CONFIG_ROOT, load_model_config
 
-    cfg = load_model_config("configs/model/mimo_v2_flash.yaml", [])
+    cfg = load_model_config(CONFIG_ROOT / "model/mimo_v2_flash.yaml", [])
     tokens = h.pick(16384, 256)
     gemms = model_gemms(cfg)
     if h.smoke:  # tiny shapes with the same structure: 128-multiples and a K/128 that needs the L4 padding
         gemms = [("q_proj", 384, 256), ("k_proj_ga", 128, 256), ("expert_down", 256, 768)]
-    gen = torch.Generator(device=h.device).manual_seed(0)
     blockwise = fp8.blockwise_supported(h.device)
-    for name, n, k in gemms:
-        x = torch.randn(tokens, k, device=h.device, generator=gen).bfloat16()
-        weight = (torch.randn(n, k, device=h.device, generator=gen) * k ** -0.5).bfloat16()
-        dy = torch.randn(tokens, n, device=h.device, generator=gen).bfloat16()
+    mismatched = []
+    for index, (name, n, k) in enumerate(gemms):
+        # every 1x128 tile (activations, gradients) and 128x128 block (weights) at its own scale, 2^-6 .. 2^6
+        x = fp8.magnitude_tiles(tokens, k, block_rows=1, device=h.device, seed=3 * index)
+        weight = (fp8.magnitude_tiles(n, k, block_rows=fp8.TILE, device=h.device, seed=3 * index + 1).float()
+                  * k ** -0.5).bfloat16()
+        dy = fp8.magnitude_tiles(tokens, n, block_rows=1, device=h.device, seed=3 * index + 2)
         ref_y = x.float() @ weight.float().t()
         ref_dx = dy.float() @ weight.float()
         flops = 3 * 2 * tokens * n * k
@@ -97,7 +102,22 @@ def run(h: Harness) -> None:
                      within_bound=err_y < bound and err_dx < bound)
             if h.smoke and label in ("bf16", "fp8_blockwise") and not (err_y < bound and err_dx < bound):
                 raise AssertionError(f"gemm {name} {label}: error y {err_y:.2e} dx {err_dx:.2e} above {bound:.2e}")
-        if blockwise:  # the cuBLAS kernel and the emulation quantise identically: only accumulation order differs
-            kernel = fp8.blockwise_mm(x, weight, b_rows=fp8.TILE, out_dtype=torch.bfloat16)
-            emulated = (fp8.round_trip(x, 1) @ fp8.round_trip(weight, fp8.TILE).t()).bfloat16()
-            h.result("gemm_fp8_vs_emulation", shape=name, rel_diff=f"{relative_error(kernel, emulated):.2e}")
+        mismatched += _check_against_emulation(h, name, x, weight, dy, "cublas" if blockwise else "emulated")
+    if mismatched:  # after every shape has reported: the section fails, its results are kept
+        raise AssertionError(f"blockwise FP8 GEMM differs from the emulated recipe: {', '.join(mismatched)}")
+
+
+def _check_against_emulation(h: Harness, name: str, x, weight, dy, path: str) -> list[str]:
+    """The blockwise GEMM (cuBLAS on sm90, else the emulation itself) against `fp8.emulated_mm` on the same
+    operands, for the forward recipe (1x128 x 128x128) and the wgrad one (1x128 x 1x128); the bound is
+    fp8.EMULATION_REL_TOLERANCE (accumulation and output rounding only: the quantised values are the same)."""
+    failed = []
+    for recipe, a, b, b_rows in (("fwd", x, weight, fp8.TILE), ("wgrad", dy.t(), x.t(), 1)):
+        got = fp8.blockwise_mm(a, b, b_rows=b_rows, out_dtype=torch.bfloat16)
+        err = fp8.relative_error(got, fp8.emulated_mm(a, b, b_rows=b_rows, out_dtype=torch.bfloat16))
+        ok = err < fp8.EMULATION_REL_TOLERANCE
+        h.result("gemm_blockwise_vs_emulation", shape=name, recipe=recipe, path=path, rel_diff=f"{err:.2e}",
+                 bound=fp8.EMULATION_REL_TOLERANCE, ok=ok)
+        if not ok:
+            failed.append(f"{name} {recipe} ({err:.1e})")
+    return failed

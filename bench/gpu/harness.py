@@ -22,12 +22,33 @@ from bench.common import result_line
 
 
 class Harness:
-    def __init__(self, *, smoke: bool, device: torch.device, json_path: Path | None = None) -> None:
+    def __init__(self, *, smoke: bool, device: torch.device, json_path: Path | None = None,
+                 replacing: tuple[str, ...] = ()) -> None:
+        """`replacing`: the sections this run measures; the results of other sections already in `json_path`
+        (an earlier run of the same kind, smoke or not) are kept in it."""
         self.smoke = smoke
         self.device = device
         self.json_path = json_path
-        self.results: list[dict] = []  # every RESULT, as {"name": ..., **fields}
+        self.results: list[dict] = []  # every RESULT of this run, as {"name": ..., "section": ..., **fields}
         self.failures: list[str] = []  # sections that raised (a GPU run goes on to the next section)
+        self.sections: dict[str, dict] = {}  # section -> {"status": "ok" | "failed", "seconds": ...}
+        self.calibration_written = False
+        self._section: str | None = None
+        self._kept = self._previous(set(replacing))
+
+    def _previous(self, replacing: set[str]) -> dict:
+        """What an earlier run wrote for the sections not run now."""
+        try:
+            earlier = json.loads(self.json_path.read_text()) if self.json_path is not None else {}
+        except (OSError, ValueError):
+            return {"results": [], "sections": {}}
+        if earlier.get("smoke") != self.smoke:
+            return {"results": [], "sections": {}}
+        return {"results": [r for r in earlier.get("results", []) if r.get("section") not in replacing],
+                "sections": {k: v for k, v in earlier.get("sections", {}).items() if k not in replacing}}
+
+    def all_results(self) -> list[dict]:
+        return [*self._kept["results"], *self.results]
 
     @property
     def cuda(self) -> bool:
@@ -72,7 +93,7 @@ class Harness:
         """Print `RESULT <name> k=v ...` (None fields are written as `na`) and keep it for the JSON file."""
         shown = {k: ("na" if v is None else v) for k, v in fields.items()}
         print(result_line(name, **shown), flush=True)
-        self.results.append({"name": name, **fields})
+        self.results.append({"name": name, "section": self._section, **fields})
 
     @contextmanager
     def section(self, name: str):
@@ -80,24 +101,34 @@ class Harness:
         propagates (CI must fail)."""
         print(f"== {name}", flush=True)
         start = time.perf_counter()
+        self._section = name
+        self.sections[name] = {"status": "failed", "seconds": None}  # until it returns
         try:
             yield
+            self.sections[name]["status"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, then re-raised under --smoke
             if self.smoke:
                 raise
             traceback.print_exc()
             self.failures.append(name)
-            self.result("section_failed", section=name, error=type(exc).__name__)
+            self.sections[name]["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            self.result("section_failed", error=type(exc).__name__)
         finally:
+            self.sections[name]["seconds"] = round(time.perf_counter() - start, 1)
+            self._section = None
             print(f"== {name} took {time.perf_counter() - start:.1f} s", flush=True)
 
     def write_json(self, extra: dict | None = None) -> None:
         if self.json_path is None:
             return
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"smoke": self.smoke, "device": str(self.device), "results": self.results,
-                   "failed_sections": self.failures, **(extra or {})}
-        self.json_path.write_text(json.dumps(payload, indent=2, default=str))
+        sections = {**self._kept["sections"], **self.sections}
+        payload = {"smoke": self.smoke, "device": str(self.device), "results": self.all_results(),
+                   "sections": sections, "failed_sections": [k for k, v in sections.items() if v["status"] != "ok"],
+                   **(extra or {})}
+        tmp = self.json_path.with_name(self.json_path.name + ".tmp")  # never a half-written file
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        tmp.replace(self.json_path)
 
 
 def max_abs_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

@@ -24,11 +24,11 @@ RECOMPUTE = ("none", "selective")
 
 
 def full_width_config(smoke: bool):
-    from mimo_train.config import load_model_config
+    from mimo_train.config import CONFIG_ROOT, load_model_config
 
     if smoke:
-        return load_model_config("configs/model/mimo_tiny.yaml", [])
-    return load_model_config("configs/model/mimo_v2_flash.yaml", [])
+        return load_model_config(CONFIG_ROOT / "model/mimo_tiny.yaml", [])
+    return load_model_config(CONFIG_ROOT / "model/mimo_v2_flash.yaml", [])
 
 
 def build_layer(cfg, index: int, precision: str, recompute: str, device, backend: str = KERNEL_BACKEND):

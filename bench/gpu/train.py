@@ -21,15 +21,28 @@ from bench.gpu.harness import Harness
 from bench.gpu.layer import KERNEL_BACKEND
 
 STEPS = 20
+ONE_DOCUMENT_BOUND = 2
 
 
 def reduced_config(smoke: bool):
-    from mimo_train.config import load_model_config
+    from mimo_train.config import CONFIG_ROOT, load_model_config
 
     if smoke:
-        return load_model_config("configs/model/mimo_tiny.yaml", ["model.num_layers=4"])
-    return load_model_config("configs/model/mimo_v2_flash.yaml", ["model.num_layers=4", "model.num_experts=32",
+        return load_model_config(CONFIG_ROOT / "model/mimo_tiny.yaml", ["model.num_layers=4"])
+    return load_model_config(CONFIG_ROOT / "model/mimo_v2_flash.yaml", ["model.num_layers=4", "model.num_experts=32",
                                                                     "model.mtp.num_blocks=1"])
+
+
+def synthetic_batch(vocab_size: int, rows: int, seq: int, device, seed: int) -> dict:
+    """Random tokens, one document per row, as a micro-batch of the data stream (no data pipeline: it needs
+    packages a bare GPU machine lacks). Like the stream's batches it carries its document bound: ids lie in [0, 2)
+    (positions 0..S-1 are document 1, id 0 stays empty); without it the varlen tables and kernel grids would be
+    sized for S + 1 documents per row."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (rows, seq + 1), device=device, generator=gen)
+    positions = torch.arange(seq, device=device).expand(rows, seq).contiguous()
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": positions,
+            "max_documents": ONE_DOCUMENT_BOUND}
 
 
 def build_model(cfg, precision: str, recompute: str, device):
@@ -102,10 +115,7 @@ def _train(h: Harness, cfg, precision: str, seq: int):
 
     model = build_model(cfg, precision, "none", h.device)
     optimizer = MixedPrecisionAdamW(model, lr=h.pick(1e-3, 3e-3))
-    gen = torch.Generator(device=h.device).manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (1, seq + 1), device=h.device, generator=gen)
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
-             "position_ids": torch.arange(seq, device=h.device).view(1, seq)}
+    batch = synthetic_batch(cfg.vocab_size, 1, seq, h.device, seed=1)
     counts = model.count_targets(batch["labels"], batch["position_ids"])
     spec = LossSpec(mtp_weight=0.3, aux_coeff=1e-5, global_batch_size=1, lm_tokens=counts[0], mtp_tokens=counts[1:])
     losses, times = [], []

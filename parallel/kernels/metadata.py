@@ -22,14 +22,19 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 class AttentionMetadata:
     """Document layout of a micro-batch of B rows of S tokens.
 
-    doc_ids [B, S] (None: one document per row, positions 0..S-1). `max_documents` bounds the documents of a row
-    when the caller knows it from the host side (the data loader does); the default S + 1 is always correct."""
+    doc_ids [B, S] (None: one document per row, positions 0..S-1). `max_documents` bounds the document ids of a row
+    (ids lie in [0, max_documents)) when the caller knows it from the host side (the data loader does). The default
+    is what is always correct without reading the device: 1 without document ids (the row is one document), S + 1
+    with them (a row of S one-token documents, after a leading partial one). The variable-length tables, and the
+    kernels' grids, grow with it: at S = 32k the S + 1 default costs a flash backward tens of GB."""
 
     def __init__(self, doc_ids: torch.Tensor | None, batch: int, seq_len: int, device,
                  max_documents: int | None = None) -> None:
         self.doc_ids = doc_ids
         self.batch, self.seq_len, self.device = batch, seq_len, torch.device(device)
-        self.max_documents = max_documents if max_documents is not None else seq_len + 1
+        if max_documents is None:
+            max_documents = 1 if doc_ids is None else seq_len + 1
+        self.max_documents = max_documents
         self._cache: dict = {}
 
     @classmethod
@@ -60,7 +65,7 @@ class AttentionMetadata:
     def row_document_index(self) -> torch.Tensor:
         """[B, S] int64: a batch-wide document index, row b's documents numbered from b * max_documents."""
         def build():
-            docs = self.doc_ids if self.doc_ids is not None else torch.ones(
+            docs = self.doc_ids if self.doc_ids is not None else torch.zeros(  # document 0 of each row
                 self.batch, self.seq_len, dtype=torch.int32, device=self.device)
             rows = torch.arange(self.batch, device=self.device).view(-1, 1) * self.max_documents
             return docs.long() + rows

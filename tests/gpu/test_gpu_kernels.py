@@ -1,6 +1,6 @@
 """The GPU fast paths against the references on the same GPU, same weights and inputs: the `fused` spec's SWA + sink
 core (flash varlen with a window, V padded to 192, the sink folded into the lse), every global-attention candidate,
-the grouped experts, the blockwise FP8 GEMMs against their emulation, and short training runs of the tiny model.
+the grouped experts and the blockwise FP8 GEMMs against their emulation (training runs: test_gpu_training.py).
 
 Deselected without CUDA (tests/gpu/conftest.py). Nothing here has run on a GPU yet: no GPU was lent to the
 session that wrote it.
@@ -30,19 +30,14 @@ from parallel.kernels.flex import flex_sink_attention
 from parallel.kernels.grouped_experts import GroupedExperts, group_offsets, grouped_mm
 from parallel.kernels.metadata import AttentionMetadata, document_ids
 from parallel.kernels.sink_attention import efficient_varlen_attention, flash_varlen_attention
-from tests.gpu.test_gpu_training import COMMON, LOSS_TOLERANCE, _records
 
 pytestmark = pytest.mark.gpu
 
 CUDA = torch.device("cuda")
 BF16_REL = 2e-2
-# The GPU's blockwise FP8 GEMM and the emulation multiply the same E4M3 values by the same power-of-2 scales, so
-# they differ only in accumulation: Hopper's FP8 MMA accumulates each 128-element K block with ~14 significant bits
-# before the fp32 promotion at the block's scale (DeepSeek-V3 section 3.3.2), ~2^-14 sqrt(128) = 7e-4 relative on a
-# block sum at worst for random signs, and the bf16 output then rounds a few elements whose fp32 values straddle a
-# rounding boundary to neighbouring bf16 values. 2e-3 covers both; FP8's own quantisation error is ~3e-2 and a
-# wrong scale layout or tile direction is O(1).
-FP8_REL = 2e-3
+# The GPU's blockwise FP8 GEMM against its emulation (the same quantised operands multiplied in fp32): they differ
+# only in accumulation and output rounding (parallel/fp8.py: EMULATION_REL_TOLERANCE says why 2e-3).
+FP8_REL = fp8.EMULATION_REL_TOLERANCE
 REFERENCE, FUSED = get_spec("torch"), get_spec("fused")
 SWA, GLOBAL = "sliding_attention", "full_attention"
 
@@ -273,31 +268,6 @@ def test_blockwise_fp8_gemm_is_supported_on_this_gpu():
     assert ok, f"blockwise FP8 GEMM not available on {name} (torch {torch.__version__}, CUDA {torch.version.cuda}): {why}"
 
 
-@pytest.fixture
-def fp8_gemm_calls(monkeypatch):
-    """Counts the blockwise GEMMs cuBLAS runs, and records every emulation notice (the notice is said once per
-    process, so its flag is reset for each test)."""
-    # the device's support is probed (one blockwise GEMM, cached per device) before counting starts
-    fp8.blockwise_supported(torch.device("cuda", torch.cuda.current_device()))
-    calls = {"cublas": 0, "emulated": []}
-    real = fp8._scaled_mm_blockwise
-
-    def counting(*args, **kwargs):
-        calls["cublas"] += 1
-        return real(*args, **kwargs)
-
-    real_note = fp8._note_emulation
-
-    def noting(device):
-        calls["emulated"].append(device.type)
-        return real_note(device)
-
-    monkeypatch.setattr(fp8, "_scaled_mm_blockwise", counting)
-    monkeypatch.setattr(fp8, "_note_emulation", noting)
-    monkeypatch.setattr(fp8, "_emulation_reported", False)
-    return calls
-
-
 def _heavy_tailed(*shape, seed):
     """Gaussian values with a few large outliers, so the tiles' scales differ (as in tests/test_fp8.py)."""
     g = torch.Generator(device=CUDA).manual_seed(seed)
@@ -366,74 +336,3 @@ def test_fp8_grouped_mm_on_the_gpu_with_an_empty_expert_equals_the_emulated_reci
         else:
             assert _rel(dw[e].cpu(), ref[2][e]) < FP8_REL, e
     _assert_rel([out[:n].cpu(), dx[:n].cpu()], [ref[0][:n], ref[1][:n]], ["out", "dx"], "fp8_grouped_mm", FP8_REL)
-
-
-# ---- training runs ----------------------------------------------------------------------------------------------
-def _fit(run_dir, overrides):
-    from mimo_train.config import load_config
-    from mimo_train.trainer import Trainer
-
-    cfg = load_config("configs/train/tiny_cpu.yaml", [*COMMON, "train.device=auto", *overrides, f"run.dir={run_dir}"])
-    trainer = Trainer(cfg, resume="none")
-    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
-    trainer.fit()
-    return trainer, _records(run_dir)
-
-
-@pytest.fixture(scope="module")
-def fused_bf16_run(tmp_path_factory):
-    """Two steps of the tiny model with parallel.backend=fused in bf16, with the fused kernels' calls counted."""
-    mp = pytest.MonkeyPatch()
-    calls = {"flash_varlen": 0, "flex": 0}
-
-    def counted(name, real):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return real(*args, **kwargs)
-        return call
-
-    mp.setattr(fused, "flash_varlen_attention", counted("flash_varlen", fused.flash_varlen_attention))
-    mp.setattr(fused, "flex_sink_attention", counted("flex", fused.flex_sink_attention))
-    try:
-        trainer, records = _fit(tmp_path_factory.mktemp("fused_bf16"), ["parallel.backend=fused",
-                                                                         "train.precision=bf16"])
-    finally:
-        mp.undo()
-    return trainer, records, calls
-
-
-def _assert_losses_close(got, ref, bound, what):
-    assert len(got) == len(ref) == 2, (what, len(got), len(ref))
-    for step, (g, r) in enumerate(zip(got, ref), 1):
-        for key in ("loss", "lm_loss", "mtp_loss"):
-            gap = abs(g[key] - r[key]) / abs(r[key])
-            print(f"{what} step {step} {key}: {g[key]:.6f} vs {r[key]:.6f} (relative gap {gap:.1e})")
-            assert gap <= bound, (what, step, key, g[key], r[key])
-
-
-def test_fused_bf16_training_equals_the_torch_backend_bf16(tmp_path, fused_bf16_run):
-    trainer, fused_records, calls = fused_bf16_run
-    assert any(isinstance(m, GroupedExperts) for m in trainer.model.modules())
-    # the GPU fast paths really ran: flash for the SWA layers, the GPU global kernel for the global ones
-    assert calls["flash_varlen"] > 0, calls
-    assert calls["flex" if fused.GPU_GLOBAL_KERNEL == "flex" else "flash_varlen"] > 0, calls
-    _, torch_records = _fit(tmp_path / "torch", ["parallel.backend=torch", "train.precision=bf16"])
-    _assert_losses_close(fused_records, torch_records, LOSS_TOLERANCE, "fused vs torch bf16")
-
-
-def test_fp8_training_runs_cublas_gemms_and_tracks_bf16(tmp_path, fused_bf16_run, fp8_gemm_calls, capsys):
-    """train.precision=fp8 on the GPU: the GEMMs of shapes cuBLAS's blockwise kernel takes run there. The tiny
-    model has shapes it does not take (hidden 128 with 4 x 48 query features: N = 192 is not whole 128-blocks;
-    expert intermediate 64: K = 64), which are emulated, and the notice says so: once, naming the GEMM shape, never
-    the device. Losses within 2e-2 of the bf16 run (the CPU's 30-step fp8-vs-bf16 gap is 5.2e-3, tests/test_fp8.py)."""
-    _, bf16_records, _ = fused_bf16_run
-    _, fp8_records = _fit(tmp_path / "fp8", ["parallel.backend=fused", "train.precision=fp8"])
-    assert fp8.blockwise_supported(torch.device("cuda", torch.cuda.current_device()))
-    assert fp8_gemm_calls["cublas"] > 0, "no GEMM of the fp8 run went through cuBLAS's blockwise kernel"
-    out = capsys.readouterr().out
-    notices = [line for line in out.splitlines() if "emulating the recipe" in line]
-    assert len(notices) == 1, notices  # the tiny model's q_proj (N = 192) at least
-    assert all("a GEMM shape cuBLAS's blockwise kernel does not take" in line for line in notices), notices
-    assert set(fp8_gemm_calls["emulated"]) <= {"cuda"}, fp8_gemm_calls["emulated"]
-    assert [r["lm_loss"] for r in fp8_records] != [r["lm_loss"] for r in bf16_records]  # fp8 really rounds
-    _assert_losses_close(fp8_records, bf16_records, 2e-2, "fp8 vs bf16")
