@@ -45,6 +45,9 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
             check_eval_config(cfg, s)
         except ConfigError as e:
             raise ConfigError(f"{name}{e}") from None
+    from parallel.kernels.te_rules import check_config as check_te_config
+
+    check_te_config(cfg.model, [s.parallel for s in plan.stages], cfg.train.device)  # parallel.backend=te
     first = plan.stages[min(start_stage, len(plan.stages) - 1)]
     if first.index > 0 and first.parallel.world_size != world_size:
         n = first.parallel.world_size

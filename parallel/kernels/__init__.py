@@ -32,6 +32,9 @@ def get_spec(name: str = "torch"):
         elif name == "fused":
             from parallel.kernels.fused import FusedSpec
             spec = FusedSpec()
+        elif name == "te":  # Transformer Engine (parallel/kernels/te.py): imports TE only when a layer first runs
+            from parallel.kernels.te import TESpec
+            spec = TESpec()
         else:
             raise ValueError(f"parallel.backend: unknown kernel backend {name!r} (valid: {', '.join(KERNEL_BACKENDS)})")
         _SPECS[name] = spec
