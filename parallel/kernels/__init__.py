@@ -13,7 +13,9 @@ In the spirit of Megatron-Core's `ModuleSpec` / `TESpecProvider`, the model asks
 
 Specs: `torch` (the reference, `parallel/kernels/spec.py`, runs everywhere) and `fused` (torch's fused kernels:
 flash / efficient / flex attention with the sink folded into the log-sum-exp, `torch._grouped_mm` experts;
-`parallel/kernels/fused.py`). Tensors are laid out [batch, seq, heads, head_dim].
+`parallel/kernels/fused.py`); and `te` (Transformer Engine's DotProductAttention, Linear and GroupedLinear
+bound to our parameters, `parallel/kernels/te.py`, its TE-free rules in `te_rules.py`). Tensors are laid out
+[batch, seq, heads, head_dim].
 """
 
 from __future__ import annotations

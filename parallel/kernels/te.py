@@ -51,7 +51,7 @@ def probe_te() -> tuple[str | None, tuple[int, ...] | None, str]:
     except RuntimeError as e:
         return None, None, str(e.__cause__ or e)
     try:
-        cudnn = tuple(te.pytorch.get_cudnn_version())
+        cudnn = tuple(te.pytorch.get_cudnn_version(**te_rules.cudnn_version_kwargs()))
     except (RuntimeError, OSError, AttributeError):
         cudnn = None
     return te.version, cudnn, ""

@@ -99,7 +99,8 @@ def recipe_kwargs() -> dict:
     return {}
 
 
-# builder -> (TE source file under transformer_engine/, class or function, method, positional arguments passed)
+# builder -> (TE source file under transformer_engine/, class or function, its method (None: a function),
+# positional arguments passed)
 TE_CALLS = {
     "attention_init_kwargs": ("pytorch/attention/dot_product_attention/dot_product_attention.py",
                               "DotProductAttention", "__init__", 0),
@@ -113,14 +114,21 @@ TE_CALLS = {
     "grouped_linear_forward_kwargs": ("pytorch/module/grouped_linear.py", "GroupedLinear", "forward", 2),
     "autocast_kwargs": ("pytorch/quantization.py", "autocast", "__init__", 0),
     "recipe_kwargs": ("common/recipe/__init__.py", "Float8BlockScaling", "__init__", 0),
+    "cudnn_version_kwargs": ("pytorch/utils.py", "get_cudnn_version", None, 0),  # a function, not a method
 }
 # What `transformer_engine.pytorch` (and `transformer_engine.common.recipe`) must export for the spec.
-TE_EXPORTS = {"pytorch/__init__.py": ("DotProductAttention", "Linear", "GroupedLinear", "autocast"),
+TE_EXPORTS = {"pytorch/__init__.py": ("DotProductAttention", "Linear", "GroupedLinear", "autocast",
+                                      "get_cudnn_version"),
               "common/recipe/__init__.py": ("Float8BlockScaling",)}
 
 
 def grouped_linear_init_kwargs(dtype: torch.dtype, device) -> dict:
     return linear_init_kwargs(dtype, device)
+
+
+def cudnn_version_kwargs() -> dict:
+    """get_cudnn_version(): the cuDNN TE's fused attention loads (not necessarily torch's)."""
+    return {}
 
 
 def linear_forward_kwargs() -> dict:
