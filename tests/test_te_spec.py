@@ -261,3 +261,29 @@ def test_train_command_on_a_cpu_refuses_backend_te_in_one_line(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "parallel.backend=te: needs a CUDA device" in lines[0] and "CPU device" in lines[0]
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_checkpoint_resumes_under_te_then_fused(tmp_path, stand_ins):
+    """A torch run stopped after step 1, resumed under te (stand-ins) for step 2, then under fused for step 3: the
+    losses of the uninterrupted torch run, step by step (the checkpoint's names and values suit every backend).
+    The learning rate is constant after warm-up (min_lr = lr), so a leg's train.steps does not change it."""
+    from mimo_train.trainer import Trainer
+    from tests.scripts.staged import metrics
+
+    common = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
+              "train.min_lr=3.0e-3", "run.wandb_mode=disabled", "train.async_save=false", "data.num_workers=0",
+              "train.save_interval=1"]
+
+    def fit(run_dir, backend, steps):
+        cfg = load_config("configs/train/tiny_cpu.yaml", [*common, f"run.dir={run_dir}", f"train.steps={steps}",
+                                                          f"parallel.backend={backend}"])
+        Trainer(cfg, resume="auto").fit()
+        return [m["loss"] for m in metrics(run_dir) if "loss" in m]
+
+    whole = fit(tmp_path / "whole", "torch", 3)
+    for steps, backend in enumerate(("torch", "te", "fused"), start=1):
+        resumed = fit(tmp_path / "split", backend, steps)
+    print(f"losses: uninterrupted {whole}, torch -> te -> fused {resumed}")
+    assert len(resumed) == len(whole) == 3 and whole[-1] < whole[0]
+    assert {c[0] for c in CALLS} == {"linear", "grouped"}  # the te leg ran on the TE modules
+    assert max(abs(a - b) / abs(b) for a, b in zip(resumed, whole)) <= 1e-5
