@@ -56,7 +56,7 @@ def _download_wheel() -> Path:
 def te_sources() -> dict[str, ast.Module]:
     """transformer_engine/<path> -> its parsed source, for every file of the wheel the spec touches."""
     wanted = {entry[0] for entry in te_rules.TE_CALLS.values()} | set(te_rules.TE_EXPORTS) | {
-        "pytorch/constants.py", "pytorch/attention/dot_product_attention/context_parallel.py"}
+        "pytorch/constants.py", "pytorch/attention/dot_product_attention/context_parallel.py", "pytorch/quantization.py"}
     with zipfile.ZipFile(_download_wheel()) as wheel:
         return {path: ast.parse(wheel.read(f"transformer_engine/{path}").decode(), filename=path) for path in wanted}
 
@@ -109,6 +109,10 @@ def _builder_outputs() -> dict[str, list[dict]]:
         "autocast_kwargs": [te_rules.autocast_kwargs(True, "recipe"), te_rules.autocast_kwargs(False, None)],
         "recipe_kwargs": [te_rules.recipe_kwargs()],
         "cudnn_version_kwargs": [te_rules.cudnn_version_kwargs()],
+        "padding_init_kwargs": [te_rules.padding_init_kwargs()],
+        "padding_forward_kwargs": [te_rules.padding_forward_kwargs()],
+        "unpadding_init_kwargs": [te_rules.unpadding_init_kwargs()],
+        "unpadding_forward_kwargs": [te_rules.unpadding_forward_kwargs()],
     }
 
 
@@ -215,6 +219,14 @@ def test_parameter_names_and_exports_exist(te_sources):
                 and s.target.id in ("x_block_scaling_dim", "w_block_scaling_dim", "grad_block_scaling_dim", "fp8_dpa")}
     assert defaults == {"x_block_scaling_dim": 1, "w_block_scaling_dim": 2, "grad_block_scaling_dim": 1,
                         "fp8_dpa": False}
+
+
+def test_fp8_group_alignment_is_tes(te_sources):
+    """TE's alignment of FP8 groups for the blockwise recipe (not MXFP8, not NVFP4): the function's final return."""
+    func = next(n for n in te_sources["pytorch/quantization.py"].body
+                if isinstance(n, ast.FunctionDef) and n.name == "get_align_size_for_quantization")
+    assert isinstance(func.body[-1], ast.Return) and ast.literal_eval(func.body[-1].value) == te_rules.FP8_ALIGN
+    assert "mxfp8" in ast.unparse(func) and "nvfp4" in ast.unparse(func)
 
 
 def test_the_gpu_extra_pins_the_checked_version():

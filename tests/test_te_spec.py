@@ -91,6 +91,24 @@ class StandInGroupedLinear(nn.Module):
         return torch.cat([F.linear(x, getattr(self, f"weight{i}")) for i, x in enumerate(parts)])
 
 
+class StandInFp8Padding(nn.Module):
+    def __init__(self, num_gemms, align_size=None):
+        super().__init__()
+        self.num_gemms, self.align = num_gemms, align_size
+
+    def forward(self, inp, m_splits):
+        assert isinstance(m_splits, list) and len(m_splits) == self.num_gemms
+        padded = [-(-m // self.align) * self.align for m in m_splits]
+        parts = [F.pad(x, (0, 0, 0, p - m)) for x, m, p in zip(torch.split(inp, m_splits), m_splits, padded)]
+        return torch.cat(parts), padded
+
+
+class StandInFp8Unpadding(StandInFp8Padding):
+    def forward(self, inp, m_splits):
+        padded = [-(-m // self.align) * self.align for m in m_splits]
+        return torch.cat([x[:m] for x, m in zip(torch.split(inp, padded), m_splits)])
+
+
 AUTOCAST: list[bool] = [False]
 CALLS: list[tuple] = []
 
@@ -107,7 +125,8 @@ def stand_in_autocast(enabled=True, recipe=None):
 
 STAND_INS = SimpleNamespace(
     pytorch=SimpleNamespace(DotProductAttention=StandInDotProductAttention, Linear=StandInLinear,
-                            GroupedLinear=StandInGroupedLinear, autocast=stand_in_autocast),
+                            GroupedLinear=StandInGroupedLinear, autocast=stand_in_autocast,
+                            Fp8Padding=StandInFp8Padding, Fp8Unpadding=StandInFp8Unpadding),
     recipe=SimpleNamespace(Float8BlockScaling=lambda: "Float8BlockScaling"), version="2.17.1")
 
 
@@ -174,11 +193,15 @@ def test_fp8_region_leaves_out_o_proj_head_embedding_and_router(stand_ins):
 
     model = MiMoForCausalLM(cfg, backend="te")
     in_fp8 = te_spec.convert_to_te(model, fp8=True)
-    model.load_state_dict(randomised_model(cfg).state_dict())
+    reference = randomised_model(cfg)
+    model.load_state_dict(reference.state_dict())
     assert in_fp8 and not any(n.endswith(("o_proj", "lm_head", "embed_tokens", "gate")) for n in in_fp8)
     assert any(n.endswith("q_proj") for n in in_fp8) and any(n.endswith("experts") for n in in_fp8)
     assert type(model.lm_head) is nn.Linear  # the head stays ours (and bf16)
-    model(*_batch(cfg))
+    # The stand-ins compute in fp32 whatever the autocast: the FP8 path's padding of each expert's rows to 16 and
+    # its removal leave the result exact.
+    fp8_loss, ref_loss = _loss_and_grads(model, _batch(cfg))[0], _loss_and_grads(reference, _batch(cfg))[0]
+    assert abs(fp8_loss - ref_loss) <= 1e-5 * abs(ref_loss)
     o_proj_shape = tuple(model.model.layers["0"].self_attn.o_proj.weight.shape)
     by_fp8 = {(kind, shape): fp8 for kind, shape, fp8 in CALLS}
     assert by_fp8[("linear", o_proj_shape)] is False  # o_proj runs with TE's autocast explicitly off

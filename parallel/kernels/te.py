@@ -161,11 +161,13 @@ class TELinear(nn.Linear):
 # ---- experts ---------------------------------------------------------------------------------------------------
 class TEGroupedExperts(Experts):
     """SwiGLU experts on two TE `GroupedLinear`s bound to our stacked weights (the same parameters, names and
-    layout as the reference); `fp8` is set from outside (`convert_to_te`)."""
+    layout as the reference); `fp8` is set from outside (`convert_to_te`). In FP8 each expert's rows are padded to
+    a multiple of 16 (TE's `Fp8Padding`), which reads the split sizes on the host once per layer, as our own FP8
+    grouped GEMM does; without FP8 the split sizes stay on the device."""
 
     fp8 = False
 
-    def _grouped_linears(self, te):
+    def _te_modules(self, te):
         key = (tuple(self.gate_up_proj.shape), tuple(self.down_proj.shape), self.gate_up_proj.dtype,
                self.gate_up_proj.device)
         if getattr(self, "_te_key", None) != key:
@@ -174,22 +176,34 @@ class TEGroupedExperts(Experts):
                 E, out_features, in_features = w.shape
                 built.append(te.pytorch.GroupedLinear(E, in_features, out_features,
                                                       **te_rules.grouped_linear_init_kwargs(w.dtype, w.device)))
+            E = self.gate_up_proj.shape[0]
+            built += [te.pytorch.Fp8Padding(E, **te_rules.padding_init_kwargs()),
+                      te.pytorch.Fp8Unpadding(E, **te_rules.unpadding_init_kwargs())]
             # a plain attribute holding a tuple: the TE modules stay out of the module tree (and its state dict)
-            object.__setattr__(self, "_te_modules", tuple(built))
+            object.__setattr__(self, "_te", tuple(built))
             object.__setattr__(self, "_te_key", key)
-        return self._te_modules
+        return self._te
 
     def forward(self, x_sorted, tokens_per_expert):
         if x_sorted.shape[0] == 0:  # no row for any local expert (expert parallelism): stay in the graph
             return x_sorted.new_zeros(0, self.down_proj.shape[1]) + 0 * x_sorted.sum()
         te = load_te()
-        fc1, fc2 = self._grouped_linears(te)
+        fc1, fc2, pad, unpad = self._te_modules(te)
         te_rules.bind_experts(fc1, self.gate_up_proj)
         te_rules.bind_experts(fc2, self.down_proj)
         splits = torch.as_tensor(tokens_per_expert, dtype=torch.int64, device=x_sorted.device)
         with _autocast(te, self.fp8):
-            gate, up = fc1(x_sorted, splits, **te_rules.grouped_linear_forward_kwargs()).chunk(2, dim=-1)
-            return fc2(torch.nn.functional.silu(gate) * up, splits, **te_rules.grouped_linear_forward_kwargs())
+            if not self.fp8:
+                return self._swiglu(fc1, fc2, x_sorted, splits)
+            sizes = splits.tolist()
+            x, padded = pad(x_sorted, sizes, **te_rules.padding_forward_kwargs())
+            y = self._swiglu(fc1, fc2, x, torch.as_tensor(padded, dtype=torch.int64, device=x.device))
+            return unpad(y, sizes, **te_rules.unpadding_forward_kwargs())
+
+    @staticmethod
+    def _swiglu(fc1, fc2, x, splits):
+        gate, up = fc1(x, splits, **te_rules.grouped_linear_forward_kwargs()).chunk(2, dim=-1)
+        return fc2(torch.nn.functional.silu(gate) * up, splits, **te_rules.grouped_linear_forward_kwargs())
 
 
 # ---- the spec ----------------------------------------------------------------------------------------------------

@@ -115,15 +115,41 @@ TE_CALLS = {
     "autocast_kwargs": ("pytorch/quantization.py", "autocast", "__init__", 0),
     "recipe_kwargs": ("common/recipe/__init__.py", "Float8BlockScaling", "__init__", 0),
     "cudnn_version_kwargs": ("pytorch/utils.py", "get_cudnn_version", None, 0),  # a function, not a method
+    "padding_init_kwargs": ("pytorch/module/fp8_padding.py", "Fp8Padding", "__init__", 1),
+    "padding_forward_kwargs": ("pytorch/module/fp8_padding.py", "Fp8Padding", "forward", 2),
+    "unpadding_init_kwargs": ("pytorch/module/fp8_unpadding.py", "Fp8Unpadding", "__init__", 1),
+    "unpadding_forward_kwargs": ("pytorch/module/fp8_unpadding.py", "Fp8Unpadding", "forward", 2),
 }
 # What `transformer_engine.pytorch` (and `transformer_engine.common.recipe`) must export for the spec.
 TE_EXPORTS = {"pytorch/__init__.py": ("DotProductAttention", "Linear", "GroupedLinear", "autocast",
-                                      "get_cudnn_version"),
+                                      "get_cudnn_version", "Fp8Padding", "Fp8Unpadding"),
               "common/recipe/__init__.py": ("Float8BlockScaling",)}
 
 
 def grouped_linear_init_kwargs(dtype: torch.dtype, device) -> dict:
     return linear_init_kwargs(dtype, device)
+
+
+# FP8 GEMMs of GroupedLinear take groups of a multiple of 16 rows (get_align_size_for_quantization: 16 for the
+# blockwise recipe); Fp8Padding / Fp8Unpadding pad each expert's rows to it and back.
+FP8_ALIGN = 16
+
+
+def padding_init_kwargs() -> dict:
+    """Fp8Padding / Fp8Unpadding(num_gemms): the alignment given, not read from the recipe in force."""
+    return {"align_size": FP8_ALIGN}
+
+
+def unpadding_init_kwargs() -> dict:
+    return padding_init_kwargs()
+
+
+def padding_forward_kwargs() -> dict:
+    return {}
+
+
+def unpadding_forward_kwargs() -> dict:
+    return {}
 
 
 def cudnn_version_kwargs() -> dict:
