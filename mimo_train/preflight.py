@@ -45,9 +45,9 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
             check_eval_config(cfg, s)
         except ConfigError as e:
             raise ConfigError(f"{name}{e}") from None
-    from parallel.kernels.te_rules import check_config as check_te_config
+    from parallel.kernels import te_rules
 
-    check_te_config(cfg.model, [s.parallel for s in plan.stages], cfg.train.device)  # parallel.backend=te
+    te_rules.check_layouts(cfg.model, [s.parallel for s in plan.stages])  # parallel.backend=te
     first = plan.stages[min(start_stage, len(plan.stages) - 1)]
     if first.index > 0 and first.parallel.world_size != world_size:
         n = first.parallel.world_size
@@ -62,6 +62,13 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
                           f"equal the world size {world_size}{where} (leave parallel.dp at 'auto' to derive "
                           f"it from the process count)")
     return plan
+
+
+def check_machine(cfg: Config) -> None:
+    """What the machine a run starts on must have for the config (parallel.backend=te: a GPU, TE, cuDNN)."""
+    from parallel.kernels import te_rules
+
+    te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device)
 
 
 def starting_stage(cfg: Config, resume: str) -> int:

@@ -266,14 +266,29 @@ def test_layout_rules(tp, cp, rule):
     te_rules.check_layout(8, 1, 64, 8, 4)  # the paper's tp 8 (GA KV heads replicated)
 
 
-def test_config_check_uses_the_probe_only_on_a_cuda_device(monkeypatch):
-    cfg = load_config("configs/train/tiny_cpu.yaml", ["parallel.backend=te"])
-    probe = lambda: (None, None, "ImportError: No module named 'transformer_engine'")  # noqa: E731
+def test_machine_check_probes_te_only_on_a_cuda_device(monkeypatch):
+    te_cfg = load_config("configs/train/tiny_cpu.yaml", ["parallel.backend=te"])
+    missing = lambda: (None, None, "ImportError: No module named 'transformer_engine'")  # noqa: E731
+    with pytest.raises(ConfigError, match="CPU device"):
+        te_rules.check_machine([te_cfg.parallel], "cpu", missing)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="Transformer Engine is missing .*No module named"):
-        te_rules.check_config(cfg.model, [cfg.parallel], "cuda", probe)
-    te_rules.check_config(cfg.model, [cfg.parallel], "cuda", lambda: ("2.17.1", (9, 18, 1), ""))
-    te_rules.check_config(cfg.model, [load_config("configs/train/tiny_cpu.yaml").parallel], "cpu")  # no te stage
+        te_rules.check_machine([te_cfg.parallel], "cuda", missing)
+    te_rules.check_machine([te_cfg.parallel], "cuda", lambda: ("2.17.1", (9, 18, 1), ""))
+    te_rules.check_machine([load_config("configs/train/tiny_cpu.yaml").parallel], "cpu")  # no te stage: nothing
+
+
+def test_layout_rules_apply_to_te_stages_only_and_at_submit_too():
+    from mimo_train import preflight
+
+    bad = ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2", "train.seq_len=128"]
+    for backend, refused in (("te", True), ("torch", False)):
+        cfg = load_config("configs/train/tiny_cpu.yaml", [*bad, f"parallel.backend={backend}"])
+        if refused:  # the tiny model's 2 SWA KV heads cannot split over tp x cp = 4 (TE's all-to-all)
+            with pytest.raises(ConfigError, match="tp x parallel.cp = 2x2 = 4 on SWA layers"):
+                preflight.check_layouts(cfg, 4, batches=False)
+        else:
+            preflight.check_layouts(cfg, 4, batches=False)
 
 
 def test_train_command_on_a_cpu_refuses_backend_te_in_one_line(tmp_path):

@@ -290,20 +290,24 @@ def check_layout(tp: int, cp: int, num_heads: int, swa_kv_heads: int, ga_kv_head
                       "documents would attend across their boundaries; use parallel.cp=1 or parallel.backend=fused")
 
 
-def check_config(model, parallels, device_setting: str, probe=None) -> None:
-    """Before launch, for a run with `parallel.backend=te` in some stage: the machine (device, TE, cuDNN), then
-    each such stage's layout. `probe() -> (TE version, cuDNN version, import error)` (default: import TE)."""
-    stages = [p for p in parallels if p.backend == "te"]
-    if not stages:
+def check_machine(parallels, device_setting: str, probe=None) -> None:
+    """Where a run with `parallel.backend=te` in some stage starts (not where it is submitted from): the device,
+    TE and cuDNN. `probe() -> (TE version, cuDNN version, import error)` (default: import TE)."""
+    if not any(p.backend == "te" for p in parallels):
         return
     from parallel.device import resolve_device
 
     device = resolve_device(device_setting)
-    if device.type == "cuda":
-        if probe is None:
-            from parallel.kernels.te import probe_te as probe
-        check_environment(device.type, *probe())
-    else:
+    if device.type != "cuda":
         check_environment(device.type, None, None)
-    for p in stages:
-        check_layout(p.tp, p.cp, model.num_attention_heads, model.swa_num_key_value_heads, model.num_key_value_heads)
+    if probe is None:
+        from parallel.kernels.te import probe_te as probe
+    check_environment(device.type, *probe())
+
+
+def check_layouts(model, parallels) -> None:
+    """Every stage with `parallel.backend=te` suits TE's attention (checked wherever the config is, submit too)."""
+    for p in parallels:
+        if p.backend == "te":
+            check_layout(p.tp, p.cp, model.num_attention_heads, model.swa_num_key_value_heads,
+                         model.num_key_value_heads)
