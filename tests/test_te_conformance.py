@@ -56,7 +56,8 @@ def _download_wheel() -> Path:
 def te_sources() -> dict[str, ast.Module]:
     """transformer_engine/<path> -> its parsed source, for every file of the wheel the spec touches."""
     wanted = {entry[0] for entry in te_rules.TE_CALLS.values()} | set(te_rules.TE_EXPORTS) | {
-        "pytorch/constants.py", "pytorch/attention/dot_product_attention/context_parallel.py", "pytorch/quantization.py"}
+        "pytorch/constants.py", "pytorch/attention/dot_product_attention/context_parallel.py",
+        "pytorch/quantization.py"}
     with zipfile.ZipFile(_download_wheel()) as wheel:
         return {path: ast.parse(wheel.read(f"transformer_engine/{path}").decode(), filename=path) for path in wanted}
 
@@ -204,9 +205,13 @@ def test_parameter_names_and_exports_exist(te_sources):
     grouped = _find(te_sources["pytorch/module/grouped_linear.py"], "GroupedLinear", "__init__")
     names = [ast.unparse(c.args[0]) for c in ast.walk(grouped) if isinstance(c, ast.Call)
              and _dotted(c.func) == "self.register_parameter"]
-    assert 'f"weight{i}"' in names or "f'weight{i}'" in names  # GroupedLinear's weight0..weight{E-1}
+    expert_slot = te_rules.TE_PARAMETER_OF["gate_up_proj"]  # GroupedLinear's weight0..weight{E-1}
+    assert te_rules.TE_PARAMETER_OF["down_proj"] == expert_slot
+    assert {f"f'{expert_slot}'", f'f"{expert_slot}"'} & set(names), names
     linear = _find(te_sources["pytorch/module/linear.py"], "Linear", "__init__")
-    assert "weight" in _strings(linear)
+    assigned = [ast.literal_eval(n.value) for n in ast.walk(linear) if isinstance(n, ast.Assign)
+                and ast.unparse(n.targets[0]) == "self.weight_names" and isinstance(n.value, ast.List) and n.value.elts]
+    assert [te_rules.TE_PARAMETER_OF["weight"]] in assigned  # Linear's one unsplit weight
     for path, exported in te_rules.TE_EXPORTS.items():
         tree = te_sources[path]
         names = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}

@@ -166,7 +166,8 @@ def test_te_spec_equals_the_reference_with_the_same_checkpoint_names(stand_ins):
     # relative to each gradient's largest entry (the loss is a sum over tokens: gradients reach ~1e1)
     worst = max(((te_grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in ref_grads.items())
     sinks = [n for n in ref_grads if n.endswith("sinks")]
-    print(f"te (stand-ins) vs torch: loss {te_loss.item():.6f} vs {ref_loss.item():.6f}, max relative grad diff {worst:.1e}")
+    print(f"te (stand-ins) vs torch: loss {te_loss.item():.6f} vs {ref_loss.item():.6f}, "
+          f"max relative grad diff {worst:.1e}")
     assert abs(te_loss - ref_loss) <= 1e-5 * abs(ref_loss) and worst <= 1e-5
     assert sinks and all(ref_grads[n].abs().max() > 0 for n in sinks)  # the sink is live, and reaches our `sinks`
     kinds = {c[0] for c in CALLS}
@@ -229,13 +230,14 @@ def test_attention_calls_carry_the_window_sink_dims_and_comm_type_per_layer():
 
 def test_te_native_names_map_to_ours_and_back():
     E, H, I = 3, 8, 4
-    ours = {"model.layers.1.self_attn.sinks": torch.randn(4), "model.layers.1.self_attn.q_proj.weight": torch.randn(8, 8),
-            "model.layers.1.mlp.experts.gate_up_proj": torch.randn(E, 2 * I, H),
-            "model.layers.1.mlp.experts.down_proj": torch.randn(E, H, I)}
+    layer = "model.layers.1"
+    ours = {f"{layer}.self_attn.sinks": torch.randn(4), f"{layer}.self_attn.q_proj.weight": torch.randn(8, 8),
+            f"{layer}.mlp.experts.gate_up_proj": torch.randn(E, 2 * I, H),
+            f"{layer}.mlp.experts.down_proj": torch.randn(E, H, I)}
     native = te_rules.ours_to_te_native(ours)
-    assert "model.layers.1.self_attn.core_attention.softmax_offset" in native
-    assert "model.layers.1.mlp.experts.linear_fc1.weight2" in native and "model.layers.1.mlp.experts.linear_fc2.weight0" in native
-    native["model.layers.1.self_attn.core_attention._extra_state"] = b"fp8 metadata"
+    assert f"{layer}.self_attn.core_attention.softmax_offset" in native
+    assert f"{layer}.mlp.experts.linear_fc1.weight2" in native and f"{layer}.mlp.experts.linear_fc2.weight0" in native
+    native[f"{layer}.self_attn.core_attention._extra_state"] = b"fp8 metadata"
     back = te_rules.te_native_to_ours(native)
     assert set(back) == set(ours) and all(torch.equal(back[k], v) for k, v in ours.items())
 

@@ -40,7 +40,8 @@ def load_te() -> SimpleNamespace:
         import transformer_engine.pytorch as te_pytorch
         from transformer_engine.common import recipe
     except (ImportError, RuntimeError, OSError) as e:
-        raise RuntimeError(f"parallel.backend=te: Transformer Engine is not importable ({type(e).__name__}: {e})") from e
+        raise RuntimeError(f"parallel.backend=te: Transformer Engine is not importable "
+                           f"({type(e).__name__}: {e})") from e
     return SimpleNamespace(pytorch=te_pytorch, recipe=recipe, version=getattr(transformer_engine, "__version__", None))
 
 
@@ -106,12 +107,12 @@ class TEAttentionCore:
             os.environ.update(te_rules.TE_ENVIRONMENT)  # before TE picks a backend for the first time
             self.module = self._build(q, k, v)
         if sink is not None:
-            te_rules.bind(self.module, "softmax_offset", sink)
+            te_rules.bind(self.module, te_rules.TE_PARAMETER_OF["sinks"], sink)
         B, S, Hq, _ = q.shape
         cu, max_len = self._sequences(attn_meta, B, S, q.device)
-        out = self.module(q.reshape(B * S, Hq, -1), k.reshape(B * S, k.shape[2], -1),
-                          v.reshape(B * S, v.shape[2], -1), **te_rules.attention_forward_kwargs(cu, cu, max_len, max_len))
-        return out.view(B, S, Hq, v.shape[-1])
+        q, k, v = (t.reshape(B * S, t.shape[2], t.shape[3]) for t in (q, k, v))
+        out = self.module(q, k, v, **te_rules.attention_forward_kwargs(cu, cu, max_len, max_len))
+        return out.reshape(B, S, Hq, v.shape[-1])  # thd output: [tokens, heads x V dim]
 
 
 # ---- linears ---------------------------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ class TELinearFunction:
     def __call__(self, x, weight):
         te = load_te()
         module = self._module(te, weight)
-        te_rules.bind(module, "weight", weight)
+        te_rules.bind(module, te_rules.TE_PARAMETER_OF["weight"], weight)
         with _autocast(te, self.fp8):
             return module(x, **te_rules.linear_forward_kwargs())
 

@@ -189,25 +189,30 @@ def bind_experts(module: nn.Module, stacked: torch.Tensor) -> None:
     """GroupedLinear keeps one weight per GEMM, `weight0..weight{E-1}` ([out, in] each); ours are stacked
     [E, out, in]: bind expert e's slice (a view, so gradients flow into the stacked parameter)."""
     for e in range(stacked.shape[0]):
-        module._parameters[f"weight{e}"] = stacked[e]
+        module._parameters[TE_PARAMETER_OF["gate_up_proj"].format(i=e)] = stacked[e]
+
+
+# TE-native names (a TE module tree, as megatron-core builds it) of our parameters.
+_TE_SINK, _OUR_SINK = "self_attn.core_attention.softmax_offset", "self_attn.sinks"
+_FC_OF = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+_OURS_OF = {v: k for k, v in _FC_OF.items()}
 
 
 def te_native_to_ours(state: dict) -> dict:
-    """A state dict whose TE modules own their weights under TE's names (a TE module tree, as megatron-core builds
-    it: `core_attention.softmax_offset`, `experts.linear_fc1.weight{e}`) -> ours. TE's `_extra_state` entries
-    are dropped: with blockwise scaling every scale is computed per tensor per call, nothing persists."""
+    """A state dict whose TE modules own their weights under TE's names (`core_attention.softmax_offset`,
+    `experts.linear_fc1.weight{e}`) -> ours. TE's `_extra_state` entries are dropped: with blockwise scaling every
+    scale is computed per tensor per call, nothing persists."""
     out, experts = {}, {}
     for key, value in state.items():
         if key.endswith("._extra_state"):
             continue
-        for te_name, ours in (("self_attn.core_attention.softmax_offset", "self_attn.sinks"),):
-            if key.endswith(te_name):
-                key = key[: -len(te_name)] + ours
-        parts = key.rsplit(".", 2)
-        if len(parts) == 3 and parts[1] in _FC_OF and parts[2].startswith("weight") and parts[2][6:].isdigit():
-            experts.setdefault(f"{parts[0]}.{_FC_OF[parts[1]]}", {})[int(parts[2][6:])] = value
-            continue
-        out[key] = value
+        if key.endswith(_TE_SINK):
+            key = key[: -len(_TE_SINK)] + _OUR_SINK
+        head, fc, leaf = (key.rsplit(".", 2) + ["", ""])[:3]
+        if fc in _FC_OF and leaf.startswith("weight") and leaf[6:].isdigit():
+            experts.setdefault(f"{head}.{_FC_OF[fc]}", {})[int(leaf[6:])] = value
+        else:
+            out[key] = value
     for key, per_expert in experts.items():
         out[key] = torch.stack([per_expert[e] for e in range(len(per_expert))])
     return out
@@ -218,18 +223,14 @@ def ours_to_te_native(state: dict) -> dict:
     out = {}
     for key, value in state.items():
         head, _, leaf = key.rpartition(".")
-        if key.endswith("self_attn.sinks"):
-            out[key[: -len("sinks")] + "core_attention.softmax_offset"] = value
+        if key.endswith(_OUR_SINK):
+            out[key[: -len(_OUR_SINK)] + _TE_SINK] = value
         elif leaf in _OURS_OF and head.endswith("experts"):
             for e in range(value.shape[0]):
                 out[f"{head}.{_OURS_OF[leaf]}.weight{e}"] = value[e]
         else:
             out[key] = value
     return out
-
-
-_FC_OF = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
-_OURS_OF = {v: k for k, v in _FC_OF.items()}
 
 
 # ---- validation before launch -------------------------------------------------------------------------------------
