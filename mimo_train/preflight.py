@@ -65,10 +65,12 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
 
 
 def check_machine(cfg: Config) -> None:
-    """What the machine a run starts on must have for the config (parallel.backend=te: a GPU, TE, cuDNN)."""
+    """What the machine a run starts on must have for the config (parallel.backend=te: a GPU, TE, cuDNN, and
+    blockwise FP8 with train.precision=fp8)."""
     from parallel.kernels import te_rules
 
-    te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device)
+    te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device,
+                           fp8=cfg.train.precision == "fp8")
 
 
 def starting_stage(cfg: Config, resume: str) -> int:

@@ -110,6 +110,7 @@ def _builder_outputs() -> dict[str, list[dict]]:
         "autocast_kwargs": [te_rules.autocast_kwargs(True, "recipe"), te_rules.autocast_kwargs(False, None)],
         "recipe_kwargs": [te_rules.recipe_kwargs()],
         "cudnn_version_kwargs": [te_rules.cudnn_version_kwargs()],
+        "fp8_available_kwargs": [te_rules.fp8_available_kwargs()],
         "padding_init_kwargs": [te_rules.padding_init_kwargs()],
         "padding_forward_kwargs": [te_rules.padding_forward_kwargs()],
         "unpadding_init_kwargs": [te_rules.unpadding_init_kwargs()],

@@ -277,6 +277,10 @@ def test_machine_check_probes_te_only_on_a_cuda_device(monkeypatch):
     with pytest.raises(ConfigError, match="Transformer Engine is missing .*No module named"):
         te_rules.check_machine([te_cfg.parallel], "cuda", missing)
     te_rules.check_machine([te_cfg.parallel], "cuda", lambda: ("2.17.1", (9, 18, 1), ""))
+    with pytest.raises(ConfigError, match="train.precision=fp8 with parallel.backend=te: this GPU has no blockwise "
+                                          "FP8 \\(TE: Device compute capability 9.0 or higher required"):
+        te_rules.check_machine([te_cfg.parallel], "cuda", lambda: ("2.17.1", (9, 18, 1), ""), fp8=True,
+                               fp8_probe=lambda: (False, "Device compute capability 9.0 or higher required"))
     te_rules.check_machine([load_config("configs/train/tiny_cpu.yaml").parallel], "cpu")  # no te stage: nothing
 
 

@@ -58,6 +58,12 @@ def probe_te() -> tuple[str | None, tuple[int, ...] | None, str]:
     return te.version, cudnn, ""
 
 
+def probe_blockwise_fp8() -> tuple[bool, str]:
+    """(TE's blockwise FP8 runs on this GPU, why not) for the checks before launch (TE already probed)."""
+    available, reason = load_te().pytorch.is_fp8_block_scaling_available(**te_rules.fp8_available_kwargs())
+    return bool(available), str(reason)
+
+
 def _blockwise_recipe(te):
     return te.recipe.Float8BlockScaling(**te_rules.recipe_kwargs())
 

@@ -115,6 +115,7 @@ TE_CALLS = {
     "autocast_kwargs": ("pytorch/quantization.py", "autocast", "__init__", 0),
     "recipe_kwargs": ("common/recipe/__init__.py", "Float8BlockScaling", "__init__", 0),
     "cudnn_version_kwargs": ("pytorch/utils.py", "get_cudnn_version", None, 0),  # a function, not a method
+    "fp8_available_kwargs": ("pytorch/quantization.py", "is_fp8_block_scaling_available", None, 0),
     "padding_init_kwargs": ("pytorch/module/fp8_padding.py", "Fp8Padding", "__init__", 1),
     "padding_forward_kwargs": ("pytorch/module/fp8_padding.py", "Fp8Padding", "forward", 2),
     "unpadding_init_kwargs": ("pytorch/module/fp8_unpadding.py", "Fp8Unpadding", "__init__", 1),
@@ -122,7 +123,8 @@ TE_CALLS = {
 }
 # What `transformer_engine.pytorch` (and `transformer_engine.common.recipe`) must export for the spec.
 TE_EXPORTS = {"pytorch/__init__.py": ("DotProductAttention", "Linear", "GroupedLinear", "autocast",
-                                      "get_cudnn_version", "Fp8Padding", "Fp8Unpadding"),
+                                      "get_cudnn_version", "Fp8Padding", "Fp8Unpadding",
+                                      "is_fp8_block_scaling_available"),
               "common/recipe/__init__.py": ("Float8BlockScaling",)}
 
 
@@ -150,6 +152,11 @@ def padding_forward_kwargs() -> dict:
 
 def unpadding_forward_kwargs() -> dict:
     return {}
+
+
+def fp8_available_kwargs() -> dict:
+    """is_fp8_block_scaling_available: with the reason when it is not."""
+    return {"return_reason": True}
 
 
 def cudnn_version_kwargs() -> dict:
@@ -291,9 +298,10 @@ def check_layout(tp: int, cp: int, num_heads: int, swa_kv_heads: int, ga_kv_head
                       "documents would attend across their boundaries; use parallel.cp=1 or parallel.backend=fused")
 
 
-def check_machine(parallels, device_setting: str, probe=None) -> None:
+def check_machine(parallels, device_setting: str, probe=None, *, fp8: bool = False, fp8_probe=None) -> None:
     """Where a run with `parallel.backend=te` in some stage starts (not where it is submitted from): the device,
-    TE and cuDNN. `probe() -> (TE version, cuDNN version, import error)` (default: import TE)."""
+    TE and cuDNN, and with `fp8` (train.precision=fp8) TE's blockwise FP8 on this GPU. `probe() -> (TE version,
+    cuDNN version, import error)`, `fp8_probe() -> (available, reason)` (default: ask TE)."""
     if not any(p.backend == "te" for p in parallels):
         return
     from parallel.device import resolve_device
@@ -304,6 +312,14 @@ def check_machine(parallels, device_setting: str, probe=None) -> None:
     if probe is None:
         from parallel.kernels.te import probe_te as probe
     check_environment(device.type, *probe())
+    if fp8:
+        if fp8_probe is None:
+            from parallel.kernels.te import probe_blockwise_fp8 as fp8_probe
+        available, reason = fp8_probe()
+        if not available:
+            raise ConfigError(f"train.precision=fp8 with parallel.backend=te: this GPU has no blockwise FP8 (TE: "
+                              f"{reason}; Float8BlockScaling needs sm >= 9.0 and CUDA >= 12.9); use "
+                              f"train.precision=bf16")
 
 
 def check_layouts(model, parallels) -> None:
