@@ -31,6 +31,7 @@ def _train(args) -> int:
     world = _world_size_from_environment(args.nproc)
     preflight.check_layouts(cfg, world, preflight.starting_stage(cfg, args.resume),
                             where=f" (--nproc {args.nproc})" if world == args.nproc else "")
+    preflight.check_machine(cfg)
     launcher = args.nproc > 1 and "RANK" not in os.environ
     if launcher or world == 1:  # the process that owns the launch (not each of a Slurm job's tasks)
         preflight.prepare_run_dir(cfg, args.resume, args.overwrite)

@@ -18,8 +18,9 @@ from typing import Any
 from data_pipeline.config import DataConfig, SourceConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
-# `parallel.backend`: the layer specs of parallel/kernels (`te`, Transformer Engine, is planned, not implemented).
-KERNEL_BACKENDS = ("torch", "fused")
+# `parallel.backend`: the layer specs of parallel/kernels (`te`: Transformer Engine, checked before launch by
+# parallel/kernels/te_rules.py).
+KERNEL_BACKENDS = ("torch", "fused", "te")
 
 
 class ConfigError(ValueError):

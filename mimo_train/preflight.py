@@ -45,6 +45,9 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
             check_eval_config(cfg, s)
         except ConfigError as e:
             raise ConfigError(f"{name}{e}") from None
+    from parallel.kernels import te_rules
+
+    te_rules.check_layouts(cfg.model, [s.parallel for s in plan.stages])  # parallel.backend=te
     first = plan.stages[min(start_stage, len(plan.stages) - 1)]
     if first.index > 0 and first.parallel.world_size != world_size:
         n = first.parallel.world_size
@@ -59,6 +62,15 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
                           f"equal the world size {world_size}{where} (leave parallel.dp at 'auto' to derive "
                           f"it from the process count)")
     return plan
+
+
+def check_machine(cfg: Config) -> None:
+    """What the machine a run starts on must have for the config (parallel.backend=te: a GPU, TE, cuDNN, and
+    blockwise FP8 with train.precision=fp8)."""
+    from parallel.kernels import te_rules
+
+    te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device,
+                           fp8=cfg.train.precision == "fp8")
 
 
 def starting_stage(cfg: Config, resume: str) -> int:

@@ -80,7 +80,10 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
     if topo.cp > 1:
         layout = sequence_layout(topo)
         for module in model.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, Attention) and hasattr(module.core, "use_context_parallel"):  # TE's own CP
+                group = topo.group("cp")
+                module.core.use_context_parallel(group, dist.get_process_group_ranks(group), None)
+            elif isinstance(module, Attention):
                 module.core = ContextParallelAttention(module.core, layout, topo.group("cp"),
                                                        sliding=module.sliding, window_keys=module.window_keys)
     sequence_group = topo.group("tp_cp") if (sp or topo.cp > 1) else None
@@ -148,7 +151,10 @@ def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p, *, fp8: bool
     from parallel.pipeline import PipelineRunner, prune_to_local_stages
 
     local = prune_to_local_stages(model, p, topo.rank_in("pp")) if topo.pp > 1 else None
-    if fp8:  # before sharding: the tensor-parallel wrappers keep the FP8 matmul of the linears they wrap
+    if p.backend == "te":  # TE's linears (FP8 through TE's autocast), same parameters; before sharding, as FP8
+        from parallel.kernels.te import convert_to_te
+        convert_to_te(model, fp8=fp8)
+    elif fp8:  # before sharding: the tensor-parallel wrappers keep the FP8 matmul of the linears they wrap
         from parallel.fp8 import convert_to_fp8
         convert_to_fp8(model)
     layouts = parallelize(model, topo)

@@ -289,5 +289,5 @@ def test_fused_training_run_equals_the_torch_backend(tmp_path):
 
 
 def test_unknown_backend_fails_in_config_validation_naming_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"parallel.backend: must be one of torch, fused \(got 'te'\)"):
-        load_config("configs/train/tiny_cpu.yaml", ["parallel.backend=te"])
+    with pytest.raises(ConfigError, match=r"parallel.backend: must be one of torch, fused, te \(got 'flash'\)"):
+        load_config("configs/train/tiny_cpu.yaml", ["parallel.backend=flash"])

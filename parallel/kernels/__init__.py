@@ -13,7 +13,9 @@ In the spirit of Megatron-Core's `ModuleSpec` / `TESpecProvider`, the model asks
 
 Specs: `torch` (the reference, `parallel/kernels/spec.py`, runs everywhere) and `fused` (torch's fused kernels:
 flash / efficient / flex attention with the sink folded into the log-sum-exp, `torch._grouped_mm` experts;
-`parallel/kernels/fused.py`). Tensors are laid out [batch, seq, heads, head_dim].
+`parallel/kernels/fused.py`); and `te` (Transformer Engine's DotProductAttention, Linear and GroupedLinear
+bound to our parameters, `parallel/kernels/te.py`, its TE-free rules in `te_rules.py`). Tensors are laid out
+[batch, seq, heads, head_dim].
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def get_spec(name: str = "torch"):
         elif name == "fused":
             from parallel.kernels.fused import FusedSpec
             spec = FusedSpec()
+        elif name == "te":  # Transformer Engine (parallel/kernels/te.py): imports TE only when a layer first runs
+            from parallel.kernels.te import TESpec
+            spec = TESpec()
         else:
             raise ValueError(f"parallel.backend: unknown kernel backend {name!r} (valid: {', '.join(KERNEL_BACKENDS)})")
         _SPECS[name] = spec
