@@ -123,11 +123,13 @@ def optimizer_step(shards: RankShards) -> None:
 
 
 def group_names(shards: RankShards) -> dict[str, str]:
-    """{c10d group_name: our name} for every group this rank belongs to."""
-    names = {}
+    """{c10d group_name: our name} for every group this rank belongs to; a group that serves several roles (the
+    same ranks: torch builds it once) gets them all, joined by "+" (`CollectiveCounter` picks the caller's)."""
+    roles: dict[str, list[str]] = defaultdict(list)
     for name, g in shards.topo.groups.items():
-        if g is not None:
-            names[g.group_name] = name
+        if g is not None and name not in roles[g.group_name]:
+            roles[g.group_name].append(name)
+    names = {k: "+".join(v) for k, v in roles.items()}
     for layout in shards.layouts.values():
         if layout.grad_group is not None:
             names.setdefault(layout.grad_group.group_name, layout.grad_kind)
@@ -136,10 +138,10 @@ def group_names(shards: RankShards) -> dict[str, str]:
     return names
 
 
-def _storages(tensors) -> dict[int, int]:
+def _storages(tensors, device_only: bool = True) -> dict[int, int]:
     out = {}
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+        if isinstance(t, torch.Tensor) and (t.device.type != "cpu" or not device_only):
             s = t.untyped_storage()
             out[s._cdata] = s.nbytes()
     return out
@@ -228,6 +230,16 @@ def fake_mode_of(shards: RankShards):
     return shards.fake_mode
 
 
+def kernel_path(shards: RankShards):
+    """The kernels a GPU would run: the `fused` backend's GPU path (flash varlen) on these fake host tensors,
+    whose meta kernels give the shapes autograd saves; the `torch` backend runs the same everywhere."""
+    import contextlib
+
+    from parallel.kernels.fused import simulated_gpu
+
+    return simulated_gpu() if shards.model.spec.name == "fused" else contextlib.nullcontext()
+
+
 def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[str, Any]:
     """One micro-batch forward and backward of decoder layer `index` on the meta device: held activation bytes
     after the forward (without its output), the peak of its forward + backward above the parameters and
@@ -238,10 +250,11 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
     layer = model.model.layers[str(index)]
     dtype = next(model.parameters()).dtype
     counter = CollectiveCounter(group_names(shards))
-    with fake_mode_of(shards), BalancedRouting():
+    with fake_mode_of(shards), BalancedRouting(), kernel_path(shards):
         input_ids = torch.zeros(mbs, seq, dtype=torch.long)
         batch = model.prepare(input_ids, sequence_layout=shards.sequence_layout)
         x = torch.empty(mbs, seq // topo.cp // topo.tp, model.cfg.hidden_size, dtype=dtype, requires_grad=True)
+        tables_before = _storages(_tensors_in(batch.attn_meta, set()), device_only=False)
         tracker = MemTracker()
         tracker.track_external(layer)
         with tracker, counter:
@@ -251,6 +264,10 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
             loss.backward()
             peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     out_bytes = out.untyped_storage().nbytes() + (aux.untyped_storage().nbytes() if aux is not None else 0)
+    # Tables a kernel builds once per micro-batch and caches on the metadata (document offsets), shared by every
+    # layer: not this layer's.
+    cached = _storages(_tensors_in(batch.attn_meta, set()), device_only=False)
+    out_bytes += sum(v for k, v in cached.items() if k not in tables_before)
     held = sum(v for k, v in after_forward.items() if str(k) in ("_MemRefType.ACT", "_MemRefType.TEMP"))
     kinds = {k: str(k) for k in peak}
     working = sum(v for k, v in peak.items() if kinds[k] in ("_MemRefType.ACT", "_MemRefType.TEMP"))
@@ -298,12 +315,21 @@ def run_ends(shards: RankShards, seq: int, mbs: int = 1) -> dict[str, float]:
 
 
 def rank_classes(p: ParallelConfig) -> list[int]:
-    """The first and the last rank of every pipeline stage (ranks are ordered pp, dp, cp, tp)."""
+    """The first and the last rank of every pipeline stage (ranks are ordered pp, dp, cp, tp), and, when the
+    context-parallel group has middle ranks (which send two SWA halos where the ends send one), the first rank of
+    the second context-parallel position."""
     per_stage = p.dp * p.cp * p.tp
     ranks = []
     for r in range(p.pp):
-        ranks += sorted({r * per_stage, (r + 1) * per_stage - 1})
+        first = r * per_stage
+        middle = {first + p.tp} if p.cp > 2 else set()
+        ranks += sorted({first, (r + 1) * per_stage - 1} | middle)
     return ranks
+
+
+def cp_position(cp_rank: int, cp: int) -> str:
+    """A context-parallel rank's position class: what its SWA halo exchange sends (`planner.halo_sends`)."""
+    return "first_cp_rank" if cp_rank == 0 else "last_cp_rank" if cp_rank == cp - 1 else "middle_cp_rank"
 
 
 def _planner_layout(p: ParallelConfig):
@@ -321,7 +347,8 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
     with fake_world(rank, p.world_size):
         shards = build_rank(cfg, p, seq, precision)
         names = group_names(shards)
-        report = {"rank": rank, "pp_rank": shards.topo.rank_in("pp"), "groups": sorted(set(names.values()))}
+        report = {"rank": rank, "pp_rank": shards.topo.rank_in("pp"), "cp_rank": shards.topo.rank_in("cp"),
+                  "groups": sorted({n for v in names.values() for n in v.split("+")})}
         counter = CollectiveCounter(names)
         with counter:
             optimizer_step(shards)
@@ -333,9 +360,8 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
         kinds = local_layers(shards)
         report["layers"] = {k: len(v) for k, v in kinds.items()}
         if layer_runs is not None:
-            # A layer's traffic depends on the rank's place only through the SWA halo: the first context-parallel
-            # rank holds the sequence's last chunk, which sends no halo.
-            place = "first_cp_rank" if shards.topo.rank_in("cp") == 0 else "other_cp_rank"
+            # A layer's traffic depends on the rank's place only through the SWA halo (`cp_position`).
+            place = cp_position(shards.topo.rank_in("cp"), p.cp)
             for kind, indices in kinds.items():
                 key = f"{kind}/{place}"
                 if key not in layer_runs:

@@ -13,6 +13,8 @@ it is asked to run, and balanced answers to the few data-dependent reads a train
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -65,6 +67,29 @@ def wire_bytes(op: str, buffer_bytes: int, n: int, own_fraction: float | None = 
     return buffer_bytes * (n - 1) / n  # all_gather, reduce_scatter, broadcast
 
 
+# One process group can serve several roles (torch reuses a group whose ranks are the same: the EP group is the TP
+# group when ep == tp): such a group's name lists its roles joined by "+", and a collective on it gets the role of
+# the module that issued it (the roles each module's collectives may have); the optimizer's (any other module's)
+# get the first role that is none of these.
+ROLES_OF_MODULE = {"expert_parallel.py": ("ep",), "context_parallel.py": ("cp", "tp_cp"),
+                   "tensor_parallel.py": ("tp", "tp_cp"), "pipeline.py": ("pp",)}
+_ACTIVATION_ROLES = {r for roles in ROLES_OF_MODULE.values() for r in roles}
+
+
+def _role_of_call(name: str) -> str:
+    roles = name.split("+")
+    if len(roles) == 1:
+        return name
+    frame = sys._getframe(2)
+    while frame is not None:
+        allowed = ROLES_OF_MODULE.get(os.path.basename(frame.f_code.co_filename), ())
+        match = [r for r in roles if r in allowed]
+        if match:
+            return match[0]
+        frame = frame.f_back
+    return next((r for r in roles if r not in _ACTIVATION_ROLES), roles[0])
+
+
 @dataclass
 class Collective:
     op: str
@@ -88,7 +113,7 @@ class CollectiveCounter(TorchDispatchMode):
             return "world"
         name = _group(pg).group_name
         if name in self.names:
-            return self.names[name]
+            return _role_of_call(self.names[name])
         return "world" if name == dist.group.WORLD.group_name else "other"
 
     def _record(self, op, pg, buffer_bytes, own_fraction=None):
