@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -682,7 +683,10 @@ class Estimate:
 
 
 def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Hardware, prec: Precision,
-             A: Assumptions, flops_per_token: float, expert_flops_per_token: float = 0.0) -> Estimate:
+             A: Assumptions, flops_per_token: float, expert_flops_per_token: float = 0.0,
+             time_unfit: bool = True) -> Estimate:
+    """Memory of the worst rank, communication of the busiest, step time and MFU of layout L. `time_unfit=False`:
+    a layout that does not fit gets its memory only (no communication, an infinite step time)."""
     cfg = geo.cfg
     a = prec.act_bytes
     mbs = A.micro_batch_size
@@ -692,6 +696,10 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
     stages, ranks = pipeline_split(geo, L)
     worst = max((rank_memory(geo, L, r, s, m, prec, A, stages, ranks) for r in range(L.pp)),
                 key=lambda mem: mem["total"])
+    usable = (hw.memory_gb - A.reserve_gb) * GB
+    if not time_unfit and worst["total"] > usable:
+        zero = dict.fromkeys(("tp", "ep", "cp", "pp", "dp"), 0.0)
+        return Estimate(L, False, L.etp == 1, worst, zero, dict(zero), math.inf, 0.0, bubble(L, m), math.inf, m)
 
     # ---- communication per GPU per step (bytes sent) of the busiest rank, and its time -------------------------
     # Every pipeline rank at every context-parallel position class (their SWA halo differs: see `cp_positions`).
@@ -726,7 +734,6 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
     exposed = sum(t * (1 - overlap[kind]) for kind, t in comm_time.items())
     step = compute / (1 - bub) + exposed
     mfu = model_flops / (step * L.world * hw.peak_tflops * 1e12)
-    usable = (hw.memory_gb - A.reserve_gb) * GB
     notes = []
     runnable = L.etp == 1
     if not runnable:
@@ -783,8 +790,11 @@ def enumerate_layouts(cfg: ModelConfig, gpus: int, seq: int, global_batch: int, 
 
 def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, global_batch: int | None = None,
          precision: str = "bf16", assumptions: Assumptions | None = None, hardware: Hardware | None = None,
-         layouts: list[Layout] | None = None) -> dict[str, Any]:
-    """Estimates for every valid layout, ranked: fitting (and runnable) layouts by step time, then the rest."""
+         layouts: list[Layout] | None = None, time_unfit: bool = True, etp_options=(1, 2),
+         geo: ModelGeometry | None = None) -> dict[str, Any]:
+    """Estimates for every valid layout, ranked: fitting (and runnable) layouts by step time, then the rest
+    (`time_unfit=False`: by memory only; `etp_options`: the expert-tensor parallelism searched; `geo`: the
+    model's `geometry`, to share between plans of one model)."""
     from mimo_train.info import model_report
 
     A = assumptions or Assumptions()
@@ -792,12 +802,13 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
     prec = PRECISIONS[precision]
     if global_batch is None:  # the recipe: 2^26 tokens per step (2048 x 32k, 256 x 256k)
         global_batch = max(1, 2**26 // seq)
-    geo = geometry(cfg)
+    geo = geo or geometry(cfg)
     flops = float(model_report(cfg, seq)["flops_per_token"]["total"])
     if layouts is None:
-        layouts = enumerate_layouts(cfg, gpus, seq, global_batch, micro_batch_size=A.micro_batch_size)
+        layouts = enumerate_layouts(cfg, gpus, seq, global_batch, micro_batch_size=A.micro_batch_size,
+                                    etp_options=etp_options)
     expert_flops = 6 * sum(u.expert for u in geo.layers) * cfg.num_experts_per_tok / cfg.num_experts
-    results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops, expert_flops) for L in layouts]
+    results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops, expert_flops, time_unfit) for L in layouts]
     results.sort(key=lambda e: (not e.fits, not e.runnable, e.step_time if e.fits else e.memory["total"]))
     return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": asdict(prec),
             "assumptions": asdict(A), "flops_per_token": flops, "params": geo.total_params, "results": results}
@@ -807,14 +818,19 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
 # Held to the code: verification by simulation, and where a layout fits when none does here
 # --------------------------------------------------------------------------------------------------------------
 
-# A simulated rank's parameters, gradients and optimizer state may exceed the planned ones by this fraction of the
-# planned total before `--verify` reports a failure.
-MEMORY_TOLERANCE = 0.10
+# `--verify` holds the plan to what `mimo-train simulate` builds, rank by rank: parameters and gradients to the
+# byte, the optimizer state within its row padding (ceil(rows / n) row blocks: a few hundred bytes), the bytes sent
+# per kind and the activations per layer type within these fractions.
+MEMORY_TOLERANCE = 0.10  # kept for callers: a rank's state may exceed the plan by this fraction of the total
+OPTIMIZER_SLACK_BYTES = 4096
+COMM_TOLERANCE = 0.10
+ACTIVATION_TOLERANCE = 0.10
+ACTIVATION_FLOOR_BYTES = 4 * 2**20  # a fully recomputed layer keeps ~17 MB; its checkpoint's few MB are not planned
 
 
-def runnable_config(L: Layout) -> ParallelConfig:
-    """The layout as `parallel.*`, recompute included."""
-    return replace(L.parallel_config(), recompute=L.recompute)
+def runnable_config(L: Layout, kernel: str = "fused") -> ParallelConfig:
+    """The layout as `parallel.*`, recompute and the kernel backend the plan assumed included."""
+    return replace(L.parallel_config(), recompute=L.recompute, backend="torch" if kernel == "torch" else "fused")
 
 
 def top_pick(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768,
@@ -827,29 +843,57 @@ def top_pick(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768,
     return runnable_config(best.layout)
 
 
+def _off(sim: float, planned: float, rel: float, floor: float = 1e6) -> bool:
+    return abs(sim - planned) > max(rel * abs(planned), floor)
+
+
+def _rank_differences(geo: ModelGeometry, e: Estimate, r: dict, s: "ActShape", prec: Precision) -> list[str]:
+    """What one simulated rank holds and sends that the plan of the same rank (pipeline and CP position) does not."""
+    L = e.layout
+    planned = state_bytes(rank_units(geo, L, r["pp_rank"]), L, prec)
+    out = []
+    if r["param_bytes"] + r["buffer_bytes"] != planned["params"]:
+        out.append(f"rank {r['rank']} parameters {r['param_bytes'] + r['buffer_bytes']:,} B, planned "
+                   f"{planned['params']:,.0f}")
+    if r["grad_bytes"] != planned["grads"]:
+        out.append(f"rank {r['rank']} gradients {r['grad_bytes']:,} B, planned {planned['grads']:,.0f}")
+    if abs(r["optimizer_bytes"] - planned["optimizer"]) > OPTIMIZER_SLACK_BYTES:
+        out.append(f"rank {r['rank']} optimizer state {r['optimizer_bytes']:,} B, planned {planned['optimizer']:,.0f}")
+    comm = rank_comm(geo, L, r["pp_rank"], s, e.micro_batches, prec, cp_rank=r["cp_rank"])
+    for kind, v in comm.items():
+        if _off(r["comm"].get(kind, 0.0), v, COMM_TOLERANCE):
+            out.append(f"rank {r['rank']} {kind} {r['comm'].get(kind, 0.0) / GB:.2f} GB/step, planned {v / GB:.2f}")
+    return out
+
+
 def verify(cfg: ModelConfig, e: Estimate, seq: int, global_batch: int, precision: str = "bf16",
-           progress=None) -> dict[str, Any]:
-    """Build every rank class of `e`'s layout with `mimo-train simulate` and compare with the plan: each rank's
-    simulated parameters + gradients + optimizer state against the planned ones of its pipeline rank (the largest
-    excess within MEMORY_TOLERANCE of the planned total), and the busiest rank's bytes per kind."""
-    from mimo_train.simulate import memory_total, simulate
+           progress=None, assumptions: Assumptions | None = None) -> dict[str, Any]:
+    """Build every rank class of `e`'s layout with `mimo-train simulate` (with the plan's kernel backend) and hold
+    the plan of each rank to it (see the tolerances above), and each layer type's activations under the layout's
+    recompute mode to the planned ones."""
+    from mimo_train.simulate import layer_activations, memory_total, simulate
 
-    sim = simulate(cfg, runnable_config(e.layout), seq, global_batch, precision, activations=False,
-                   progress=progress)
-    geo = geometry(cfg)
-    prec = PRECISIONS[precision]
-
-    def excess(r: dict) -> float:  # simulated minus planned state of the same pipeline rank
-        planned = state_bytes(rank_units(geo, e.layout, r["pp_rank"]), e.layout, prec)
-        return memory_total(r) - (planned["params"] + planned["grads"] + planned["optimizer"])
-
-    worst = max(sim["ranks"], key=excess)
+    A = assumptions or Assumptions()
+    p = runnable_config(e.layout, A.kernel)
+    sim = simulate(cfg, p, seq, global_batch, precision, activations=False, progress=progress)
+    geo, prec, L = geometry(cfg), PRECISIONS[precision], e.layout
+    s = ActShape(tokens=A.micro_batch_size * seq / L.cp, sp_tokens=A.micro_batch_size * seq / L.cp / L.tp, seq=seq,
+                 cp=L.cp, tp=L.tp, mbs=A.micro_batch_size)
+    problems = [d for r in sim["ranks"] for d in _rank_differences(geo, e, r, s, prec)]
+    shapes = {("swa" if sh.sliding else "ga") + ("_moe" if sh.moe else "_dense"): sh for sh in reversed(geo.shapes)}
+    activations = {}
+    for kind, run in layer_activations(cfg, p, seq, precision, (L.recompute,))[L.recompute].items():
+        planned = layer_bytes(cfg, shapes[kind], s, prec.act_bytes, A, L.recompute)
+        activations[kind] = {"simulated": run["saved_bytes"], "planned": planned}
+        if _off(run["saved_bytes"], planned, ACTIVATION_TOLERANCE, ACTIVATION_FLOOR_BYTES):
+            problems.append(f"{kind} layer activations {run['saved_bytes'] / GB:.3f} GB, planned {planned / GB:.3f}")
     busiest = max(sim["ranks"], key=lambda r: sum(r["comm"].values()))
-    record = {"ranks_built": len(sim["ranks"]), "worst_rank": worst["rank"], "state_bytes": memory_total(worst),
-              "excess_bytes": excess(worst), "memory_bytes": e.memory["total"] + max(0.0, excess(worst)),
+    record = {"ranks_built": len(sim["ranks"]), "state_bytes": max(memory_total(r) for r in sim["ranks"]),
               "optimizer_balance": sim["optimizer_balance"], "total_params": sim["total_params"],
-              "comm": busiest["comm"], "planned_comm": e.comm}
-    record["within_tolerance"] = record["excess_bytes"] <= e.memory["total"] * MEMORY_TOLERANCE
+              "busiest_rank": busiest["rank"], "comm": busiest["comm"],
+              "planned_comm": rank_comm(geo, L, busiest["pp_rank"], s, e.micro_batches, prec,
+                                        cp_rank=busiest["cp_rank"]),
+              "activations": activations, "problems": problems, "within_tolerance": not problems}
     e.simulated = record
     return record
 
@@ -858,12 +902,14 @@ def format_verification(e: Estimate) -> str:
     v = e.simulated
     kinds = ", ".join(f"{k} {v['comm'].get(k, 0.0) / GB:.1f}/{v['planned_comm'][k] / GB:.1f}"
                       for k in ("tp", "ep", "cp", "pp", "dp"))
-    verdict = "within" if v["within_tolerance"] else "OVER"
-    return (f"built by simulate: {e.layout.describe()} ({v['ranks_built']} rank classes): the rank furthest above "
-            f"the plan, {v['worst_rank']}, holds {v['state_bytes'] / GB:.1f} GB of parameters, gradients and optimizer "
-            f"state, {v['excess_bytes'] / GB:+.2f} GB against the plan: {v['memory_bytes'] / GB:.1f} GB at worst "
-            f"({verdict} {MEMORY_TOLERANCE:.0%} of the planned {e.memory['total'] / GB:.1f} GB); optimizer state "
-            f"balance within a stage {v['optimizer_balance']:.1%}; GB/step simulated/planned: {kinds}")
+    acts = ", ".join(f"{k} {a['simulated'] / 1e6:.0f}/{a['planned'] / 1e6:.0f} MB" for k, a in v["activations"].items())
+    verdict = ("every rank as planned" if v["within_tolerance"] else
+               f"OUTSIDE the tolerances: {'; '.join(v['problems'][:4])}")
+    return (f"built by simulate: {e.layout.describe()} ({v['ranks_built']} rank classes, each against its own plan: "
+            f"state to the byte, communication per kind and activations per layer within "
+            f"{COMM_TOLERANCE:.0%}): {verdict}; optimizer state balance within a stage {v['optimizer_balance']:.1%}; "
+            f"busiest rank {v['busiest_rank']}, GB/step simulated/planned: {kinds}; activations per layer "
+            f"({e.layout.recompute} recompute), simulated/planned: {acts}")
 
 
 def where_it_fits(cfg: ModelConfig, gpus: int, gpu: str, seq: int, global_batch: int | None, precision: str,
@@ -938,6 +984,23 @@ def load_calibration(path: str) -> dict[str, float]:
     return {k: float(v) for k, v in measured.items()}
 
 
+def calibration_device(path: str) -> str | None:
+    """The device type a calibration file says it was measured on (its "gpu" field), if any."""
+    with open(path) as f:
+        data = json.load(f)
+    gpu = data.get("gpu") if isinstance(data, dict) else None
+    return str(gpu).lower() if gpu else None
+
+
+def check_calibration_device(path: str, gpu: str, force: bool) -> None:
+    """A calibration applies to the device type it was measured on: refuse another one's unless forced."""
+    measured_on = calibration_device(path)
+    if measured_on is not None and measured_on != gpu and not force:
+        raise ConfigError(f"--calibrate {path}: measured on {measured_on}, and this plan is for --gpu {gpu}; "
+                          f"calibrate on a {gpu.upper()} (python -m bench.gpu), or pass --force-calibration to "
+                          f"apply it anyway")
+
+
 def calibrated(A: Assumptions, hw: Hardware, measured: dict[str, float]) -> tuple[Assumptions, Hardware]:
     hw = replace(hw, **{k: v for k, v in measured.items() if k in HARDWARE_FIELDS})
     A = replace(A, **{k: v for k, v in measured.items() if k not in HARDWARE_FIELDS})
@@ -951,6 +1014,13 @@ def calibrated(A: Assumptions, hw: Hardware, measured: dict[str, float]) -> tupl
 
 def _gb(x: float) -> str:
     return f"{x / GB:.1f}"
+
+
+def assumptions_line(p: dict[str, Any]) -> str:
+    """Every assumption the plan used (the fields of Hardware, Precision and Assumptions), name=value."""
+    fields = {**{f"gpu.{k}": v for k, v in p["gpu"].items() if k != "name"},
+              **{f"precision.{k}": v for k, v in p["precision"].items() if k != "name"}, **p["assumptions"]}
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
 
 
 def format_plan(p: dict[str, Any], top: int) -> str:
@@ -992,9 +1062,12 @@ def format_plan(p: dict[str, Any], top: int) -> str:
     for e in res[:top]:
         if e.simulated:
             lines.append(format_verification(e))
+    lines.append("step time and MFU are estimates, not measurements; assumptions: " + assumptions_line(p))
     if p.get("measured"):
         lines.append("measured (--calibrate): " + ", ".join(f"{k}={v:g}" for k, v in p["measured"].items())
                      + "; every other figure is an assumption")
+    else:
+        lines.append("measured: nothing (no --calibrate): every figure above is an assumption")
     if "fits_elsewhere" in p:
         if p["fits_elsewhere"]:
             lines.append(f"nothing fits on {p['gpus']} x {hw['name'].upper()}; smallest that fit: " + "; ".join(
@@ -1049,6 +1122,12 @@ def _layouts_asked(args: argparse.Namespace) -> list[Layout] | None:
 def run_plan(args: argparse.Namespace) -> int:
     if args.check:
         return run_check(args)
+    if args.readme_table:
+        from mimo_train.plan_table import readme_table
+
+        cfg = model_config(args.config, args.overrides, args.mtp_blocks)
+        print(readme_table(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True)))
+        return 0
     try:
         layouts = _layouts_asked(args)
         if args.gpus is None:
@@ -1060,6 +1139,8 @@ def run_plan(args: argparse.Namespace) -> int:
         hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs),
                                               ("peak_tflops", args.peak_tflops)) if v})
         measured = load_calibration(args.calibrate) if args.calibrate else {}
+        if args.calibrate:
+            check_calibration_device(args.calibrate, args.gpu, args.force_calibration)
         A, hw = calibrated(A, hw, measured)
         p = plan(cfg, args.gpus, args.gpu, args.seq, args.global_batch, args.precision, A, hw, layouts)
     except (ConfigError, ValueError, KeyError) as e:
@@ -1073,7 +1154,7 @@ def run_plan(args: argparse.Namespace) -> int:
         for e in [e for e in p["results"] if e.fits and e.runnable][: args.verify]:
             if not args.json:
                 print(f"verifying {e.layout.describe()} with mimo-train simulate ...", file=sys.stderr, flush=True)
-            verify(cfg, e, args.seq, p["global_batch"], args.precision)
+            verify(cfg, e, args.seq, p["global_batch"], args.precision, assumptions=A)
     if not any(e.fits for e in p["results"]):
         p["fits_elsewhere"] = [(n, g, e.layout.describe(), e.layout.recompute, e.memory["total"], e.step_time)
                                for n, g, e in where_it_fits(cfg, args.gpus, args.gpu, args.seq, args.global_batch,
@@ -1126,6 +1207,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="--config is a training YAML: estimate its own layout in every stage on --gpu; exit 0 when "
                         "every stage fits, 1 when one does not (naming the stage, rank, need and budget)")
+    p.add_argument("--readme-table", action="store_true",
+                   help="print the README's table of recommended layouts (64/512/2048 H100s, 64 H200s; 32k, 256k)")
+    p.add_argument("--force-calibration", action="store_true",
+                   help="apply a --calibrate file measured on another device type than --gpu")
     p.add_argument("--top", type=int, default=10, help="how many layouts to print (default 10)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. model.num_layers=24")

@@ -379,8 +379,10 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
     return report
 
 
-def layer_activations(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: str) -> dict[str, dict]:
-    """{recompute mode: {layer kind: run_layer result}} over the ranks that hold each kind first."""
+def layer_activations(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: str,
+                      modes: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """{recompute mode: {layer kind: run_layer result}} over the ranks that hold each kind first (`modes`: those
+    recompute modes; default every one the engine implements)."""
     from parallel.pipeline import stage_layers, stage_ranks
 
     out: dict[str, dict] = {}
@@ -390,7 +392,7 @@ def layer_activations(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: 
         owner = {i: ranks[s] for s, ls in enumerate(layers) for i in ls}
     else:
         owner = {i: 0 for i in range(cfg.num_layers)}
-    for mode in recompute_modes():
+    for mode in modes or recompute_modes():
         q = dataclasses.replace(p, recompute=mode)
         runs: dict[str, dict] = {}
         for pp_rank in sorted(set(owner.values())):
@@ -461,6 +463,43 @@ def memory_total(report: dict) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str, reserve_gb: float = 8.0
+                ) -> dict[str, Any]:
+    """Does the layout fit GPUs of type `gpu`? Per rank: its simulated state, plus (when measured) the simulated
+    activations of its layers times the micro-batches its schedule holds in flight, plus the planner's head, MTP
+    and backward working memory of its pipeline rank (not simulated). The worst rank against the GPU's memory less
+    the reserve."""
+    from mimo_train import planner as P
+
+    L = _planner_layout(p)
+    A = P.Assumptions(kernel="torch" if p.backend == "torch" else "fused", reserve_gb=reserve_gb)
+    prec = P.PRECISIONS["bf16" if s["precision"] == "fp8" else s["precision"]]
+    geo = P.geometry(cfg)
+    seq, m = s["seq"], s["micro_batches"]
+    shape = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    stages, stage_owner = P.pipeline_split(geo, L)
+    runs = s.get("activations", {}).get(p.recompute, {})
+    worst = None
+    for r in s["ranks"]:
+        planned = P.rank_memory(geo, L, r["pp_rank"], shape, m, prec, A, stages, stage_owner)
+        acts = (sum(runs[k]["saved_bytes"] * n for k, n in r["layers"].items()) * P.in_flight(L, r["pp_rank"], m)
+                if runs else 0.0)
+        need = memory_total(r) + acts + planned["head_and_mtp"] + planned["transient"]
+        if worst is None or need > worst["need_bytes"]:
+            worst = {"rank": r["rank"], "pp_rank": r["pp_rank"], "need_bytes": need, "activation_bytes": acts}
+    usable = (P.GPUS[gpu].memory_gb - reserve_gb) * GB
+    return {**worst, "gpu": gpu, "usable_bytes": usable, "fits": worst["need_bytes"] <= usable,
+            "activations_simulated": bool(runs)}
+
+
+def format_verdict(v: dict[str, Any]) -> str:
+    acts = "simulated activations" if v["activations_simulated"] else "no activations (--no-activations)"
+    word = "fits in" if v["fits"] else "does NOT fit in"
+    return (f"fit on {v['gpu'].upper()}: the worst rank, {v['rank']} (pipeline rank {v['pp_rank']}), needs "
+            f"{v['need_bytes'] / GB:.1f} GB (state as built, {acts}, the planned head and backward working memory), "
+            f"{word} the {v['usable_bytes'] / GB:.1f} GB usable")
+
+
 def format_simulation(s: dict[str, Any]) -> str:
     lines = [f"simulated {s['layout']} on {s['gpus']} ranks, seq {s['seq']:,}, {s['micro_batches']} micro-batches "
              f"per step, {s['precision']}: {len(s['ranks'])} ranks built",
@@ -498,6 +537,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
         s = simulate(cfg, p, args.seq, args.global_batch, args.precision, args.ranks,
                      activations=not args.no_activations, progress=progress)
+        s["fit"] = fit_verdict(s, cfg, p, args.gpu)
     except (ConfigError, ValueError) as e:
         print(f"mimo-train simulate: {e}", file=sys.stderr)
         return 2
@@ -507,7 +547,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
     else:
         print(format_simulation(s))
-    return 0
+        print(format_verdict(s["fit"]))
+    return 0 if s["fit"]["fits"] else 1
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
@@ -523,7 +564,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=None, help="world size (default: the layout's)")
     p.add_argument("--layout", default="", help="keys of parallel.*, e.g. tp=2,pp=16,cp=4,dp=4,ep=8,"
                                                 "pp_schedule=dualpipev,pp_virtual=2 (default: plan's top pick)")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="for plan's top pick without --layout")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100",
+                   help="the GPU type of the fit verdict (exit 1 when the worst rank does not fit), and of plan's "
+                        "top pick without --layout (default h100)")
     p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 2^26 tokens / seq)")
     p.add_argument("--mtp-blocks", type=int, default=1, help="MTP blocks (default 1, as plan; -1: the config's)")
