@@ -43,7 +43,8 @@ def cell(cfg: ModelConfig, geo, gpus: int, gpu: str, seq: int) -> str:
     e = _best(cfg, geo, gpus, gpu, seq)
     if e.fits:
         return _pick(e)
-    text = f"none fits (smallest {e.memory['total'] / GB:.1f} GB: {e.layout.describe()}, {e.layout.recompute} recompute)"
+    text = (f"none fits (smallest {e.memory['total'] / GB:.1f} GB: {e.layout.describe()}, {e.layout.recompute} "
+            f"recompute)")
     elsewhere = []
     more = _best(cfg, geo, 2 * gpus, gpu, seq)
     if more.fits:

@@ -209,3 +209,25 @@ def test_simulate_gives_a_fit_verdict():
              "--no-activations")
     assert r.returncode == 1, r.stderr[-2000:]
     assert "does NOT fit in the 72.0 GB usable" in r.stdout
+
+
+def test_a_group_serving_two_roles_labels_each_collective_by_its_caller(monkeypatch):
+    """When ep == tp the expert group has the tensor-parallel group's ranks, and torch may hand back one group for
+    both: the traffic per kind must be the same as with two groups (each collective labelled by the module that
+    issued it, not by whichever name the group got last)."""
+    import mimo_train.engine as engine_module
+    from parallel.topology import build_topology
+
+    cfg = load_config(REPO / "configs/model/mimo_tiny.yaml", ["model.mtp.num_blocks=1"]).model
+    p = parallel_config(parse_layout("tp=2,pp=1,dp=2,ep=2"), 4)
+    apart = simulate_rank(cfg, p, 0, 256, 2, "bf16", {})["comm"]
+
+    def one_group(*args, **kwargs):
+        topo = build_topology(*args, **kwargs)
+        topo.groups["ep"] = topo.groups["tp"]  # the same ranks: one group for both roles
+        return topo
+
+    monkeypatch.setattr(engine_module, "build_topology", one_group)
+    shared = simulate_rank(cfg, p, 0, 256, 2, "bf16", {})["comm"]
+    assert apart["tp"] > 0 and apart["ep"] > 0
+    assert shared == pytest.approx(apart, rel=1e-9)
