@@ -2,6 +2,8 @@
 communication per step, the step time and the MFU; rank the layouts that fit.
 
     mimo-train plan --config configs/model/mimo_v2_flash.yaml --gpus 512 --gpu h100 [--seq 32768] [--json]
+    mimo-train plan --config configs/train/mimo_v2_flash_pretrain.yaml --gpu h100 --check   (mimo_train/plan_check.py)
+    mimo-train plan --config configs/model/mimo_v2_flash.yaml --readme-table                 (mimo_train/plan_table.py)
 
 The model is analytical, built from the code rather than from rules of thumb:
 
@@ -18,23 +20,27 @@ The model is analytical, built from the code rather than from rules of thumb:
   `bf16` (GPU): bf16 weights + fp32 gradients + fp32 master + 2 fp32 moments, bf16 activations.
   `fp32` (our CPU trainer): fp32 weights (they are the master) + fp32 gradients + 2 fp32 moments, fp32 activations.
 - **Activations** are the tensors autograd saves in our implementation, per token, layer by layer (see
-  `_attention_bytes`, `_moe_bytes`, ...): q/k/v/o with the 192/128 head dims; for the `torch` kernel backend the
-  SWA score tiles of S x (block + W) per head and, for GA with packed documents, the S x S probabilities of the
-  math SDPA path; for a `fused` kernel (the GPU assumption: `parallel/kernels/fused.py`, flash varlen with the sink
-  folded into its lse for SWA, flex_attention or efficient varlen for GA) only q, k, v, out and the log-sum-exp;
-  MoE: fp32 router input and scores, the dispatched rows (top-k x tokens x hidden), the expert intermediates and
-  the combined rows; the LM head's fp32 log-softmax (vocab-parallel) for the main head and each MTP block; the
-  all-gathered K/V of GA layers under CP. Sequence parallelism divides the norm/residual/MoE tokens by tp.
+  `_attention_bytes`, `_moe_bytes`, ...): RMSNorm in plain torch, the projections' inputs (gathered once per q, k,
+  v projection under SP) and outputs with the 192/128 head dims; for the `torch` kernel backend the SWA score tiles
+  of S x (block + W) per head and, for GA with packed documents, the S x S probabilities of the math SDPA path; for
+  the `fused` backend (the GPU assumption: `parallel/kernels/fused.py`) what its flash varlen kernel saves
+  (`_flash_core_bytes`: rotated q and k, V padded to the QK head dim, the padded output, the fp32 log-sum-exp),
+  measured per layer type by `mimo-train simulate` on the meta device; MoE (the same under both backends): fp32
+  router input and scores, the dispatched rows (top-k x tokens x hidden), the expert intermediates and the combined
+  rows; the LM head's fp32 log-softmax (vocab-parallel) for the main head and each MTP block; the all-gathered K/V
+  of GA layers under CP. Sequence parallelism divides the norm/residual/MoE tokens by tp.
   Recompute (as `parallel/recompute.py` implements it): `selective` recomputes the attention core and the SwiGLU
   intermediates (routed experts and dense FFNs), `full` keeps only each decoder layer's input, and its peak is the
-  larger of the loss backward and one recomputed layer's backward. The schedule sets how many micro-batches are in flight on a rank: 1F1B pp - r on rank r,
-  interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2).
-- **Communication** per step of each pipeline rank, by kind, as the code sends it (`rank_comm`; the busiest rank
-  sets the step time): TP/SP all-gathers and reduce-scatters (our column-parallel linears gather their input each:
-  q, k, v and gate, up separately, so 3 + 1 per attention and 2 + 1 per dense FFN forward, the reverse backward;
+  larger of the loss backward and one recomputed layer's backward. The schedule sets how many micro-batches are in
+  flight on a rank: 1F1B pp - r on rank r, interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV
+  pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2). Every pipeline rank is evaluated; the memory of a layout is its worst.
+- **Communication** per step of each pipeline rank and CP position class, by kind, as the code sends it
+  (`rank_comm`; the busiest rank sets the step time): TP/SP all-gathers and reduce-scatters (our column-parallel
+  linears gather their input each: q, k, v and gate, up separately, so 3 + 1 per attention and 2 + 1 per dense FFN forward, the reverse backward;
   the embedding, LM head and MTP blocks on their stages), EP all-to-all (dispatch + combine, forward + backward,
-  balanced routing), CP halo exchange (W rows of K/V per chunk boundary; the first CP rank has one boundary, the
-  others two) and GA K/V all-gather, PP sends of the boundary activations and gradients (none at the V's turn), DP
+  balanced routing), CP halo exchange (W rows of K/V per chunk boundary that crosses ranks: one on the first and
+  the last CP rank, two on the middle ones, `halo_sends`) and GA K/V all-gather, PP sends of the boundary
+  activations and gradients (none at the V's turn), DP
   gradient reduce-scatter (fp32) and all-gather of the updated weights; full recompute repeats the layers'
   forward traffic. Bytes are wire bytes of ring algorithms. Each kind runs on NVLink when its group fits in a node
   (ranks are ordered pp, dp, cp, tp with tp fastest; experts ep x etp consecutive), else on InfiniBand.
