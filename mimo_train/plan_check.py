@@ -74,6 +74,9 @@ def check_config(cfg: Config, hw: Hardware, world_size: int | None = None,
     precision = "bf16" if cfg.train.precision == "fp8" else cfg.train.precision
     if precision not in PRECISIONS:
         raise ConfigError(f"train.precision {cfg.train.precision!r}: the planner models {', '.join(PRECISIONS)}")
+    auto = cfg.parallel.dp == "auto" or any(st.parallel.get("dp") == "auto" for st in cfg.train.stages)
+    if world_size is None and auto:
+        raise ConfigError("parallel.dp is 'auto': give the number of GPUs (--gpus N) to resolve it")
     checks = []
     for s in StagePlan(cfg, world_size, check_batches=False).stages:
         p = s.parallel
