@@ -34,6 +34,8 @@ def _train(args) -> int:
     preflight.check_machine(cfg)
     launcher = args.nproc > 1 and "RANK" not in os.environ
     if launcher or world == 1:  # the process that owns the launch (not each of a Slurm job's tasks)
+        if not args.skip_memory_check:
+            preflight.check_memory_on_cuda(cfg, world)
         preflight.prepare_run_dir(cfg, args.resume, args.overwrite)
     if launcher:
         from mimo_train.launcher import launch_local
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume none: move an existing run in run.dir aside (to <run.dir>.old-<time>) first")
     p.add_argument("--nproc", type=int, default=1,
                    help="start N local processes (gloo on CPU, NCCL on GPUs); the launcher forwards SIGTERM/SIGINT")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="on CUDA: launch even when the planner estimates that a stage's layout does not fit the GPU")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.steps=10 model.num_layers=12 parallel.tp=2")
     p.set_defaults(func=_train)

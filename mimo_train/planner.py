@@ -2,6 +2,8 @@
 communication per step, the step time and the MFU; rank the layouts that fit.
 
     mimo-train plan --config configs/model/mimo_v2_flash.yaml --gpus 512 --gpu h100 [--seq 32768] [--json]
+    mimo-train plan --config configs/train/mimo_v2_flash_pretrain.yaml --gpu h100 --check   (mimo_train/plan_check.py)
+    mimo-train plan --config configs/model/mimo_v2_flash.yaml --readme-table                 (mimo_train/plan_table.py)
 
 The model is analytical, built from the code rather than from rules of thumb:
 
@@ -18,23 +20,27 @@ The model is analytical, built from the code rather than from rules of thumb:
   `bf16` (GPU): bf16 weights + fp32 gradients + fp32 master + 2 fp32 moments, bf16 activations.
   `fp32` (our CPU trainer): fp32 weights (they are the master) + fp32 gradients + 2 fp32 moments, fp32 activations.
 - **Activations** are the tensors autograd saves in our implementation, per token, layer by layer (see
-  `_attention_bytes`, `_moe_bytes`, ...): q/k/v/o with the 192/128 head dims; for the `torch` kernel backend the
-  SWA score tiles of S x (block + W) per head and, for GA with packed documents, the S x S probabilities of the
-  math SDPA path; for a `fused` kernel (the GPU assumption: `parallel/kernels/fused.py`, flash varlen with the sink
-  folded into its lse for SWA, flex_attention or efficient varlen for GA) only q, k, v, out and the log-sum-exp;
-  MoE: fp32 router input and scores, the dispatched rows (top-k x tokens x hidden), the expert intermediates and
-  the combined rows; the LM head's fp32 log-softmax (vocab-parallel) for the main head and each MTP block; the
-  all-gathered K/V of GA layers under CP. Sequence parallelism divides the norm/residual/MoE tokens by tp.
+  `_attention_bytes`, `_moe_bytes`, ...): RMSNorm in plain torch, the projections' inputs (gathered once per q, k,
+  v projection under SP) and outputs with the 192/128 head dims; for the `torch` kernel backend the SWA score tiles
+  of S x (block + W) per head and, for GA with packed documents, the S x S probabilities of the math SDPA path; for
+  the `fused` backend (the GPU assumption: `parallel/kernels/fused.py`) what its flash varlen kernel saves
+  (`_flash_core_bytes`: rotated q and k, V padded to the QK head dim, the padded output, the fp32 log-sum-exp),
+  measured per layer type by `mimo-train simulate` on the meta device; MoE (the same under both backends): fp32
+  router input and scores, the dispatched rows (top-k x tokens x hidden), the expert intermediates and the combined
+  rows; the LM head's fp32 log-softmax (vocab-parallel) for the main head and each MTP block; the all-gathered K/V
+  of GA layers under CP. Sequence parallelism divides the norm/residual/MoE tokens by tp.
   Recompute (as `parallel/recompute.py` implements it): `selective` recomputes the attention core and the SwiGLU
   intermediates (routed experts and dense FFNs), `full` keeps only each decoder layer's input, and its peak is the
-  larger of the loss backward and one recomputed layer's backward. The schedule sets how many micro-batches are in flight on a rank: 1F1B pp - r on rank r,
-  interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2).
-- **Communication** per step of each pipeline rank, by kind, as the code sends it (`rank_comm`; the busiest rank
-  sets the step time): TP/SP all-gathers and reduce-scatters (our column-parallel linears gather their input each:
-  q, k, v and gate, up separately, so 3 + 1 per attention and 2 + 1 per dense FFN forward, the reverse backward;
+  larger of the loss backward and one recomputed layer's backward. The schedule sets how many micro-batches are in
+  flight on a rank: 1F1B pp - r on rank r, interleaved 1F1B Megatron's 2(pp - r - 1) + (v - 1) pp + 1 chunks, ZBV
+  pp, DualPipeV pp + 1 (DeepSeek-V3 Table 2). Every pipeline rank is evaluated; the memory of a layout is its worst.
+- **Communication** per step of each pipeline rank and CP position class, by kind, as the code sends it
+  (`rank_comm`; the busiest rank sets the step time): TP/SP all-gathers and reduce-scatters (our column-parallel
+  linears gather their input each: q, k, v and gate, up separately, so 3 + 1 per attention and 2 + 1 per dense FFN forward, the reverse backward;
   the embedding, LM head and MTP blocks on their stages), EP all-to-all (dispatch + combine, forward + backward,
-  balanced routing), CP halo exchange (W rows of K/V per chunk boundary; the first CP rank has one boundary, the
-  others two) and GA K/V all-gather, PP sends of the boundary activations and gradients (none at the V's turn), DP
+  balanced routing), CP halo exchange (W rows of K/V per chunk boundary that crosses ranks: one on the first and
+  the last CP rank, two on the middle ones, `halo_sends`) and GA K/V all-gather, PP sends of the boundary
+  activations and gradients (none at the V's turn), DP
   gradient reduce-scatter (fp32) and all-gather of the updated weights; full recompute repeats the layers'
   forward traffic. Bytes are wire bytes of ring algorithms. Each kind runs on NVLink when its group fits in a node
   (ranks are ordered pp, dp, cp, tp with tp fastest; experts ep x etp consecutive), else on InfiniBand.
@@ -55,7 +61,9 @@ first ranks hold up to one row more per tensor).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -162,6 +170,8 @@ class ModelGeometry:
     mtp_blocks: int
     total_params: int  # main + MTP, from the module tree
     everywhere: Unit = field(default_factory=Unit)  # on every pipeline rank: the rotary tables
+    # Per-rank figures that do not depend on recompute or the sequence, shared by a plan's layouts.
+    cache: dict = field(default_factory=dict, repr=False)
 
 
 def _rule(name: str) -> str:
@@ -284,13 +294,24 @@ def state_bytes(units: list[Unit], L: Layout, prec: Precision) -> dict[str, floa
     return {"params": params, "grads": grads, "optimizer": optim}
 
 
+def pipeline_split(geo: ModelGeometry, L: Layout) -> tuple[list[list[int]], list[int]]:
+    """`parallel/pipeline.py`'s decoder layers per stage and the pipeline rank of each stage (cached per layout)."""
+    key = ("split", L.pp, L.pp_virtual, L.pp_schedule)
+    if key not in geo.cache:
+        if L.pp == 1:
+            geo.cache[key] = ([list(range(geo.cfg.num_layers))], [0])
+        else:
+            geo.cache[key] = (stage_layers(L.parallel_config(), geo.cfg), stage_ranks(L.parallel_config()))
+    return geo.cache[key]
+
+
 def rank_units(geo: ModelGeometry, L: Layout, pp_rank: int) -> list[Unit]:
     """The units pipeline rank `pp_rank` holds: its stages' decoder layers (`parallel/pipeline.py`'s split and
     placement), the embedding on the first stage (and a copy on the last when MTP reads it), the final norm, head
     and MTP on the last. In a V (ZBV, DualPipeV) rank 0 holds both the first and the last stage."""
     if L.pp == 1:
         return geo.layers + [geo.embed, geo.head, geo.mtp, geo.everywhere]
-    stages, ranks = stage_layers(L.parallel_config(), geo.cfg), stage_ranks(L.parallel_config())
+    stages, ranks = pipeline_split(geo, L)
     local = [si for si in range(len(stages)) if ranks[si] == pp_rank]
     units = [geo.layers[i] for si in local for i in stages[si]]
     has_first, has_last = 0 in local, len(stages) - 1 in local
@@ -314,11 +335,9 @@ class ActShape:
 
 
 def _norm_bytes(cfg: ModelConfig, a: int, kernel: str) -> float:
-    """Per SP token. Ours: the fp32 input and the normalised x (RMSNorm in plain torch); fused: input + rsigma."""
-    h = cfg.hidden_size
-    if kernel == "torch":  # x.float() (saved by the rsqrt product) and the normalised x in the activation dtype
-        return 4 * h + a * h + 4
-    return a * h + 4
+    """Per SP token: RMSNorm in plain torch under either backend (the `fused` spec replaces the attention cores
+    and the expert GEMMs only): x.float() (saved by the rsqrt product) and the normalised x."""
+    return 4 * cfg.hidden_size + a * cfg.hidden_size + 4
 
 
 def _heads(cfg: ModelConfig, kv_heads: int, tp: int) -> tuple[float, float]:
@@ -332,9 +351,9 @@ def _attention_bytes(cfg: ModelConfig, sliding: bool, kv_heads: int, s: ActShape
     hq, hkv = _heads(cfg, kv_heads, s.tp)
     T = s.tokens
     torch_kernel = A.kernel == "torch"
-    # Inputs of the column-parallel projections: the (all-gathered, under SP) normed input; our torch path gathers
-    # it once per q/k/v projection, a fused QKV gathers once. Plus the o_proj input (the attention output).
-    gathers = 3 if (torch_kernel and s.tp > 1) else 1
+    # Inputs of the column-parallel projections: the (all-gathered, under SP) normed input, gathered once per q/k/v
+    # projection (either backend). Plus the o_proj input (the attention output).
+    gathers = 3 if s.tp > 1 else 1
     b = T * (gathers * h + hq * Dv) * a
     W = cfg.window_keys - 1
     if sliding:
@@ -343,9 +362,10 @@ def _attention_bytes(cfg: ModelConfig, sliding: bool, kv_heads: int, s: ActShape
             Tq = T + (2 * W * s.mbs if s.cp > 1 else 0)  # CP: halo rows prepended to each chunk
             keys = C + W
             b += Tq * a * (hq * D + hq * D * keys / C + 3 * hq * keys + hq * Dv * keys / C + 3 * hq) + Tq * keys
-        else:  # fused kernel (flash varlen + sink fold, parallel/kernels/sink_attention.py; or the core
-            # recomputed): q, k, v and the log-sum-exp
+        elif torch_kernel:  # the core recomputed: q, k, v and the log-sum-exp
             b += T * (a * (hq * D + hkv * (D + Dv)) + 4 * hq)
+        else:
+            b += _flash_core_bytes(cfg, s, a, hq, hkv, recompute, sliding=True)
     else:
         keys_kv = T * (s.cp if s.cp > 1 else 1)  # GA under CP: the all-gathered K/V of the whole sequence
         # The torch kernel's GA goes through masked SDPA (packed documents; under CP always: each chunk attends to
@@ -361,9 +381,36 @@ def _attention_bytes(cfg: ModelConfig, sliding: bool, kv_heads: int, s: ActShape
                 b += f32 * (T * hq * D + kv_rows * hq * (D + Dv) + probs)
             else:  # q, K/V expanded to the query heads, the S x S probabilities
                 b += f32 * (T * hq * (2 * D + Dv) + s.mbs * hq * s.seq * s.seq)
-        else:
+        elif torch_kernel:
             b += T * (a * hq * D + 4 * hq) + keys_kv * hkv * (D + Dv) * a
+        else:
+            b += _flash_core_bytes(cfg, s, a, hq, hkv, recompute, sliding=False)
     return b
+
+
+def _flash_core_bytes(cfg: ModelConfig, s: "ActShape", a: int, hq: float, hkv: float, recompute: str,
+                      sliding: bool) -> float:
+    """The `fused` backend's attention on a GPU (flash varlen, `parallel/kernels/sink_attention.py`), as
+    `mimo-train simulate` runs it: the projections' outputs (q, k, v before RoPE) and what the kernel saves:
+    the rotated q, k, V padded to the QK head dim, the (padded) output and the fp32 log-sum-exp. SWA under CP:
+    each of the two chunks gets W halo rows of keys and placeholder queries. GA under CP: the all-gathered K
+    (one buffer) and, per chunk, V padded for the keys up to the chunk's end ((2cp + 1) / 2cp of the sequence).
+    `selective` recomputes the core: the projections' outputs stay, and the checkpoint keeps its inputs (the
+    rotated q, k and v). (Flex, the GPU default for GA, saves V and the output unpadded: this is an upper bound
+    for it.)"""
+    D, Dv, T = cfg.head_dim, cfg.v_head_dim, s.tokens
+    b = T * (hq * D + hkv * (D + Dv)) * a
+    if recompute != "none":
+        # GA under CP: the checkpointed core's inputs are the all-gathered K/V of the whole sequence
+        kv_rows = T * s.cp if (not sliding and s.cp > 1) else T
+        return 2 * b + (kv_rows - T) * hkv * (D + Dv) * a
+    if sliding:
+        W = cfg.window_keys - 1
+        rows = T + (2 * W * s.mbs if s.cp > 1 else 0)
+        return b + rows * ((2 * hq + 2 * hkv) * D * a + 4 * hq)
+    keys = T * s.cp
+    v_rows = keys * (2 * s.cp + 1) / (2 * s.cp) if s.cp > 1 else keys
+    return b + T * (2 * hq * D * a + 4 * hq) + (keys + v_rows) * hkv * D * a
 
 
 def _moe_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute: str) -> float:
@@ -371,12 +418,10 @@ def _moe_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recompute:
     h, k, E, I = cfg.hidden_size, cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size
     T = s.sp_tokens
     router = T * (4 * h + 4 * E + k * 36)  # fp32 input and scores; top-k ids, weights, the dispatch order
-    if A.kernel == "torch":
-        rows = T * k * 3 * h * a  # dispatched rows, expert outputs, weighted outputs
-        inter = T * k * 4 * I * a  # gate_up output, SiLU, product
-    else:
-        rows = T * k * 2 * h * a  # permuted input (fc1 wgrad), expert output (unpermute with probs)
-        inter = T * k * 3 * I * a  # fc1 output, SwiGLU output
+    # Either backend (the fused one's grouped GEMM saves the same): dispatched rows, expert outputs, weighted
+    # outputs; gate_up output, SiLU, product.
+    rows = T * k * 3 * h * a
+    inter = T * k * 4 * I * a
     if recompute == "selective":
         inter = 0.0
     return router + rows + inter
@@ -386,8 +431,8 @@ def _dense_bytes(cfg: ModelConfig, s: ActShape, a: int, A: Assumptions, recomput
     h, I = cfg.hidden_size, cfg.intermediate_size / s.tp
     if recompute == "selective":  # the whole FFN is recomputed (`parallel/recompute.py`): it keeps its input only,
         return s.sp_tokens * h * a  # the sequence-parallel slice (its gathers are recomputed with it)
-    gathers = 2 if (A.kernel == "torch" and s.tp > 1) else 1
-    inter = 4 * I if A.kernel == "torch" else 3 * I
+    gathers = 2 if s.tp > 1 else 1  # gate and up gather their input each (either backend)
+    inter = 4 * I
     return s.tokens * (gathers * h + inter) * a
 
 
@@ -456,22 +501,25 @@ def pipeline_sends(L: Layout, pp_rank: int, micro_batches: int) -> int:
     on the same rank, as at the V's turn, or it is the last) and its input gradient back (unless first)."""
     if L.pp == 1:
         return 0
-    ranks = stage_ranks(L.parallel_config())
+    return _sends_per_micro_batch(L.pp, L.pp_schedule, L.pp_virtual, pp_rank) * micro_batches
+
+
+@functools.lru_cache(maxsize=4096)
+def _sends_per_micro_batch(pp: int, schedule: str, virtual: int, pp_rank: int) -> int:
+    ranks = stage_ranks(ParallelConfig(pp=pp, pp_schedule=schedule, pp_virtual=virtual))
     n = len(ranks)
-    sends = sum((s < n - 1 and ranks[s + 1] != r) + (s > 0 and ranks[s - 1] != r)
-                for s, r in enumerate(ranks) if r == pp_rank)
-    return sends * micro_batches
+    return sum((s < n - 1 and ranks[s + 1] != r) + (s > 0 and ranks[s - 1] != r)
+               for s, r in enumerate(ranks) if r == pp_rank)
 
 
 def rank_comm(geo: ModelGeometry, L: Layout, pp_rank: int, s: "ActShape", m: int, prec: Precision,
               cp_rank: int | None = None) -> dict[str, float]:
     """Bytes pipeline rank `pp_rank` sends per step, by kind, with ring conventions (all-gather and reduce-scatter
     (n - 1) / n of the whole buffer, all-reduce 2 (n - 1) / n, all-to-all the rows that leave the rank, broadcast
-    (n - 1) / n). `cp_rank` (default the last, which has two halo boundaries) matters for the SWA halo only."""
+    (n - 1) / n). `cp_rank` (default the last) matters for the SWA halo only: see `halo_sends`."""
     cfg, a, h = geo.cfg, prec.act_bytes, geo.cfg.hidden_size
     cp_rank = L.cp - 1 if cp_rank is None else cp_rank
-    stages, ranks = ((stage_layers(L.parallel_config(), cfg), stage_ranks(L.parallel_config())) if L.pp > 1
-                     else ([list(range(cfg.num_layers))], [0]))
+    stages, ranks = pipeline_split(geo, L)
     local = [si for si in range(len(stages)) if ranks[si] == pp_rank]
     shapes = [geo.shapes[i] for si in local for i in stages[si]]
     has_first, has_last = 0 in local, len(stages) - 1 in local
@@ -492,14 +540,24 @@ def rank_comm(geo: ModelGeometry, L: Layout, pp_rank: int, s: "ActShape", m: int
     if L.cp > 1:
         kv_sw = _heads(cfg, cfg.swa_num_key_value_heads, L.tp)[1]
         kv_ga = _heads(cfg, cfg.num_key_value_heads, L.tp)[1]
-        boundaries = 1 if cp_rank == 0 else 2  # chunks r and 2cp - 1 - r; the last chunk has no successor
-        halo = boundaries * (cfg.window_keys - 1) * s.mbs * kv_sw * (cfg.head_dim + cfg.v_head_dim) * a
+        halo = halo_sends(L.cp, cp_rank) * (cfg.window_keys - 1) * s.mbs * kv_sw * (cfg.head_dim + cfg.v_head_dim) * a
         gather = s.tokens * (L.cp - 1) * kv_ga * (cfg.head_dim + cfg.v_head_dim) * a
         per_pass = sum(halo if sh.sliding else gather for sh in shapes)
         comm["cp"] = (per_pass * layer_passes + mtp * halo * 2) * m
     comm["pp"] = s.sp_tokens * h * a * pipeline_sends(L, pp_rank, m)
-    comm["dp"] = dp_step_bytes(geo, L, pp_rank, prec)
+    key = ("dp", replace(L, recompute="none"), pp_rank, prec)
+    if key not in geo.cache:
+        geo.cache[key] = dp_step_bytes(geo, L, pp_rank, prec)
+    comm["dp"] = geo.cache[key]
     return comm
+
+
+def halo_sends(cp: int, cp_rank: int) -> int:
+    """SWA halos context-parallel rank `cp_rank` puts on the wire per layer. It holds chunks r and 2cp - 1 - r
+    (`parallel/context_parallel.py`); each chunk sends its last W rows to the holder of the next one: chunk r to
+    rank r + 1 (to itself on the last rank, whose two chunks are adjacent: no wire), chunk 2cp - 1 - r to rank
+    r - 1 (none from rank 0, whose second chunk ends the sequence)."""
+    return int(cp_rank < cp - 1) + int(cp_rank > 0)
 
 
 def dp_step_bytes(geo: ModelGeometry, L: Layout, pp_rank: int, prec: Precision) -> float:
@@ -512,8 +570,8 @@ def dp_step_bytes(geo: ModelGeometry, L: Layout, pp_rank: int, prec: Precision) 
         for n, g in _local_params(u, L):
             if g > 1:
                 total += n * (prec.grad_bytes + prec.param_bytes) * (g - 1) / g
-    if L.pp > 1 and geo.mtp_blocks > 0 and stage_ranks(L.parallel_config())[-1] != 0:
-        stages = stage_ranks(L.parallel_config())
+    if L.pp > 1 and geo.mtp_blocks > 0 and pipeline_split(geo, L)[1][-1] != 0:
+        stages = pipeline_split(geo, L)[1]
         if pp_rank in (stages[0], stages[-1]):  # the tied pair: all-reduce over 2 ranks
             total += geo.embed.tp / L.tp * prec.grad_bytes
     return total
@@ -554,6 +612,59 @@ def _link(hw: Hardware, span: int) -> float:
     return (hw.nvlink_gbs if span <= hw.gpus_per_node else hw.ib_gbs) * GB
 
 
+def cp_positions(cp: int) -> list[int]:
+    """One context-parallel rank of each position class: the first (it holds the sequence's first and last chunk:
+    one halo to send), a middle one (two), the last (one: its two chunks are adjacent, that halo stays local)."""
+    return sorted({0, min(1, cp - 1), cp - 1})
+
+
+def rank_memory(geo: ModelGeometry, L: Layout, r: int, s: "ActShape", m: int, prec: Precision, A: Assumptions,
+                stages: list[list[int]], ranks: list[int]) -> dict[str, float]:
+    """Bytes pipeline rank `r` holds at its peak, by term: state, the activations of its micro-batches in flight,
+    the last stage's head and MTP blocks, and the backward's working memory on top."""
+    cfg, a = geo.cfg, prec.act_bytes
+    local = [si for si in range(len(stages)) if ranks[si] == r]
+    layer_ids = [i for si in local for i in stages[si]]
+    has_last = len(stages) - 1 in local
+    key = ("state", replace(L, recompute="none"), r, prec)
+    if key not in geo.cache:
+        geo.cache[key] = state_bytes(rank_units(geo, L, r), L, prec)
+    mem = dict(geo.cache[key])
+    saved, work = _per_shape(cfg, geo.shapes, layer_ids, s, a, A, L.recompute)
+    act = sum(saved[i] for i in layer_ids) * in_flight(L, r, m)
+    hb = head_bytes(cfg, geo.mtp_blocks, s, a, A, "none" if L.recompute == "full" else L.recompute)
+    head = hb["head"] if has_last else 0.0
+    loss_transient = hb["loss_transient"] if has_last else 0.0
+    # The backward's working memory on top of what is saved: the loss (last stage) or one layer's core.
+    layer_t = [work[i] for i in layer_ids]
+    if L.recompute == "full" and layer_ids:
+        # A layer is recomputed only after the loss backward has freed the head's activations: the peak is the
+        # larger phase (head + loss gradient, or one layer's full activations + its backward working memory), not
+        # their sum. Written as the part above the head, to keep the breakdown additive.
+        recomputed = max(layer_bytes(cfg, geo.shapes[i], s, a, A, "none") + work[i] for i in layer_ids)
+        transient = max(loss_transient, recomputed - head)
+    else:
+        transient = max([loss_transient] + layer_t)
+    mem.update({"activations": act, "head_and_mtp": head, "transient": transient})
+    mem["total"] = sum(mem.values())
+    mem["pp_rank"] = r
+    return mem
+
+
+def _per_shape(cfg: ModelConfig, shapes: list[LayerShape], layer_ids: list[int], s: "ActShape", a: int,
+               A: Assumptions, recompute: str) -> tuple[dict[int, float], dict[int, float]]:
+    """{layer: saved bytes}, {layer: backward working memory}, computed once per distinct layer shape."""
+    cache: dict[tuple, tuple[float, float]] = {}
+    saved, work = {}, {}
+    for i in layer_ids:
+        sh = shapes[i]
+        key = (sh.sliding, sh.moe, sh.kv_heads)
+        if key not in cache:
+            cache[key] = (layer_bytes(cfg, sh, s, a, A, recompute), layer_transient(cfg, sh, s, a, A))
+        saved[i], work[i] = cache[key]
+    return saved, work
+
+
 @dataclass
 class Estimate:
     layout: Layout
@@ -569,6 +680,7 @@ class Estimate:
     micro_batches: int
     notes: list[str] = field(default_factory=list)
     simulated: dict | None = None  # `verify`: what `mimo-train simulate` measured for this layout
+    comm_rank: tuple[int, int] = (0, 0)  # (pipeline rank, context-parallel rank) of the busiest rank
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -577,49 +689,34 @@ class Estimate:
 
 
 def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Hardware, prec: Precision,
-             A: Assumptions, flops_per_token: float, expert_flops_per_token: float = 0.0) -> Estimate:
+             A: Assumptions, flops_per_token: float, expert_flops_per_token: float = 0.0,
+             time_unfit: bool = True) -> Estimate:
+    """Memory of the worst rank, communication of the busiest, step time and MFU of layout L. `time_unfit=False`:
+    a layout that does not fit gets its memory only (no communication, an infinite step time)."""
     cfg = geo.cfg
     a = prec.act_bytes
     mbs = A.micro_batch_size
     m = global_batch // (L.dp * mbs)  # micro-batches per pipeline per step
     s = ActShape(tokens=mbs * seq / L.cp, sp_tokens=mbs * seq / L.cp / L.tp, seq=seq, cp=L.cp, tp=L.tp, mbs=mbs)
-    n_stages = L.pp * L.pp_virtual
     # The pipeline's own split and placement (an even split; the planner does not search pp_layout).
-    stages = stage_layers(L.parallel_config(), cfg) if L.pp > 1 else [list(range(cfg.num_layers))]
-    ranks = stage_ranks(L.parallel_config()) if L.pp > 1 else [0]
-    last = len(stages) - 1
+    stages, ranks = pipeline_split(geo, L)
+    worst = max((rank_memory(geo, L, r, s, m, prec, A, stages, ranks) for r in range(L.pp)),
+                key=lambda mem: mem["total"])
+    usable = (hw.memory_gb - A.reserve_gb) * GB
+    if not time_unfit and worst["total"] > usable:
+        zero = dict.fromkeys(("tp", "ep", "cp", "pp", "dp"), 0.0)
+        return Estimate(L, False, L.etp == 1, worst, zero, dict(zero), math.inf, 0.0, bubble(L, m), math.inf, m)
 
-    worst: dict[str, float] | None = None
-    for r in sorted({0, L.pp - 1}):
-        local = [si for si in range(len(stages)) if ranks[si] == r]
-        layer_ids = [i for si in local for i in stages[si]]
-        has_last = last in local
-        mem = state_bytes(rank_units(geo, L, r), L, prec)
-        per_mb = sum(layer_bytes(cfg, geo.shapes[i], s, a, A, L.recompute) for i in layer_ids)
-        act = per_mb * in_flight(L, r, m)
-        hb = head_bytes(cfg, geo.mtp_blocks, s, a, A, "none" if L.recompute == "full" else L.recompute)
-        head = hb["head"] if has_last else 0.0
-        loss_transient = hb["loss_transient"] if has_last else 0.0
-        # The backward's working memory on top of what is saved: the loss (last stage) or one layer's core.
-        layer_t = [layer_transient(cfg, geo.shapes[i], s, a, A) for i in layer_ids]
-        if L.recompute == "full" and layer_ids:
-            # A layer is recomputed only after the loss backward has freed the head's activations: the peak is
-            # the larger phase (head + loss gradient, or one layer's full activations + its backward working
-            # memory), not their sum. Written as the part above the head, to keep the breakdown additive.
-            recomputed = max(layer_bytes(cfg, geo.shapes[i], s, a, A, "none") + t for i, t in zip(layer_ids, layer_t))
-            transient = max(loss_transient, recomputed - head)
-        else:
-            transient = max([loss_transient] + layer_t)
-        mem.update({"activations": act, "head_and_mtp": head, "transient": transient})
-        mem["total"] = sum(mem.values())
-        mem["pp_rank"] = r
-        if worst is None or mem["total"] > worst["total"]:
-            worst = mem
-    assert worst is not None
-
-    # ---- communication per GPU per step (bytes sent) of the busiest pipeline rank, and its time ------------
-    per_rank = [rank_comm(geo, L, r, s, m, prec) for r in range(L.pp)]
-    comm = max(per_rank, key=lambda c: sum(c.values()))
+    # ---- communication per GPU per step (bytes sent) of the busiest rank, and its time -------------------------
+    # Every pipeline rank at every context-parallel position class (their SWA halo differs: see `cp_positions`).
+    # Only full recompute changes the traffic (it repeats the forward's): the other modes share one computation.
+    key = ("comm", replace(L, recompute="full" if L.recompute == "full" else "none"), s, m, prec)
+    if key not in geo.cache:
+        per_rank = [(rank_comm(geo, L, r, s, m, prec, cp_rank=c), r, c)
+                    for r in range(L.pp) for c in cp_positions(L.cp)]
+        geo.cache[key] = max(per_rank, key=lambda x: sum(x[0].values()))
+    comm, comm_pp, comm_cp = geo.cache[key]
+    comm = dict(comm)
 
     # Links: tp consecutive; cp stride tp; ep x etp consecutive (MoE mesh); dp stride cp x tp; pp stride dp cp tp.
     span = {"tp": L.tp, "cp": L.cp * L.tp, "ep": L.ep * L.etp, "dp": L.dp * L.cp * L.tp, "pp": L.world}
@@ -643,12 +740,12 @@ def estimate(geo: ModelGeometry, L: Layout, seq: int, global_batch: int, hw: Har
     exposed = sum(t * (1 - overlap[kind]) for kind, t in comm_time.items())
     step = compute / (1 - bub) + exposed
     mfu = model_flops / (step * L.world * hw.peak_tflops * 1e12)
-    usable = (hw.memory_gb - A.reserve_gb) * GB
     notes = []
     runnable = L.etp == 1
     if not runnable:
         notes.append("etp>1: not yet runnable (expert-tensor parallelism is not implemented in the trainer)")
-    return Estimate(L, worst["total"] <= usable, runnable, worst, comm, comm_time, step, mfu, bub, compute, m, notes)
+    return Estimate(L, worst["total"] <= usable, runnable, worst, comm, comm_time, step, mfu, bub, compute, m, notes,
+                    comm_rank=(comm_pp, comm_cp))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -699,8 +796,11 @@ def enumerate_layouts(cfg: ModelConfig, gpus: int, seq: int, global_batch: int, 
 
 def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, global_batch: int | None = None,
          precision: str = "bf16", assumptions: Assumptions | None = None, hardware: Hardware | None = None,
-         layouts: list[Layout] | None = None) -> dict[str, Any]:
-    """Estimates for every valid layout, ranked: fitting (and runnable) layouts by step time, then the rest."""
+         layouts: list[Layout] | None = None, time_unfit: bool = True, etp_options=(1, 2),
+         geo: ModelGeometry | None = None) -> dict[str, Any]:
+    """Estimates for every valid layout, ranked: fitting (and runnable) layouts by step time, then the rest
+    (`time_unfit=False`: by memory only; `etp_options`: the expert-tensor parallelism searched; `geo`: the
+    model's `geometry`, to share between plans of one model)."""
     from mimo_train.info import model_report
 
     A = assumptions or Assumptions()
@@ -708,12 +808,13 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
     prec = PRECISIONS[precision]
     if global_batch is None:  # the recipe: 2^26 tokens per step (2048 x 32k, 256 x 256k)
         global_batch = max(1, 2**26 // seq)
-    geo = geometry(cfg)
+    geo = geo or geometry(cfg)
     flops = float(model_report(cfg, seq)["flops_per_token"]["total"])
     if layouts is None:
-        layouts = enumerate_layouts(cfg, gpus, seq, global_batch, micro_batch_size=A.micro_batch_size)
+        layouts = enumerate_layouts(cfg, gpus, seq, global_batch, micro_batch_size=A.micro_batch_size,
+                                    etp_options=etp_options)
     expert_flops = 6 * sum(u.expert for u in geo.layers) * cfg.num_experts_per_tok / cfg.num_experts
-    results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops, expert_flops) for L in layouts]
+    results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops, expert_flops, time_unfit) for L in layouts]
     results.sort(key=lambda e: (not e.fits, not e.runnable, e.step_time if e.fits else e.memory["total"]))
     return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": asdict(prec),
             "assumptions": asdict(A), "flops_per_token": flops, "params": geo.total_params, "results": results}
@@ -723,14 +824,19 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
 # Held to the code: verification by simulation, and where a layout fits when none does here
 # --------------------------------------------------------------------------------------------------------------
 
-# A simulated rank's parameters, gradients and optimizer state may exceed the planned ones by this fraction of the
-# planned total before `--verify` reports a failure.
-MEMORY_TOLERANCE = 0.10
+# `--verify` holds the plan to what `mimo-train simulate` builds, rank by rank: parameters and gradients to the
+# byte, the optimizer state within its row padding (ceil(rows / n) row blocks: a few hundred bytes), the bytes sent
+# per kind and the activations per layer type within these fractions.
+MEMORY_TOLERANCE = 0.10  # kept for callers: a rank's state may exceed the plan by this fraction of the total
+OPTIMIZER_SLACK_BYTES = 4096
+COMM_TOLERANCE = 0.10
+ACTIVATION_TOLERANCE = 0.10
+ACTIVATION_FLOOR_BYTES = 4 * 2**20  # a fully recomputed layer keeps ~17 MB; its checkpoint's few MB are not planned
 
 
-def runnable_config(L: Layout) -> ParallelConfig:
-    """The layout as `parallel.*`, recompute included."""
-    return replace(L.parallel_config(), recompute=L.recompute)
+def runnable_config(L: Layout, kernel: str = "fused") -> ParallelConfig:
+    """The layout as `parallel.*`, recompute and the kernel backend the plan assumed included."""
+    return replace(L.parallel_config(), recompute=L.recompute, backend="torch" if kernel == "torch" else "fused")
 
 
 def top_pick(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768,
@@ -743,29 +849,57 @@ def top_pick(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768,
     return runnable_config(best.layout)
 
 
+def _off(sim: float, planned: float, rel: float, floor: float = 1e6) -> bool:
+    return abs(sim - planned) > max(rel * abs(planned), floor)
+
+
+def _rank_differences(geo: ModelGeometry, e: Estimate, r: dict, s: "ActShape", prec: Precision) -> list[str]:
+    """What one simulated rank holds and sends that the plan of the same rank (pipeline and CP position) does not."""
+    L = e.layout
+    planned = state_bytes(rank_units(geo, L, r["pp_rank"]), L, prec)
+    out = []
+    if r["param_bytes"] + r["buffer_bytes"] != planned["params"]:
+        out.append(f"rank {r['rank']} parameters {r['param_bytes'] + r['buffer_bytes']:,} B, planned "
+                   f"{planned['params']:,.0f}")
+    if r["grad_bytes"] != planned["grads"]:
+        out.append(f"rank {r['rank']} gradients {r['grad_bytes']:,} B, planned {planned['grads']:,.0f}")
+    if abs(r["optimizer_bytes"] - planned["optimizer"]) > OPTIMIZER_SLACK_BYTES:
+        out.append(f"rank {r['rank']} optimizer state {r['optimizer_bytes']:,} B, planned {planned['optimizer']:,.0f}")
+    comm = rank_comm(geo, L, r["pp_rank"], s, e.micro_batches, prec, cp_rank=r["cp_rank"])
+    for kind, v in comm.items():
+        if _off(r["comm"].get(kind, 0.0), v, COMM_TOLERANCE):
+            out.append(f"rank {r['rank']} {kind} {r['comm'].get(kind, 0.0) / GB:.2f} GB/step, planned {v / GB:.2f}")
+    return out
+
+
 def verify(cfg: ModelConfig, e: Estimate, seq: int, global_batch: int, precision: str = "bf16",
-           progress=None) -> dict[str, Any]:
-    """Build every rank class of `e`'s layout with `mimo-train simulate` and compare with the plan: each rank's
-    simulated parameters + gradients + optimizer state against the planned ones of its pipeline rank (the largest
-    excess within MEMORY_TOLERANCE of the planned total), and the busiest rank's bytes per kind."""
-    from mimo_train.simulate import memory_total, simulate
+           progress=None, assumptions: Assumptions | None = None) -> dict[str, Any]:
+    """Build every rank class of `e`'s layout with `mimo-train simulate` (with the plan's kernel backend) and hold
+    the plan of each rank to it (see the tolerances above), and each layer type's activations under the layout's
+    recompute mode to the planned ones."""
+    from mimo_train.simulate import layer_activations, memory_total, simulate
 
-    sim = simulate(cfg, runnable_config(e.layout), seq, global_batch, precision, activations=False,
-                   progress=progress)
-    geo = geometry(cfg)
-    prec = PRECISIONS[precision]
-
-    def excess(r: dict) -> float:  # simulated minus planned state of the same pipeline rank
-        planned = state_bytes(rank_units(geo, e.layout, r["pp_rank"]), e.layout, prec)
-        return memory_total(r) - (planned["params"] + planned["grads"] + planned["optimizer"])
-
-    worst = max(sim["ranks"], key=excess)
+    A = assumptions or Assumptions()
+    p = runnable_config(e.layout, A.kernel)
+    sim = simulate(cfg, p, seq, global_batch, precision, activations=False, progress=progress)
+    geo, prec, L = geometry(cfg), PRECISIONS[precision], e.layout
+    s = ActShape(tokens=A.micro_batch_size * seq / L.cp, sp_tokens=A.micro_batch_size * seq / L.cp / L.tp, seq=seq,
+                 cp=L.cp, tp=L.tp, mbs=A.micro_batch_size)
+    problems = [d for r in sim["ranks"] for d in _rank_differences(geo, e, r, s, prec)]
+    shapes = {("swa" if sh.sliding else "ga") + ("_moe" if sh.moe else "_dense"): sh for sh in reversed(geo.shapes)}
+    activations = {}
+    for kind, run in layer_activations(cfg, p, seq, precision, (L.recompute,))[L.recompute].items():
+        planned = layer_bytes(cfg, shapes[kind], s, prec.act_bytes, A, L.recompute)
+        activations[kind] = {"simulated": run["saved_bytes"], "planned": planned}
+        if _off(run["saved_bytes"], planned, ACTIVATION_TOLERANCE, ACTIVATION_FLOOR_BYTES):
+            problems.append(f"{kind} layer activations {run['saved_bytes'] / GB:.3f} GB, planned {planned / GB:.3f}")
     busiest = max(sim["ranks"], key=lambda r: sum(r["comm"].values()))
-    record = {"ranks_built": len(sim["ranks"]), "worst_rank": worst["rank"], "state_bytes": memory_total(worst),
-              "excess_bytes": excess(worst), "memory_bytes": e.memory["total"] + max(0.0, excess(worst)),
+    record = {"ranks_built": len(sim["ranks"]), "state_bytes": max(memory_total(r) for r in sim["ranks"]),
               "optimizer_balance": sim["optimizer_balance"], "total_params": sim["total_params"],
-              "comm": busiest["comm"], "planned_comm": e.comm}
-    record["within_tolerance"] = record["excess_bytes"] <= e.memory["total"] * MEMORY_TOLERANCE
+              "busiest_rank": busiest["rank"], "comm": busiest["comm"],
+              "planned_comm": rank_comm(geo, L, busiest["pp_rank"], s, e.micro_batches, prec,
+                                        cp_rank=busiest["cp_rank"]),
+              "activations": activations, "problems": problems, "within_tolerance": not problems}
     e.simulated = record
     return record
 
@@ -774,12 +908,14 @@ def format_verification(e: Estimate) -> str:
     v = e.simulated
     kinds = ", ".join(f"{k} {v['comm'].get(k, 0.0) / GB:.1f}/{v['planned_comm'][k] / GB:.1f}"
                       for k in ("tp", "ep", "cp", "pp", "dp"))
-    verdict = "within" if v["within_tolerance"] else "OVER"
-    return (f"built by simulate: {e.layout.describe()} ({v['ranks_built']} rank classes): the rank furthest above "
-            f"the plan, {v['worst_rank']}, holds {v['state_bytes'] / GB:.1f} GB of parameters, gradients and optimizer "
-            f"state, {v['excess_bytes'] / GB:+.2f} GB against the plan: {v['memory_bytes'] / GB:.1f} GB at worst "
-            f"({verdict} {MEMORY_TOLERANCE:.0%} of the planned {e.memory['total'] / GB:.1f} GB); optimizer state "
-            f"balance within a stage {v['optimizer_balance']:.1%}; GB/step simulated/planned: {kinds}")
+    acts = ", ".join(f"{k} {a['simulated'] / 1e6:.0f}/{a['planned'] / 1e6:.0f} MB" for k, a in v["activations"].items())
+    verdict = ("every rank as planned" if v["within_tolerance"] else
+               f"OUTSIDE the tolerances: {'; '.join(v['problems'][:4])}")
+    return (f"built by simulate: {e.layout.describe()} ({v['ranks_built']} rank classes, each against its own plan: "
+            f"state to the byte, communication per kind and activations per layer within "
+            f"{COMM_TOLERANCE:.0%}): {verdict}; optimizer state balance within a stage {v['optimizer_balance']:.1%}; "
+            f"busiest rank {v['busiest_rank']}, GB/step simulated/planned: {kinds}; activations per layer "
+            f"({e.layout.recompute} recompute), simulated/planned: {acts}")
 
 
 def where_it_fits(cfg: ModelConfig, gpus: int, gpu: str, seq: int, global_batch: int | None, precision: str,
@@ -854,6 +990,23 @@ def load_calibration(path: str) -> dict[str, float]:
     return {k: float(v) for k, v in measured.items()}
 
 
+def calibration_device(path: str) -> str | None:
+    """The device type a calibration file says it was measured on (its "gpu" field), if any."""
+    with open(path) as f:
+        data = json.load(f)
+    gpu = data.get("gpu") if isinstance(data, dict) else None
+    return str(gpu).lower() if gpu else None
+
+
+def check_calibration_device(path: str, gpu: str, force: bool) -> None:
+    """A calibration applies to the device type it was measured on: refuse another one's unless forced."""
+    measured_on = calibration_device(path)
+    if measured_on is not None and measured_on != gpu and not force:
+        raise ConfigError(f"--calibrate {path}: measured on {measured_on}, and this plan is for --gpu {gpu}; "
+                          f"calibrate on a {gpu.upper()} (python -m bench.gpu), or pass --force-calibration to "
+                          f"apply it anyway")
+
+
 def calibrated(A: Assumptions, hw: Hardware, measured: dict[str, float]) -> tuple[Assumptions, Hardware]:
     hw = replace(hw, **{k: v for k, v in measured.items() if k in HARDWARE_FIELDS})
     A = replace(A, **{k: v for k, v in measured.items() if k not in HARDWARE_FIELDS})
@@ -867,6 +1020,13 @@ def calibrated(A: Assumptions, hw: Hardware, measured: dict[str, float]) -> tupl
 
 def _gb(x: float) -> str:
     return f"{x / GB:.1f}"
+
+
+def assumptions_line(p: dict[str, Any]) -> str:
+    """Every assumption the plan used (the fields of Hardware, Precision and Assumptions), name=value."""
+    fields = {**{f"gpu.{k}": v for k, v in p["gpu"].items() if k != "name"},
+              **{f"precision.{k}": v for k, v in p["precision"].items() if k != "name"}, **p["assumptions"]}
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
 
 
 def format_plan(p: dict[str, Any], top: int) -> str:
@@ -908,9 +1068,12 @@ def format_plan(p: dict[str, Any], top: int) -> str:
     for e in res[:top]:
         if e.simulated:
             lines.append(format_verification(e))
+    lines.append("step time and MFU are estimates, not measurements; assumptions: " + assumptions_line(p))
     if p.get("measured"):
         lines.append("measured (--calibrate): " + ", ".join(f"{k}={v:g}" for k, v in p["measured"].items())
                      + "; every other figure is an assumption")
+    else:
+        lines.append("measured: nothing (no --calibrate): every figure above is an assumption")
     if "fits_elsewhere" in p:
         if p["fits_elsewhere"]:
             lines.append(f"nothing fits on {p['gpus']} x {hw['name'].upper()}; smallest that fit: " + "; ".join(
@@ -931,8 +1094,50 @@ def model_config(path: str, overrides: list[str], mtp_blocks: int) -> ModelConfi
     return load_config(path, overrides).model
 
 
-def run_plan(args: argparse.Namespace) -> int:
+def run_check(args: argparse.Namespace) -> int:
+    """`plan --check`: the config's own layout in every stage; exit 0 when every stage fits, 1 when one does not."""
+    from mimo_train.plan_check import check_config, first_failure, format_check
+
     try:
+        cfg = load_config(args.config, args.overrides)
+        hw = GPUS[args.gpu]
+        checks = check_config(cfg, hw, args.gpus, Assumptions(reserve_gb=args.reserve_gb))
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"mimo-train plan --check: {e}", file=sys.stderr)
+        return 2
+    print(format_check(checks))
+    bad = first_failure(checks)
+    if bad is not None:
+        print(f"mimo-train plan --check: {bad.verdict()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _layouts_asked(args: argparse.Namespace) -> list[Layout] | None:
+    """--layout: the one layout to estimate (world size from it, or --gpus), else None (enumerate)."""
+    if not args.layout:
+        return None
+    from mimo_train.simulate import parallel_config, parse_layout
+
+    p = parallel_config(parse_layout(args.layout), args.gpus)
+    args.gpus = p.world_size
+    return [Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp, pp_schedule=p.pp_schedule,
+                   pp_virtual=p.pp_virtual, recompute=p.recompute)]
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    if args.check:
+        return run_check(args)
+    if args.readme_table:
+        from mimo_train.plan_table import readme_table
+
+        cfg = model_config(args.config, args.overrides, args.mtp_blocks)
+        print(readme_table(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True)))
+        return 0
+    try:
+        layouts = _layouts_asked(args)
+        if args.gpus is None:
+            raise ConfigError("--gpus: required (or give --layout, or --check a training config)")
         cfg = model_config(args.config, args.overrides, args.mtp_blocks)
         A = Assumptions(compute_efficiency=args.efficiency, reserve_gb=args.reserve_gb, kernel=args.kernel,
                         micro_batch_size=args.micro_batch_size)
@@ -940,8 +1145,10 @@ def run_plan(args: argparse.Namespace) -> int:
         hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs),
                                               ("peak_tflops", args.peak_tflops)) if v})
         measured = load_calibration(args.calibrate) if args.calibrate else {}
+        if args.calibrate:
+            check_calibration_device(args.calibrate, args.gpu, args.force_calibration)
         A, hw = calibrated(A, hw, measured)
-        p = plan(cfg, args.gpus, args.gpu, args.seq, args.global_batch, args.precision, A, hw)
+        p = plan(cfg, args.gpus, args.gpu, args.seq, args.global_batch, args.precision, A, hw, layouts)
     except (ConfigError, ValueError, KeyError) as e:
         print(f"mimo-train plan: {e}", file=sys.stderr)
         return 2
@@ -953,7 +1160,7 @@ def run_plan(args: argparse.Namespace) -> int:
         for e in [e for e in p["results"] if e.fits and e.runnable][: args.verify]:
             if not args.json:
                 print(f"verifying {e.layout.describe()} with mimo-train simulate ...", file=sys.stderr, flush=True)
-            verify(cfg, e, args.seq, p["global_batch"], args.precision)
+            verify(cfg, e, args.seq, p["global_batch"], args.precision, assumptions=A)
     if not any(e.fits for e in p["results"]):
         p["fits_elsewhere"] = [(n, g, e.layout.describe(), e.layout.recompute, e.memory["total"], e.step_time)
                                for n, g, e in where_it_fits(cfg, args.gpus, args.gpu, args.seq, args.global_batch,
@@ -975,7 +1182,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                     "estimate memory per GPU, communication per step, step time and MFU (see mimo_train/planner.py "
                     "for the model and its assumptions).")
     p.add_argument("--config", required=True, help="a model YAML (configs/model/*.yaml) or a training YAML")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs to plan for")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="number of GPUs to plan for (required unless --layout or --check gives it)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU type (memory, peak FLOP/s, links; default h100)")
     p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None,
@@ -1000,6 +1208,15 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--calibrate", default="", metavar="FILE",
                    help="bench/gpu results (JSON: {\"measured\": {...}}): replace the assumed efficiency, "
                         "bandwidths and overlaps by the measured ones (fields: planner.CALIBRATION_FIELDS)")
+    p.add_argument("--layout", default="", help="estimate this one layout (keys of parallel.*, as simulate's "
+                                                "--layout, e.g. tp=2,pp=16,cp=4,dp=4,ep=8,recompute=selective)")
+    p.add_argument("--check", action="store_true",
+                   help="--config is a training YAML: estimate its own layout in every stage on --gpu; exit 0 when "
+                        "every stage fits, 1 when one does not (naming the stage, rank, need and budget)")
+    p.add_argument("--readme-table", action="store_true",
+                   help="print the README's table of recommended layouts (64/512/2048 H100s, 64 H200s; 32k, 256k)")
+    p.add_argument("--force-calibration", action="store_true",
+                   help="apply a --calibrate file measured on another device type than --gpu")
     p.add_argument("--top", type=int, default=10, help="how many layouts to print (default 10)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. model.num_layers=24")

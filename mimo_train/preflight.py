@@ -1,5 +1,6 @@
 """Checks made before any rank starts (`mimo-train train`, `mimo-train submit`): the whole config against the number
-of processes, the run directory against the --resume mode, and, on a resume, the config against the checkpoint's.
+of processes, the run directory against the --resume mode, on a resume the config against the checkpoint's, and on
+CUDA every stage's memory against the GPU's.
 
 Each failure is a `ConfigError` (or `CheckpointError`) with one line naming the field, the rule and the way on;
 the command line prints it and exits 2, so a bad launch costs no process start and prints nothing twice.
@@ -71,6 +72,19 @@ def check_machine(cfg: Config) -> None:
 
     te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device,
                            fp8=cfg.train.precision == "fp8")
+
+
+def check_memory_on_cuda(cfg: Config, world_size: int) -> None:
+    """Training on CUDA: every stage's layout must fit this machine's GPU by the planner's estimate
+    (`mimo_train.plan_check`), else a one-line ConfigError (exit 2) naming the stage, rank, need and budget. On the
+    CPU there is nothing to check (the host's memory is not the planner's model)."""
+    from parallel.device import resolve_device
+
+    if resolve_device(cfg.train.device).type != "cuda":
+        return
+    from mimo_train.plan_check import check_memory, local_gpu
+
+    check_memory(cfg, world_size, local_gpu())
 
 
 def starting_stage(cfg: Config, resume: str) -> int:

@@ -123,11 +123,13 @@ def optimizer_step(shards: RankShards) -> None:
 
 
 def group_names(shards: RankShards) -> dict[str, str]:
-    """{c10d group_name: our name} for every group this rank belongs to."""
-    names = {}
+    """{c10d group_name: our name} for every group this rank belongs to; a group that serves several roles (the
+    same ranks: torch builds it once) gets them all, joined by "+" (`CollectiveCounter` picks the caller's)."""
+    roles: dict[str, list[str]] = defaultdict(list)
     for name, g in shards.topo.groups.items():
-        if g is not None:
-            names[g.group_name] = name
+        if g is not None and name not in roles[g.group_name]:
+            roles[g.group_name].append(name)
+    names = {k: "+".join(v) for k, v in roles.items()}
     for layout in shards.layouts.values():
         if layout.grad_group is not None:
             names.setdefault(layout.grad_group.group_name, layout.grad_kind)
@@ -136,10 +138,10 @@ def group_names(shards: RankShards) -> dict[str, str]:
     return names
 
 
-def _storages(tensors) -> dict[int, int]:
+def _storages(tensors, device_only: bool = True) -> dict[int, int]:
     out = {}
     for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+        if isinstance(t, torch.Tensor) and (t.device.type != "cpu" or not device_only):
             s = t.untyped_storage()
             out[s._cdata] = s.nbytes()
     return out
@@ -228,6 +230,16 @@ def fake_mode_of(shards: RankShards):
     return shards.fake_mode
 
 
+def kernel_path(shards: RankShards):
+    """The kernels a GPU would run: the `fused` backend's GPU path (flash varlen) on these fake host tensors,
+    whose meta kernels give the shapes autograd saves; the `torch` backend runs the same everywhere."""
+    import contextlib
+
+    from parallel.kernels.fused import simulated_gpu
+
+    return simulated_gpu() if shards.model.spec.name == "fused" else contextlib.nullcontext()
+
+
 def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[str, Any]:
     """One micro-batch forward and backward of decoder layer `index` on the meta device: held activation bytes
     after the forward (without its output), the peak of its forward + backward above the parameters and
@@ -238,10 +250,11 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
     layer = model.model.layers[str(index)]
     dtype = next(model.parameters()).dtype
     counter = CollectiveCounter(group_names(shards))
-    with fake_mode_of(shards), BalancedRouting():
+    with fake_mode_of(shards), BalancedRouting(), kernel_path(shards):
         input_ids = torch.zeros(mbs, seq, dtype=torch.long)
         batch = model.prepare(input_ids, sequence_layout=shards.sequence_layout)
         x = torch.empty(mbs, seq // topo.cp // topo.tp, model.cfg.hidden_size, dtype=dtype, requires_grad=True)
+        tables_before = _storages(_tensors_in(batch.attn_meta, set()), device_only=False)
         tracker = MemTracker()
         tracker.track_external(layer)
         with tracker, counter:
@@ -251,6 +264,10 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
             loss.backward()
             peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     out_bytes = out.untyped_storage().nbytes() + (aux.untyped_storage().nbytes() if aux is not None else 0)
+    # Tables a kernel builds once per micro-batch and caches on the metadata (document offsets), shared by every
+    # layer: not this layer's.
+    cached = _storages(_tensors_in(batch.attn_meta, set()), device_only=False)
+    out_bytes += sum(v for k, v in cached.items() if k not in tables_before)
     held = sum(v for k, v in after_forward.items() if str(k) in ("_MemRefType.ACT", "_MemRefType.TEMP"))
     kinds = {k: str(k) for k in peak}
     working = sum(v for k, v in peak.items() if kinds[k] in ("_MemRefType.ACT", "_MemRefType.TEMP"))
@@ -298,12 +315,21 @@ def run_ends(shards: RankShards, seq: int, mbs: int = 1) -> dict[str, float]:
 
 
 def rank_classes(p: ParallelConfig) -> list[int]:
-    """The first and the last rank of every pipeline stage (ranks are ordered pp, dp, cp, tp)."""
+    """The first and the last rank of every pipeline stage (ranks are ordered pp, dp, cp, tp), and, when the
+    context-parallel group has middle ranks (which send two SWA halos where the ends send one), the first rank of
+    the second context-parallel position."""
     per_stage = p.dp * p.cp * p.tp
     ranks = []
     for r in range(p.pp):
-        ranks += sorted({r * per_stage, (r + 1) * per_stage - 1})
+        first = r * per_stage
+        middle = {first + p.tp} if p.cp > 2 else set()
+        ranks += sorted({first, (r + 1) * per_stage - 1} | middle)
     return ranks
+
+
+def cp_position(cp_rank: int, cp: int) -> str:
+    """A context-parallel rank's position class: what its SWA halo exchange sends (`planner.halo_sends`)."""
+    return "first_cp_rank" if cp_rank == 0 else "last_cp_rank" if cp_rank == cp - 1 else "middle_cp_rank"
 
 
 def _planner_layout(p: ParallelConfig):
@@ -321,7 +347,8 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
     with fake_world(rank, p.world_size):
         shards = build_rank(cfg, p, seq, precision)
         names = group_names(shards)
-        report = {"rank": rank, "pp_rank": shards.topo.rank_in("pp"), "groups": sorted(set(names.values()))}
+        report = {"rank": rank, "pp_rank": shards.topo.rank_in("pp"), "cp_rank": shards.topo.rank_in("cp"),
+                  "groups": sorted({n for v in names.values() for n in v.split("+")})}
         counter = CollectiveCounter(names)
         with counter:
             optimizer_step(shards)
@@ -333,9 +360,8 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
         kinds = local_layers(shards)
         report["layers"] = {k: len(v) for k, v in kinds.items()}
         if layer_runs is not None:
-            # A layer's traffic depends on the rank's place only through the SWA halo: the first context-parallel
-            # rank holds the sequence's last chunk, which sends no halo.
-            place = "first_cp_rank" if shards.topo.rank_in("cp") == 0 else "other_cp_rank"
+            # A layer's traffic depends on the rank's place only through the SWA halo (`cp_position`).
+            place = cp_position(shards.topo.rank_in("cp"), p.cp)
             for kind, indices in kinds.items():
                 key = f"{kind}/{place}"
                 if key not in layer_runs:
@@ -353,8 +379,10 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
     return report
 
 
-def layer_activations(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: str) -> dict[str, dict]:
-    """{recompute mode: {layer kind: run_layer result}} over the ranks that hold each kind first."""
+def layer_activations(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: str,
+                      modes: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """{recompute mode: {layer kind: run_layer result}} over the ranks that hold each kind first (`modes`: those
+    recompute modes; default every one the engine implements)."""
     from parallel.pipeline import stage_layers, stage_ranks
 
     out: dict[str, dict] = {}
@@ -364,7 +392,7 @@ def layer_activations(cfg: ModelConfig, p: ParallelConfig, seq: int, precision: 
         owner = {i: ranks[s] for s, ls in enumerate(layers) for i in ls}
     else:
         owner = {i: 0 for i in range(cfg.num_layers)}
-    for mode in recompute_modes():
+    for mode in modes or recompute_modes():
         q = dataclasses.replace(p, recompute=mode)
         runs: dict[str, dict] = {}
         for pp_rank in sorted(set(owner.values())):
@@ -435,6 +463,43 @@ def memory_total(report: dict) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str, reserve_gb: float = 8.0
+                ) -> dict[str, Any]:
+    """Does the layout fit GPUs of type `gpu`? Per rank: its simulated state, plus (when measured) the simulated
+    activations of its layers times the micro-batches its schedule holds in flight, plus the planner's head, MTP
+    and backward working memory of its pipeline rank (not simulated). The worst rank against the GPU's memory less
+    the reserve."""
+    from mimo_train import planner as P
+
+    L = _planner_layout(p)
+    A = P.Assumptions(kernel="torch" if p.backend == "torch" else "fused", reserve_gb=reserve_gb)
+    prec = P.PRECISIONS["bf16" if s["precision"] == "fp8" else s["precision"]]
+    geo = P.geometry(cfg)
+    seq, m = s["seq"], s["micro_batches"]
+    shape = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    stages, stage_owner = P.pipeline_split(geo, L)
+    runs = s.get("activations", {}).get(p.recompute, {})
+    worst = None
+    for r in s["ranks"]:
+        planned = P.rank_memory(geo, L, r["pp_rank"], shape, m, prec, A, stages, stage_owner)
+        acts = (sum(runs[k]["saved_bytes"] * n for k, n in r["layers"].items()) * P.in_flight(L, r["pp_rank"], m)
+                if runs else 0.0)
+        need = memory_total(r) + acts + planned["head_and_mtp"] + planned["transient"]
+        if worst is None or need > worst["need_bytes"]:
+            worst = {"rank": r["rank"], "pp_rank": r["pp_rank"], "need_bytes": need, "activation_bytes": acts}
+    usable = (P.GPUS[gpu].memory_gb - reserve_gb) * GB
+    return {**worst, "gpu": gpu, "usable_bytes": usable, "fits": worst["need_bytes"] <= usable,
+            "activations_simulated": bool(runs)}
+
+
+def format_verdict(v: dict[str, Any]) -> str:
+    acts = "simulated activations" if v["activations_simulated"] else "no activations (--no-activations)"
+    word = "fits in" if v["fits"] else "does NOT fit in"
+    return (f"fit on {v['gpu'].upper()}: the worst rank, {v['rank']} (pipeline rank {v['pp_rank']}), needs "
+            f"{v['need_bytes'] / GB:.1f} GB (state as built, {acts}, the planned head and backward working memory), "
+            f"{word} the {v['usable_bytes'] / GB:.1f} GB usable")
+
+
 def format_simulation(s: dict[str, Any]) -> str:
     lines = [f"simulated {s['layout']} on {s['gpus']} ranks, seq {s['seq']:,}, {s['micro_batches']} micro-batches "
              f"per step, {s['precision']}: {len(s['ranks'])} ranks built",
@@ -472,6 +537,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
         s = simulate(cfg, p, args.seq, args.global_batch, args.precision, args.ranks,
                      activations=not args.no_activations, progress=progress)
+        s["fit"] = fit_verdict(s, cfg, p, args.gpu)
     except (ConfigError, ValueError) as e:
         print(f"mimo-train simulate: {e}", file=sys.stderr)
         return 2
@@ -481,7 +547,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
     else:
         print(format_simulation(s))
-    return 0
+        print(format_verdict(s["fit"]))
+    return 0 if s["fit"]["fits"] else 1
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
@@ -497,7 +564,9 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=None, help="world size (default: the layout's)")
     p.add_argument("--layout", default="", help="keys of parallel.*, e.g. tp=2,pp=16,cp=4,dp=4,ep=8,"
                                                 "pp_schedule=dualpipev,pp_virtual=2 (default: plan's top pick)")
-    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="for plan's top pick without --layout")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100",
+                   help="the GPU type of the fit verdict (exit 1 when the worst rank does not fit), and of plan's "
+                        "top pick without --layout (default h100)")
     p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 2^26 tokens / seq)")
     p.add_argument("--mtp-blocks", type=int, default=1, help="MTP blocks (default 1, as plan; -1: the config's)")

@@ -76,6 +76,10 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
             raise ConfigError(f"{e} ({allocation})") from None
         print(f"warning: {e} ({allocation}): the job's tasks would refuse to start; override the batch sizes",
               file=sys.stderr, flush=True)
+    if args.gpus_per_node and cfg.train.device != "cpu" and not getattr(args, "skip_memory_check", False):
+        from mimo_train.plan_check import check_memory, gpu_type
+
+        check_memory(cfg, ntasks, gpu_type(getattr(args, "gpu_type", "h100")))  # before queueing for the GPUs
     if args.signal_lead < 1:
         raise ConfigError(f"--signal-lead: must be >= 1 second (got {args.signal_lead})")
 
@@ -195,6 +199,10 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
                    help="an extra #SBATCH option (repeatable), e.g. --sbatch-arg=--reservation=big")
     p.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
                    help="an extra srun option (repeatable), e.g. --srun-arg=--cpu-bind=none")
+    p.add_argument("--gpu-type", default="h100", help="the cluster's GPUs, for the memory check (h100, h200, "
+                                                        "b200; default h100)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="submit even when the planner estimates that a stage's layout does not fit the GPUs")
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, passed to every task")
     p.set_defaults(func=submit)

@@ -13,6 +13,8 @@ it is asked to run, and balanced answers to the few data-dependent reads a train
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -65,6 +67,30 @@ def wire_bytes(op: str, buffer_bytes: int, n: int, own_fraction: float | None = 
     return buffer_bytes * (n - 1) / n  # all_gather, reduce_scatter, broadcast
 
 
+# One process group can serve several roles (torch may reuse a group whose ranks are the same: the EP group is the
+# TP group when ep == tp, the CP group when tp == 1 and ep == cp): such a group's name lists its roles joined by
+# "+". A forward collective gets the role of the module that issued it (the roles each module's collectives may
+# have); a backward one runs from the autograd engine, with no module on the stack, and mirrors the forward in
+# reverse order, so it gets the role of the last forward collective on that group whose backward is this op
+# (all-gather <-> reduce-scatter, all-to-all <-> all-to-all) not yet mirrored. Any other
+# (the optimizer's) gets the first role that is none of the activation roles.
+ROLES_OF_MODULE = {"expert_parallel.py": ("ep",), "context_parallel.py": ("cp", "tp_cp"),
+                   "tensor_parallel.py": ("tp", "tp_cp"), "pipeline.py": ("pp",)}
+_ACTIVATION_ROLES = {r for roles in ROLES_OF_MODULE.values() for r in roles}
+MIRROR = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}  # an op -> the op of its backward
+
+
+def _role_on_stack(roles: list[str]) -> str | None:
+    frame = sys._getframe(3)
+    while frame is not None:
+        allowed = ROLES_OF_MODULE.get(os.path.basename(frame.f_code.co_filename), ())
+        match = [r for r in roles if r in allowed]
+        if match:
+            return match[0]
+        frame = frame.f_back
+    return None
+
+
 @dataclass
 class Collective:
     op: str
@@ -82,19 +108,32 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.names = dict(names or {})
         self.records: list[Collective] = []
+        self._forward_roles: dict[tuple, list[str]] = {}  # (shared group, op): forward roles not yet mirrored
 
-    def _name(self, pg) -> str:
+    def _name(self, pg, op: str = "") -> str:
         if pg is None:
             return "world"
         name = _group(pg).group_name
         if name in self.names:
-            return self.names[name]
+            return self._role(name, op, self.names[name].split("+"))
         return "world" if name == dist.group.WORLD.group_name else "other"
+
+    def _role(self, group: str, op: str, roles: list[str]) -> str:
+        if len(roles) == 1:
+            return roles[0]
+        role = _role_on_stack(roles)
+        if role is not None:  # its backward (the mirrored op) will run on this group with the same role
+            self._forward_roles.setdefault((group, MIRROR.get(op, op)), []).append(role)
+            return role
+        pending = self._forward_roles.get((group, op))
+        if torch._C._current_autograd_node() is not None and pending:
+            return pending.pop()
+        return next((r for r in roles if r not in _ACTIVATION_ROLES), roles[0])
 
     def _record(self, op, pg, buffer_bytes, own_fraction=None):
         g = _group(pg)
         n = g.size()
-        self.records.append(Collective(op, self._name(g), n, buffer_bytes, wire_bytes(op, buffer_bytes, n,
+        self.records.append(Collective(op, self._name(g, op), n, buffer_bytes, wire_bytes(op, buffer_bytes, n,
                                                                                         own_fraction)))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -176,3 +176,105 @@ def test_where_it_fits_when_nothing_does():
     assert [(n, g) for n, g, _ in found][1:] == [(2, "big")]
     n, g, e = found[0]
     assert g == "small" and n > 2 and e.fits and e.memory["total"] <= need * 0.9 * 1e9
+
+
+BIG = REPO / "configs/model/mimo_v2_flash.yaml"
+RECIPE = "configs/train/mimo_v2_flash_pretrain.yaml"
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mimo_train.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_the_worst_rank_is_over_every_pipeline_rank():
+    """Under 1F1B rank r holds pp - r micro-batches in flight and the last rank the head and MTP: at 64 H200s a
+    middle rank needs the most, and the estimate is the maximum over every pipeline rank."""
+    from mimo_train.planner import ActShape, pipeline_split, rank_memory
+
+    cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
+    geo = geometry(cfg)
+    L = Layout(tp=1, pp=8, dp=1, cp=8, ep=8, recompute="selective")
+    e = plan(cfg, 64, "h200", 32768, layouts=[L], geo=geo)["results"][0]
+    s = ActShape(tokens=4096, sp_tokens=4096, seq=32768, cp=8, tp=1, mbs=1)
+    stages, ranks = pipeline_split(geo, L)
+    per_rank = [rank_memory(geo, L, r, s, e.micro_batches, PRECISIONS["bf16"], Assumptions(), stages, ranks)["total"]
+                for r in range(8)]
+    assert e.memory["total"] == max(per_rank)
+    assert per_rank.index(max(per_rank)) not in (0, 7)  # the ranks the estimate used to look at only
+    assert max(per_rank) > max(per_rank[0], per_rank[7])
+
+
+def test_halo_sends_follow_the_chunk_placement():
+    """The SWA halos a CP rank puts on the wire, from the chunk placement of parallel/context_parallel.py (each
+    chunk's tail goes to the next chunk's owner; a send to oneself stays local)."""
+    from mimo_train.planner import cp_positions, halo_sends
+    from parallel.context_parallel import ChunkLayout
+
+    for cp in (2, 3, 4, 8):
+        for r in range(cp):
+            lay = ChunkLayout(cp, r)
+            wire = sum(1 for c in lay.chunks() if c + 1 < 2 * cp and lay.owner(c + 1) != r)
+            assert halo_sends(cp, r) == wire, (cp, r)
+        classes = {halo_sends(cp, r) for r in cp_positions(cp)}
+        assert classes == {halo_sends(cp, r) for r in range(cp)}  # the position classes cover every rank
+
+
+def test_readme_table_is_the_planners():
+    """The README's recommendations are what `mimo-train plan --readme-table` prints now."""
+    from mimo_train.plan_table import readme_section, readme_table
+
+    cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
+    readme = readme_section((REPO / "README.md").read_text())
+    assert readme, "README.md has no generated plan table"
+    assert readme == readme_table(cfg), "README differs: paste the output of `mimo-train plan --config " \
+                                        "configs/model/mimo_v2_flash.yaml --readme-table`"
+
+
+def test_plan_check_of_the_recipe_and_of_a_layout_that_does_not_fit(tmp_path):
+    """`plan --check` passes the recipe on 1024 H100s in every stage and fails (exit 1, one line) when a stage does
+    not fit; `submit` refuses such a config before queueing (exit 2) unless --skip-memory-check."""
+    ok = _cli("plan", "--config", RECIPE, "--gpu", "h100", "--check")
+    assert ok.returncode == 0, ok.stdout + ok.stderr[-2000:]
+    assert ok.stdout.count("\nok   ") + ok.stdout.startswith("ok   ") == 3
+    for name in ("pretrain", "midtrain", "long_context"):
+        assert f"stage '{name}'" in ok.stdout
+    bad = _cli("plan", "--config", RECIPE, "--gpu", "h100", "--check", "parallel.backend=torch")
+    assert bad.returncode == 1
+    line = bad.stderr.strip().splitlines()[-1]
+    assert "stage 'pretrain'" in line and "pipeline rank" in line and "needs" in line and "72.0 GB usable" in line
+    submit = ["submit", "--config", RECIPE, "--nodes", "128", "--gpus-per-node", "8", "--dry-run"]
+    refused = _cli(*submit, "parallel.backend=torch")
+    assert refused.returncode == 2 and "memory: stage 'pretrain'" in refused.stderr, refused.stderr[-2000:]
+    assert _cli(*submit, "--skip-memory-check", "parallel.backend=torch").returncode == 0
+    assert _cli(*submit).returncode == 0
+
+
+def test_train_checks_memory_on_cuda_only(monkeypatch):
+    """The pre-launch check reads the GPU on CUDA and refuses a layout that does not fit; on the CPU it skips."""
+    import torch
+
+    from mimo_train import plan_check, preflight
+    from mimo_train.config import ConfigError
+
+    cfg = load_config(REPO / RECIPE, ["parallel.backend=torch"])
+    monkeypatch.setattr("parallel.device.resolve_device", lambda setting="auto", **_: torch.device("cpu"))
+    preflight.check_memory_on_cuda(cfg, 1024)  # CPU: nothing to check
+    monkeypatch.setattr("parallel.device.resolve_device", lambda setting="auto", **_: torch.device("cuda", 0))
+    monkeypatch.setattr(plan_check, "local_gpu", lambda: GPUS["h100"])
+    with pytest.raises(ConfigError, match=r"memory: stage 'pretrain' .* needs .* does not fit"):
+        preflight.check_memory_on_cuda(cfg, 1024)
+    preflight.check_memory_on_cuda(load_config(REPO / RECIPE), 1024)  # the recipe fits
+
+
+def test_calibration_of_another_device_is_refused(tmp_path):
+    cal = tmp_path / "h200.json"
+    cal.write_text(json.dumps({"gpu": "h200", "measured": {"compute_efficiency": 0.3}}))
+    args = ("plan", "--config", "configs/model/mimo_tiny.yaml", "--gpus", "4", "--seq", "1024", "--global-batch", "8",
+            "--top", "1", "--calibrate", str(cal))
+    r = _cli(*args, "--gpu", "h100")
+    assert r.returncode == 2 and "measured on h200" in r.stderr and "--gpu h100" in r.stderr
+    forced = _cli(*args, "--gpu", "h100", "--force-calibration")
+    assert forced.returncode == 0 and "measured (--calibrate): compute_efficiency=0.3" in forced.stdout
+    assert "estimates, not measurements" in forced.stdout and "overlap_ep_dualpipe=0.9" in forced.stdout
+    assert _cli(*args, "--gpu", "h200").returncode == 0

@@ -14,19 +14,14 @@ import pytest
 from mimo_train import planner as P
 from mimo_train.config import load_config
 from mimo_train.info import model_report
+from mimo_train.plan_table import readme_layouts
 from mimo_train.simulate import layer_activations, parallel_config, parse_layout, simulate, simulate_rank
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = REPO / "configs/model/mimo_v2_flash.yaml"
-# The README's recommendations ("Choosing a layout"): (GPUs, GPU, seq) -> layout, as `mimo-train plan` ranks them.
-README_LAYOUTS = {
-    (64, "h200", 32768): "tp=1,pp=8,cp=8,dp=1,ep=8,recompute=selective",
-    (64, "h200", 262144): "tp=2,pp=2,cp=16,dp=1,ep=32,pp_schedule=dualpipev,pp_virtual=2,recompute=full",
-    (512, "h100", 32768): "tp=1,pp=4,cp=16,dp=8,ep=128,pp_schedule=dualpipev,pp_virtual=2",
-    (512, "h100", 262144): "tp=4,pp=4,cp=32,dp=1,ep=128,pp_schedule=dualpipev,pp_virtual=2",
-    (2048, "h100", 32768): "tp=1,pp=8,cp=16,dp=16,ep=256,pp_schedule=dualpipev,pp_virtual=2",
-    (2048, "h100", 262144): "tp=4,pp=2,cp=32,dp=8,ep=256,pp_schedule=dualpipev,pp_virtual=2",
-}
+# The README's recommendations ("Choosing a layout"): (GPUs, GPU, seq) -> layout, read from its generated table
+# (`tests/test_planner.py` holds that table to `mimo-train plan --readme-table`).
+README_LAYOUTS = readme_layouts((REPO / "README.md").read_text())
 PREC = P.PRECISIONS["bf16"]
 WHERE_IDS = [f"{g}x{t}-{s // 1024}k" for g, t, s in README_LAYOUTS]
 
@@ -96,18 +91,24 @@ def test_optimizer_state_is_balanced_within_2_percent(big, where):
 
 def test_communication_per_kind_matches_the_plan(big):
     """The collectives of one step, counted on the fake process group, against the planner's bytes per kind: the
-    first stage (embedding, head and MTP in the V) at the first and last context-parallel rank and the second stage
-    of the 512-GPU 256k layout, and the first rank of a full-recompute layout (its forward traffic repeats)."""
+    first stage (embedding, head and MTP in the V) at the first, a middle and the last context-parallel rank (one,
+    two and one SWA halo on the wire) and the second stage of the 512-GPU 256k layout, and the first rank of a
+    full-recompute layout (its forward traffic repeats)."""
     cfg, geo = big
-    for where, ranks in (((512, "h100", 262144), (0, 127, 128)), ((64, "h200", 262144), (0,))):
+    for where, full_recompute in (((512, "h100", 262144), False), ((64, "h200", 262144), True)):
         seq = where[2]
         p = parallel_config(parse_layout(README_LAYOUTS[where]), where[0])
+        assert (p.recompute == "full") == full_recompute and p.cp > 2
+        per_stage = p.dp * p.cp * p.tp
+        # the first, a middle and the last context-parallel rank of the first stage, and the second stage
+        ranks = (0, p.tp, per_stage - 1, per_stage) if not full_recompute else (0,)
         L, m = _layout(p), 2**26 // seq // p.dp
         s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
         runs: dict = {}
         for rank in ranks:
             sim = simulate_rank(cfg, p, rank, seq, m, "bf16", runs)
-            planned = P.rank_comm(geo, L, sim["pp_rank"], s, m, PREC, cp_rank=(rank // p.tp) % p.cp)
+            planned = P.rank_comm(geo, L, sim["pp_rank"], s, m, PREC, cp_rank=sim["cp_rank"])
+            assert sim["cp_rank"] == (rank // p.tp) % p.cp
             for kind, v in planned.items():
                 assert sim["comm"].get(kind, 0.0) == pytest.approx(v, rel=0.10), (where, rank, kind)
             assert all(sim["comm"][k] > 0 for k in ("tp", "ep", "cp", "pp", "dp"))
@@ -180,3 +181,53 @@ def test_plan_verify_and_calibrate(tmp_path):
     bad.write_text(json.dumps({"measured": {"flops": 3}}))
     r = _cli(*args, "--calibrate", str(bad))
     assert r.returncode == 2 and "unknown measured fields ['flops']" in r.stderr
+
+
+def test_fused_activations_per_layer_match_the_plan(big):
+    """The `fused` backend's GPU path (flash varlen with the sink fold) run on the meta device: what each layer
+    type holds after its forward, against the planner's fused model, for every recompute mode, at the recipe's
+    32k layout (CP16, TP2: halos, all-gathered GA keys, sequence parallelism)."""
+    cfg, geo = big
+    recipe = load_config(REPO / "configs/train/mimo_v2_flash_pretrain.yaml")
+    p, seq = recipe.parallel, recipe.train.seq_len
+    assert p.backend == "fused"
+    A = P.Assumptions(kernel="fused")
+    s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    shapes = {}
+    for sh in geo.shapes:
+        shapes.setdefault(("swa" if sh.sliding else "ga") + ("_moe" if sh.moe else "_dense"), sh)
+    for mode, runs in layer_activations(cfg, p, seq, "bf16").items():
+        assert set(runs) == set(shapes)
+        for kind, run in runs.items():
+            planned = P.layer_bytes(cfg, shapes[kind], s, PREC.act_bytes, A, mode)
+            assert planned == pytest.approx(run["saved_bytes"], rel=0.10, abs=4 * 2**20), (mode, kind)
+
+
+def test_simulate_gives_a_fit_verdict():
+    """TP8 x PP2 on 16 GPUs holds about 350 GB of state per rank: simulate says so and exits 1."""
+    r = _cli("simulate", "--config", str(BIG), "--gpus", "16", "--layout", "tp=8,pp=2,dp=1,ep=8", "--seq", "4096",
+             "--no-activations")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "does NOT fit in the 72.0 GB usable" in r.stdout
+
+
+def test_a_group_serving_two_roles_labels_each_collective_by_its_caller(monkeypatch):
+    """When ep == tp the expert group has the tensor-parallel group's ranks, and torch may hand back one group for
+    both: the traffic per kind must be the same as with two groups (each collective labelled by the module that
+    issued it, not by whichever name the group got last)."""
+    import mimo_train.engine as engine_module
+    from parallel.topology import build_topology
+
+    cfg = load_config(REPO / "configs/model/mimo_tiny.yaml", ["model.mtp.num_blocks=1"]).model
+    p = parallel_config(parse_layout("tp=2,pp=1,dp=2,ep=2"), 4)
+    apart = simulate_rank(cfg, p, 0, 256, 2, "bf16", {})["comm"]
+
+    def one_group(*args, **kwargs):
+        topo = build_topology(*args, **kwargs)
+        topo.groups["ep"] = topo.groups["tp"]  # the same ranks: one group for both roles
+        return topo
+
+    monkeypatch.setattr(engine_module, "build_topology", one_group)
+    shared = simulate_rank(cfg, p, 0, 256, 2, "bf16", {})["comm"]
+    assert apart["tp"] > 0 and apart["ep"] > 0
+    assert shared == pytest.approx(apart, rel=1e-9)

@@ -12,6 +12,8 @@ see which spec built the model.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from parallel.kernels import torch_backend
@@ -24,6 +26,24 @@ from parallel.kernels.spec import SLIDING, LayerSpec
 # Which kernel the global core uses on a GPU; "flex" until bench/gpu/global_attention has measured the others.
 GPU_GLOBAL_KERNEL = "flex"
 HALF = (torch.bfloat16, torch.float16)
+# `mimo-train simulate` runs the GPU path on fake host tensors (the flash / efficient ops have meta kernels):
+# while set, every tensor counts as a GPU one. Flex cannot run there (its eager backward refuses host tensors, its
+# compiled one needs a GPU), so the global core takes the flash kernel instead.
+_SIMULATED_GPU = False
+
+
+@contextlib.contextmanager
+def simulated_gpu():
+    global _SIMULATED_GPU
+    before, _SIMULATED_GPU = _SIMULATED_GPU, True
+    try:
+        yield
+    finally:
+        _SIMULATED_GPU = before
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda or _SIMULATED_GPU
 
 
 class FusedSlidingWindowCore:
@@ -31,10 +51,10 @@ class FusedSlidingWindowCore:
         self.window_keys, self.scale = window_keys, scale
 
     def __call__(self, q, k, v, attn_meta: AttentionMetadata, sink=None):
-        if q.is_cuda and q.dtype in HALF:
+        if on_gpu(q) and q.dtype in HALF:
             return flash_varlen_attention(q, k, v, attn_meta, scale=self.scale, sink=sink,
                                           window_keys=self.window_keys)
-        if q.is_cuda:  # fp32 on a GPU: the flash kernel has no fp32 path
+        if on_gpu(q):  # fp32 on a GPU: the flash kernel has no fp32 path
             return torch_backend.sliding_window_attention(q, k, v, window_keys=self.window_keys, scale=self.scale,
                                                           sink=sink, doc_ids=attn_meta.doc_ids)
         return blocked_sliding_window(q, k, v, attn_meta, window_keys=self.window_keys, scale=self.scale, sink=sink)
@@ -48,8 +68,8 @@ class FusedGlobalCore:
         return self.at(q, k, v, attn_meta, q_start=0)
 
     def at(self, q, k, v, attn_meta: AttentionMetadata, *, q_start: int, sink=None):
-        if q.is_cuda:
-            if GPU_GLOBAL_KERNEL == "flash" and q.dtype in HALF:
+        if on_gpu(q):
+            if (GPU_GLOBAL_KERNEL == "flash" or _SIMULATED_GPU) and q.dtype in HALF:
                 return flash_varlen_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
             return flex_sink_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
         return cpu_global_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
