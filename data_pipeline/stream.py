@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import BUILTIN_SOURCE, DataConfig, check_weight
+from .config import BUILTIN_HELDOUT, BUILTIN_SOURCES, DataConfig, check_weight
 from .mixture import MixtureSchedule
 from .packing import documents_bound, to_device, windows_to_batch
 from .source import DataWarning, TokenSource, stable_key
@@ -190,11 +190,12 @@ class GlobalSampleStream:
 
     @staticmethod
     def _source_directory(path: str, data: DataConfig, cache_dir: str) -> str:
-        if path != BUILTIN_SOURCE:
+        if path not in BUILTIN_SOURCES:
             return path
         from .builtin_corpus import ensure_builtin_corpus  # imported here: preparing needs the tokenizer stack
 
-        shard_dir, _ = ensure_builtin_corpus(cache_dir, data.vocab_size, tokenizer=data.tokenizer)
+        shard_dir, _ = ensure_builtin_corpus(cache_dir, data.vocab_size, tokenizer=data.tokenizer,
+                                             heldout=path == BUILTIN_HELDOUT)
         return shard_dir
 
     def _check_tokenizers(self, cache_dir: str) -> None:
