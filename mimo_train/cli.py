@@ -39,18 +39,20 @@ def _train(args) -> int:
     if not (launcher or world == 1):  # one of a torchrun/Slurm job's ranks: rank 0 takes the lock in the trainer
         return _train_rank(cfg, args.resume, world)
     # The process that owns the launch holds the run directory's lock before any rank starts, until all ended.
+    from mimo_train.run_lock import HELD_ENV
+
     lock = _lock_run_dir(cfg, args.resume, args.overwrite)
     try:
         if launcher:
             from mimo_train.launcher import launch_local
-            from mimo_train.run_lock import HELD_ENV
 
-            os.environ[HELD_ENV] = str(Path(cfg.run.dir).resolve())
+            os.environ[HELD_ENV] = str(Path(cfg.run.dir).resolve())  # inherited by the ranks
             # --overwrite is not passed on: the old run is already aside, and the ranks must not move the new one.
             return launch_local(args.nproc, ["train", "--config", args.config, "--resume", args.resume,
                                              *args.overrides])
         return _train_rank(cfg, args.resume, world)
     finally:
+        os.environ.pop(HELD_ENV, None)
         lock.release()
 
 

@@ -90,6 +90,17 @@ def test_a_lock_of_another_host_is_taken_over_only_when_its_heartbeat_is_stale(t
     RunLock(run_dir).acquire().release()  # a requeued job: its earlier run ended before Slurm started this one
 
 
+def test_without_a_launcher_rank_0_takes_the_lock_and_every_rank_stops(tmp_path, capfd):
+    """Ranks started by torchrun or srun (no launcher holding the lock): rank 0 takes it once the process group
+    exists, and every rank stops with exit status 2 and the reason said once."""
+    run_dir = tmp_path / "run"
+    with RunLock(run_dir):
+        rc = launch_local(2, ["train", "--config", CONFIG, *TINY, "train.steps=1", f"run.dir={run_dir}"])
+    err = capfd.readouterr().err
+    assert rc == 2 and err.count("another run is using it") == 1 and f"pid {os.getpid()};" in err, err
+    assert "Traceback" not in err and not (run_dir / "checkpoints").exists()
+
+
 # ---- resumes keep the history --------------------------------------------------------------------------------
 
 
