@@ -263,6 +263,7 @@ class Trainer:
         if self.data is not None:
             self.data.close()
         self.data = GlobalSampleStream(cfg.data, dp_rank=self.topo.rank_in("dp"), dp_size=p.dp, run_dir=cfg.run.dir)
+        self.data.token_limit = cfg.model.vocab_size  # ids past the embedding fail in one line, not in the model
         self.layout_key = stage.layout_key()
 
     def _apply_stage(self, stage: Stage) -> None:

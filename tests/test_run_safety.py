@@ -95,7 +95,8 @@ def test_without_a_launcher_rank_0_takes_the_lock_and_every_rank_stops(tmp_path,
     exists, and every rank stops with exit status 2 and the reason said once."""
     run_dir = tmp_path / "run"
     with RunLock(run_dir):
-        rc = launch_local(2, ["train", "--config", CONFIG, *TINY, "train.steps=1", f"run.dir={run_dir}"])
+        rc = launch_local(2, ["train", "--config", CONFIG, *TINY, "train.global_batch_size=4", "train.steps=1",
+                              f"run.dir={run_dir}"])
     err = capfd.readouterr().err
     assert rc == 2 and err.count("another run is using it") == 1 and f"pid {os.getpid()};" in err, err
     assert "Traceback" not in err and not (run_dir / "checkpoints").exists()
@@ -223,9 +224,9 @@ def test_first_hour_mistakes_fail_in_one_line(tmp_path, capsys):
     assert help_text.returncode == 0 and '"\\ud800"' in help_text.stdout, help_text.stderr[-2000:]
 
 
-def test_a_source_whose_every_shard_is_corrupt_stops_in_one_line(tmp_path, capsys):
-    """Found while reading (the sizes match, the checksums do not), through a DataLoader worker. Before: 92 lines,
-    three chained tracebacks."""
+def test_unusable_data_found_while_reading_stops_in_one_line(tmp_path, capsys):
+    """Every shard corrupt, found while reading (the sizes match, the checksums do not), through a DataLoader
+    worker (before: 92 lines, three chained tracebacks); token ids beyond the model's vocabulary."""
     bad = tmp_path / "bad"
     write_source(bad, shards=2, docs_per_shard=12, first_token=5)
     for shard in bad.glob("*.tar"):
@@ -236,6 +237,13 @@ def test_a_source_whose_every_shard_is_corrupt_stops_in_one_line(tmp_path, capsy
                        f"data.sources=[{{name: bad, path: {bad}}}]", f"run.dir={tmp_path / 'run'}")
     assert rc == 2, err
     assert f"data error: data source 'bad' ({bad}): every shard is unusable" in _one_line(err)
+    # A manifest that understates its vocabulary passes the checks before launch; its ids never reach the model.
+    large = tmp_path / "large"
+    write_source(large, shards=1, docs_per_shard=8, first_token=4090, min_len=20, max_len=30)
+    _fake_manifest_tokenizer(large, "", 100)
+    rc, _, err = _main(capsys, "train", "--config", CONFIG, *TINY, "train.steps=1",
+                       f"data.sources=[{{name: large, path: {large}}}]", f"run.dir={tmp_path / 'run2'}")
+    assert rc == 2 and "is >= model.vocab_size 4096: the shards do not match" in _one_line(err), err
 
 
 def test_validation_with_the_default_cache_reaches_the_console(tmp_path, monkeypatch, capsys):
