@@ -2,7 +2,8 @@
 
 The first use trains the builtin byte-level BPE on it and prepares it as shards in the cache directory; later
 uses (and the other ranks, which wait on a file lock meanwhile) find them there. The corpus is capped to the
-first ``CORPUS_BYTES`` of the sorted ``.py`` files so that preparing it takes seconds.
+first ``CORPUS_BYTES`` of the sorted ``.py`` files so that preparing it takes seconds; the next ``HELDOUT_BYTES``
+are the held-out source ``builtin:stdlib-heldout`` (validation on text the corpus does not contain).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from .locking import file_lock
 from .shards import MANIFEST_NAME
 
 CORPUS_BYTES = 8 << 20
+HELDOUT_BYTES = 256 << 10  # the held-out source (validation): the files after the corpus, this many bytes
 SHARD_DOCUMENTS = 48  # ~16 shards: enough for shard shuffling and per-shard tests to mean something
 CORPUS_TAG = f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{CORPUS_BYTES >> 20}mb"
 
 
-def stdlib_source_files(max_bytes: int = CORPUS_BYTES) -> list[str]:
+def stdlib_source_files(max_bytes: int = CORPUS_BYTES, skip_bytes: int = 0) -> list[str]:
+    """The sorted stdlib .py files, from the first one after `skip_bytes` until `max_bytes` more are chosen."""
     root = sysconfig.get_paths()["stdlib"]
     paths = sorted(
         os.path.join(directory, name)
@@ -28,8 +31,11 @@ def stdlib_source_files(max_bytes: int = CORPUS_BYTES) -> list[str]:
         if "site-packages" not in directory and "dist-packages" not in directory
         for name in names if name.endswith(".py")
     )
-    chosen, total = [], 0
+    chosen, total, skipped = [], 0, 0
     for path in paths:
+        if skipped < skip_bytes:
+            skipped += os.path.getsize(path)
+            continue
         if total >= max_bytes:
             break
         chosen.append(path)
@@ -51,15 +57,19 @@ def ensure_builtin_tokenizer(cache_dir: str, vocab_size: int) -> str:
     return path
 
 
-def ensure_builtin_corpus(cache_dir: str, vocab_size: int, tokenizer: str = BUILTIN_TOKENIZER) -> tuple[str, str]:
-    """(shard_dir, tokenizer_path) of the builtin corpus tokenized with ``tokenizer`` ('builtin' or a path)."""
+def ensure_builtin_corpus(cache_dir: str, vocab_size: int, tokenizer: str = BUILTIN_TOKENIZER,
+                          heldout: bool = False) -> tuple[str, str]:
+    """(shard_dir, tokenizer_path) of the builtin corpus tokenized with ``tokenizer`` ('builtin' or a path); with
+    ``heldout``, of the held-out files that follow it (``builtin:stdlib-heldout``, for validation)."""
     from .prepare import prepare_dataset
     from .tokenizer import file_sha256
 
     tokenizer_path = ensure_builtin_tokenizer(cache_dir, vocab_size) if tokenizer == BUILTIN_TOKENIZER else tokenizer
-    shard_dir = os.path.join(cache_dir, "corpora", f"{CORPUS_TAG}-{file_sha256(tokenizer_path)[:12]}")
+    tag = f"{CORPUS_TAG}-heldout{HELDOUT_BYTES >> 10}k" if heldout else CORPUS_TAG
+    files = stdlib_source_files(HELDOUT_BYTES, skip_bytes=CORPUS_BYTES) if heldout else stdlib_source_files()
+    shard_dir = os.path.join(cache_dir, "corpora", f"{tag}-{file_sha256(tokenizer_path)[:12]}")
     with file_lock(os.path.join(cache_dir, "builtin.lock")):
         if not os.path.exists(os.path.join(shard_dir, MANIFEST_NAME)):
-            prepare_dataset(stdlib_source_files(), shard_dir, tokenizer_path, workers=min(2, os.cpu_count() or 1),
+            prepare_dataset(files, shard_dir, tokenizer_path, workers=min(2, os.cpu_count() or 1),
                             shard_docs=SHARD_DOCUMENTS, progress=sys.stderr.isatty())
     return shard_dir, tokenizer_path

@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass, field
 
 BUILTIN_SOURCE = "builtin:stdlib"
+# Held-out text for validation: the standard library's sources that follow the builtin corpus (never trained on).
+BUILTIN_HELDOUT = "builtin:stdlib-heldout"
+BUILTIN_SOURCES = (BUILTIN_SOURCE, BUILTIN_HELDOUT)
 BUILTIN_TOKENIZER = "builtin"
 CACHE_ENV_VAR = "MIMO_TRAIN_CACHE"
 

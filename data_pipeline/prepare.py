@@ -8,7 +8,7 @@ restarted run skips the shards whose record is still valid (the record holds a h
 the shard's documents), so a killed run costs at most the shards in flight, a fixed input file redoes only the
 shards whose documents changed, and no reader ever sees half a shard. ``manifest.json`` is written last.
 
-Undecodable input (bytes that are not UTF-8, or a lone surrogate escape such as ``"\ud800"`` in a JSON string,
+Undecodable input (bytes that are not UTF-8, or a lone surrogate escape such as ``"\\ud800"`` in a JSON string,
 which no tokenizer can encode) follows ``--on-decode-error``: ``replace`` (the default) puts U+FFFD in place of
 each offending sequence and keeps the document; ``skip`` drops the document. Either way the offending sequences
 are counted per file and the first few ``file:line`` positions are reported at the end.
@@ -304,6 +304,8 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
     if (shard_docs is not None and shard_docs < 1) or (shard_tokens is not None and shard_tokens < 1):
         raise ValueError("--shard-docs / --shard-tokens must be >= 1")
     files = expand_inputs(inputs)
+    if not any(os.path.getsize(f) for f in files):
+        raise ValueError(f"inputs {' '.join(inputs)}: every input file is empty; nothing to tokenize")
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer_sha = file_sha256(tokenizer_path)
 
@@ -351,6 +353,9 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
             if pool is not None:
                 pool.terminate()
 
+    if not sum(info.tokens for info, _ in results):  # a dataset of no tokens would fail every run
+        raise ValueError(f"inputs {' '.join(inputs)}: no tokens (empty records, or every document skipped by "
+                         f"--on-decode-error {on_decode_error}); no manifest written to {out_dir}")
     shutil.copyfile(tokenizer_path, os.path.join(out_dir, ".tokenizer.json.partial"))
     os.replace(os.path.join(out_dir, ".tokenizer.json.partial"), os.path.join(out_dir, "tokenizer.json"))
     report = report_decode_problems([problems for _, problems in results], on_decode_error)

@@ -31,6 +31,7 @@ rank or of a resumed run.
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -46,6 +47,18 @@ CACHED_GROUP_LAYOUTS = 2  # the group being read and the next one
 
 class DataWarning(UserWarning):
     """Bad input that the stream survives (e.g. a skipped shard)."""
+
+
+class UnusableSource(ValueError):
+    """A data source with nothing left to read (empty, or every shard unusable): the run cannot go on. The
+    command line reports it in one line (it may arrive wrapped by a DataLoader worker, see `one_line`)."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error raised here, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return re.sub(rf"^(?:[\w.]+\.)?{type(error).__name__}: ", "", last)  # the traceback's `module.Type: ` prefix
 
 
 def stable_key(text: str) -> int:
@@ -97,7 +110,7 @@ class TokenSource:
         # Each shard's share of an epoch's stream: its tokens plus one EOS per document.
         self.epoch_length = int(self._tokens.sum() + self._documents.sum())
         if not self.shards or int(self._tokens.sum()) == 0:
-            raise ValueError(f"data source {name!r} ({directory}) is empty: its manifest lists no tokens")
+            raise UnusableSource(f"data source {name!r} ({directory}) is empty: its manifest lists no tokens")
         self._seed_keys = (seed, stable_key(name))
         self.bad_shards: dict[int, str] = {}  # found by this process (and reported to it by its workers)
         self.new_problems: list[tuple[int, str]] = []  # found since the last take_new_problems()
@@ -113,7 +126,8 @@ class TokenSource:
         self.new_problems.append((shard, reason))
         warnings.warn(f"data source {self.name!r}: skipping shard {self.shards[shard].url}: {reason}", DataWarning, 3)
         if len(self.bad_shards) == len(self.shards):
-            raise ValueError(f"data source {self.name!r} ({self.directory}): every shard is unusable: {self.bad_shards}")
+            raise UnusableSource(f"data source {self.name!r} ({self.directory}): every shard is unusable: "
+                                 f"{self.bad_shards}")
 
     def take_new_problems(self) -> list[tuple[int, str]]:
         problems, self.new_problems = self.new_problems, []

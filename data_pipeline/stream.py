@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .config import BUILTIN_SOURCE, DataConfig, check_weight
+from .config import BUILTIN_HELDOUT, BUILTIN_SOURCES, DataConfig, check_weight
 from .mixture import MixtureSchedule
 from .packing import documents_bound, to_device, windows_to_batch
-from .source import DataWarning, TokenSource, stable_key
+from .source import DataWarning, TokenSource, UnusableSource, stable_key
 
 STATE_VERSION = 1
 
@@ -185,16 +185,20 @@ class GlobalSampleStream:
         self._next_step: int | None = None  # None: the first call may be for any step
         self._served: _Served | None = None
         self._prefetch = None  # (key, iterator) of the running DataLoader
+        # Token ids must stay below this (the model's vocabulary; None: unchecked): a manifest that understates
+        # its vocabulary must not feed the embedding ids it does not have.
+        self.token_limit: int | None = None
 
     # ---- construction helpers --------------------------------------------------------------------------------
 
     @staticmethod
     def _source_directory(path: str, data: DataConfig, cache_dir: str) -> str:
-        if path != BUILTIN_SOURCE:
+        if path not in BUILTIN_SOURCES:
             return path
         from .builtin_corpus import ensure_builtin_corpus  # imported here: preparing needs the tokenizer stack
 
-        shard_dir, _ = ensure_builtin_corpus(cache_dir, data.vocab_size, tokenizer=data.tokenizer)
+        shard_dir, _ = ensure_builtin_corpus(cache_dir, data.vocab_size, tokenizer=data.tokenizer,
+                                             heldout=path == BUILTIN_HELDOUT)
         return shard_dir
 
     def _check_tokenizers(self, cache_dir: str) -> None:
@@ -274,11 +278,21 @@ class GlobalSampleStream:
             return served.batches
         start = self._step_start(step)
         windows, eos = self._read_step(start, global_batch_size)
+        self._check_token_ids(windows, start)
         batches = split_micro_batches(windows, eos, micro_batch_size, device)
         self._served = _Served(step, start, global_batch_size, micro_batch_size, device, windows, eos, batches)
         self._consumed = start + global_batch_size
         self._next_step = step + 1
         return batches
+
+    def _check_token_ids(self, windows: torch.Tensor, start: int) -> None:
+        if self.token_limit is None or not windows.numel():
+            return
+        top = int(windows.numpy().max())  # a host tensor, read through numpy (no device involved)
+        if top >= self.token_limit:
+            raise UnusableSource(f"token id {top} in the step starting at sample {start} is >= model.vocab_size "
+                                 f"{self.token_limit}: the shards do not match the model's vocabulary (check "
+                                 f"data.tokenizer and each manifest's tokenizer.vocab_size)")
 
     def _read_step(self, start: int, global_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's windows (int32) and their EOS ids for the step starting at global sample ``start``."""

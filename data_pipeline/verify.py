@@ -90,6 +90,9 @@ def verify_directory(directory: str, *, workers: int, cache_dir: str | None, pro
     """Check the shards of a source directory (those of ``part`` = (k, n): every n-th from the k-th); returns how
     many were checked and {shard url: problem} for the unusable ones."""
     k, n = part
+    fs, path = fsspec.core.url_to_fs(directory)
+    if not fs.isdir(path):
+        raise ValueError(f"{directory}: no such directory")
     shards = read_manifest(directory).shards[k::n]
     ledger = ChecksumLedger(cache_dir)
     total = sum(s.filesize for s in shards)

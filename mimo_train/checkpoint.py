@@ -7,6 +7,7 @@ Layout of a run directory's `checkpoints/`:
         meta.json             step, trainer and data-cursor state, each file's size and checksum; written last
     step_00000032.corrupt/    a checkpoint that failed verification at a resume: set aside (never deleted)
     latest                    the name of the newest published checkpoint (moved after the directory is in place)
+    abandoned-<time>/         checkpoints newer than an older one a run resumed from (a branch no longer followed)
 
 A checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only when every file, `meta.json` last, is
 on disk (fsynced); a killed writer therefore leaves a `.tmp` directory that is never picked up. `find_latest` trusts
@@ -16,22 +17,25 @@ recorded sizes (the integrity check, repeated before every load). `latest` is mo
 Every file's checksum (xxh3-64, or zlib's crc32 where xxhash is not installed) is computed while DCP writes it
 (`ChecksummingFileSystem` hashes each buffer on its way to the file; no second read), recorded in meta.json, and
 verified before a load. `find_verified` walks the checkpoints newest first, reports each one that fails by name,
-sets it aside as `step_X.corrupt`, and returns the newest that verifies.
+sets it aside as `step_X.corrupt`, and returns the newest that verifies. meta.json carries a checksum of its own
+content, so an edited step or data cursor fails verification too.
 
 `CheckpointManager` adds what a training run needs: asynchronous saves (DCP `async_save` on a thread with its own
 gloo group; the state is staged into a CPU copy before training goes on, and the checkpoint is published at a
 later step boundary once every rank's write is complete), retention (the newest N, every K-th step and stage
-boundaries are kept; the newest complete checkpoint is never deleted), and removal of writers' leftovers.
+boundaries are kept; the newest complete checkpoint and the one resumed from are never deleted), and removal of writers' leftovers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import sys
 import time
+import warnings
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,12 +45,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+# DCP warns at every save and load without a process group that it assumes one process: that is the intent here
+# (a single-process run), so the warning is noise at every checkpoint.
+warnings.filterwarnings("ignore", message=r"torch\.distributed is .*uninitialized, assuming the intent is to "
+                                          r"(save|load) in a single process")
+
 META = "meta.json"
 LATEST = "latest"
 PREFIX = "step_"
 CORRUPT = ".corrupt"
 _NAME = re.compile(r"^step_(\d{8,})$")
 CHECKSUM_SUFFIX = ".sum"  # a file's checksum, written beside it by the rank that wrote it; folded into meta.json
+META_CHECKSUM = "meta_checksum"  # meta.json's checksum of its own content
+ABANDONED = "abandoned-"  # checkpoints newer than an older one a run resumed from: moved into abandoned-<time>/
 
 
 def fault_point(name: str, step: int) -> None:
@@ -232,6 +243,7 @@ def publish(root: Path, step: int, meta: dict[str, Any]) -> Path:
     meta = {**meta, "step": step, "files": files, "complete": True,
             "checksums": {name: sums[name]["checksum"] for name in files},
             "checksum_algorithm": sums[next(iter(files))]["algorithm"]}
+    meta[META_CHECKSUM] = meta_checksum(meta)
     _write_synced(tmp / META, json.dumps(meta, indent=1))
     for p in tmp.glob("*" + CHECKSUM_SUFFIX):
         p.unlink()
@@ -253,6 +265,13 @@ def publish(root: Path, step: int, meta: dict[str, Any]) -> Path:
     return final
 
 
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """sha256 of meta.json's own content (every key but this checksum, in a canonical form): an edited step,
+    data cursor or file list fails verification instead of resuming from a state the tensors do not match."""
+    content = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def _read_meta_safely(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads((path / META).read_text())
@@ -266,12 +285,19 @@ def is_complete(path: Path) -> bool:
     return _structure_problem(Path(path)) is None
 
 
+def structure_problem(path: str | Path) -> str | None:
+    """What the cheap structural check finds wrong (meta.json, its own checksum, file sizes), or None."""
+    return _structure_problem(Path(path))
+
+
 def _structure_problem(path: Path) -> str | None:
     meta = _read_meta_safely(path)
     if meta is None:
         return "meta.json is missing or unreadable"
     if not meta.get("complete") or not meta.get("files"):
         return "meta.json does not describe a complete checkpoint"
+    if META_CHECKSUM in meta and meta[META_CHECKSUM] != meta_checksum(meta):  # older checkpoints have none
+        return "meta.json was changed after it was written (its content does not match its own checksum)"
     for name, size in meta["files"].items():
         if not (path / name).is_file():
             return f"{name} is missing"
@@ -378,6 +404,28 @@ def resolve_resume(resume: str, root: str | Path, share: tuple[int, int] = (0, 1
     return path
 
 
+def abandon_newer(root: str | Path, step: int) -> tuple[Path | None, list[str]]:
+    """Resuming from checkpoint `step` makes it the branch point of the run's history: the published checkpoints
+    after it (the branch no longer followed) are moved, never deleted, into `abandoned-<time>/`, so that `--resume
+    auto` and retention see only the live branch; `latest` names `step` again. Returns (that directory or None,
+    the names moved)."""
+    root = Path(root)
+    newer = [p for p in list_checkpoints(root) if int(_NAME.match(p.name).group(1)) > step]
+    if not newer:
+        return None, []
+    aside = root / f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while aside.exists():
+        aside = root / f"{ABANDONED}{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+        n += 1
+    aside.mkdir()
+    for path in newer:
+        os.replace(path, aside / path.name)
+    _write_synced(root / LATEST, checkpoint_name(step))
+    _fsync_dir(root)
+    return aside, [p.name for p in newer]
+
+
 def rng_state() -> dict[str, Any]:
     import random
 
@@ -448,8 +496,7 @@ class CheckpointManager:
         self.keep_every = keep_every
         self.pending: dict[str, Any] | None = None
         self.last_published: int | None = None
-        # The checkpoint this run resumed from (verified before the load): retention never deletes it before this
-        # run has published a newer one of its own.
+        # The checkpoint this run resumed from (verified before the load): retention never deletes it.
         self.resumed_from: int | None = None
         self.timings: dict[str, float] = {}  # of the last save: stall_s (training blocked), write_s (to publish)
         self.completed: list[dict[str, float]] = []  # {step, write_s} of saves published since last drained
@@ -517,19 +564,20 @@ class CheckpointManager:
 
     def apply_retention(self) -> None:
         """Keep the newest `keep_last`, every step that is a multiple of `keep_every`, and stage boundaries;
-        never the newest complete checkpoint, nor the newest one this run trusts (the one it published last, or
-        else the verified one it resumed from), whatever other directories (an older run's later steps) exist.
+        never the newest complete checkpoint, the one this run published last, nor the verified one it resumed
+        from, whatever other directories (an older run's later steps) exist.
         A deleted checkpoint is renamed out of the `step_X` namespace first, so a kill mid-deletion never
         leaves a half-deleted checkpoint that looks loadable."""
         if self.keep_last <= 0:
             return
         published = list_checkpoints(self.root)
         newest = find_latest(self.root)
-        trusted = self.last_published if self.last_published is not None else self.resumed_from
+        # The checkpoint resumed from (this run's branch point) is kept as well as the newest one published.
+        trusted = {self.last_published, self.resumed_from} - {None}
         keep = set(published[-self.keep_last:])
         for path in published:
             step = int(_NAME.match(path.name).group(1))
-            if path == newest or step == trusted or (self.keep_every and step % self.keep_every == 0):
+            if path == newest or step in trusted or (self.keep_every and step % self.keep_every == 0):
                 keep.add(path)
             else:
                 try:

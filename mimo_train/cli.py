@@ -32,18 +32,54 @@ def _train(args) -> int:
     preflight.check_layouts(cfg, world, preflight.starting_stage(cfg, args.resume),
                             where=f" (--nproc {args.nproc})" if world == args.nproc else "")
     preflight.check_machine(cfg)
+    if args.overwrite and args.resume != "none":
+        raise ConfigError(f"--overwrite: only with --resume none (it moves the old run aside to start a new one); "
+                          f"--resume {args.resume} continues the run in place")
+    preflight.check_data(cfg)
     launcher = args.nproc > 1 and "RANK" not in os.environ
-    if launcher or world == 1:  # the process that owns the launch (not each of a Slurm job's tasks)
-        if not args.skip_memory_check:
-            preflight.check_memory_on_cuda(cfg, world)
-        preflight.prepare_run_dir(cfg, args.resume, args.overwrite)
-    if launcher:
-        from mimo_train.launcher import launch_local
+    if not (launcher or world == 1):  # one of a torchrun/Slurm job's ranks: rank 0 takes the lock in the trainer
+        return _train_rank(cfg, args.resume, world)
+    if not args.skip_memory_check:
+        preflight.check_memory_on_cuda(cfg, world)
+    # The process that owns the launch holds the run directory's lock before any rank starts, until all ended.
+    from mimo_train.run_lock import HELD_ENV
 
-        # --overwrite is not passed on: the old run is already aside, and the ranks must not move the new one.
-        return launch_local(args.nproc, ["train", "--config", args.config, "--resume", args.resume, *args.overrides])
+    lock = _lock_run_dir(cfg, args.resume, args.overwrite)
     try:
-        trainer, records = _run_trainer(cfg, args.resume)
+        if launcher:
+            from mimo_train.launcher import launch_local
+
+            os.environ[HELD_ENV] = str(Path(cfg.run.dir).resolve())  # inherited by the ranks
+            # --overwrite is not passed on: the old run is already aside, and the ranks must not move the new one.
+            return launch_local(args.nproc, ["train", "--config", args.config, "--resume", args.resume,
+                                             *args.overrides])
+        return _train_rank(cfg, args.resume, world)
+    finally:
+        os.environ.pop(HELD_ENV, None)
+        lock.release()
+
+
+def _lock_run_dir(cfg, resume: str, overwrite: bool):
+    """The run directory's lock (refused when another run holds it), taken before `--overwrite` moves an old
+    run aside, so a live run is never moved; then taken again on the new, empty directory."""
+    from mimo_train import preflight
+    from mimo_train.run_lock import RunLock
+
+    lock = RunLock(cfg.run.dir).acquire()
+    try:
+        moved = preflight.prepare_run_dir(cfg, resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    if moved is not None:
+        lock.release()
+        lock = RunLock(cfg.run.dir).acquire()
+    return lock
+
+
+def _train_rank(cfg, resume: str, world: int) -> int:
+    try:
+        trainer, records = _run_trainer(cfg, resume)
     except RuntimeError as e:
         if world > 1 and _peer_failed(e):  # the failed rank printed the traceback that matters; one line here
             print(f"rank {os.environ.get('RANK', '?')}: stopping, another rank failed ({str(e).splitlines()[0][-160:]})",
@@ -193,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     from mimo_train.checkpoint import CheckpointError
 
     from mimo_train.preflight import RelaunchNeeded
+    from mimo_train.run_lock import RunLocked
+    from data_pipeline.source import UnusableSource, one_line
 
     try:
         return args.func(args)
@@ -205,6 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         return 2
+    except UnusableSource as e:
+        print(f"data error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except RunLocked as e:
+        print(f"mimo-train: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:
+        from mimo_train.stopping import interrupted_now
+
+        # A second Ctrl-C (the handler said so), whatever it interrupted and however that wrapped it: one line.
+        if isinstance(e, KeyboardInterrupt) or interrupted_now():
+            print("mimo-train: interrupted; the newest checkpoint is the last one published", file=sys.stderr,
+                  flush=True)
+            return 130
+        raise
 
 
 if __name__ == "__main__":

@@ -677,6 +677,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             tree = {"model": raw}
     for item in overrides:
         parts, value = parse_override(item)
+        if parts == ["model"]:  # `model=NAME` on the command line, as `model: NAME` in the YAML
+            value = _resolve_model_section(value, path.parent if path is not None else CONFIG_ROOT)
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})

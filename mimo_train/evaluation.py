@@ -36,7 +36,11 @@ def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
 def check_eval_config(cfg, stage) -> None:
     """The eval batch must split into micro-batches over the data-parallel ranks; no pipeline schedule for it."""
     t = cfg.train
-    if not t.eval_interval or not cfg.data.eval_sources:
+    if t.eval_interval and not cfg.data.eval_sources:
+        raise ConfigError(f"train.eval_interval: {t.eval_interval} asks for validation, but data.eval_sources is "
+                          f"empty; add held-out sources (data.eval_sources=[{{name: held, path: DIR}}]) or set "
+                          f"train.eval_interval=0")
+    if not t.eval_interval:
         return
     p, mbs = stage.parallel, stage.micro_batch_size
     if p.pp > 1:
@@ -80,7 +84,9 @@ class Evaluator:
         data = self.cfg.data
         eval_data = DataConfig(sources=[source], tokenizer=data.tokenizer, vocab_size=data.vocab_size,
                                cache_dir=data.cache_dir, seed=data.seed, num_workers=0)
-        stream = GlobalSampleStream(eval_data, dp_rank=self.topo.rank_in("dp"), dp_size=stage.parallel.dp)
+        # The run directory as for training: a relative or unset cache_dir lives under it.
+        stream = GlobalSampleStream(eval_data, dp_rank=self.topo.rank_in("dp"), dp_size=stage.parallel.dp,
+                                    run_dir=self.cfg.run.dir)
         stream.set_stage(stage.seq_len)
         return stream
 

@@ -7,8 +7,10 @@ does, and then:
 - forwards SIGTERM, SIGINT and SIGUSR1 to every rank exactly once per signal it receives (the ranks run in their
   own session, so a Ctrl-C in the terminal reaches them through the launcher only, never twice), waits for them to
   checkpoint and exit, and exits 0 when every rank stopped cleanly;
-- when a rank fails, kills the others at once (they would only fail in their next collective and repeat the
-  error) and exits with the failed rank's status: one traceback, the failed rank's own, and no wrapper's. The
+- watches every rank; when one fails, prints "rank N failed (exit status S)", stops the others within seconds
+  (SIGTERM, then SIGKILL after a grace period: a rank outside a collective would otherwise wait for the
+  process-group timeout) and exits with the failed rank's status, as a shell reports it (137 for a rank killed by
+  SIGKILL): one traceback, the failed rank's own, and no wrapper's. The
   trainer's planned exits (relaunch for another stage layout, divergence) are every rank's, after a collective
   checkpoint: those ranks are left to finish;
 - ranks die with the launcher (Linux: PR_SET_PDEATHSIG), so killing it with SIGKILL orphans nothing.
@@ -26,6 +28,8 @@ import time
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 POLL_S = 0.1
+# Seconds the other ranks get to exit after SIGTERM when one rank failed, before SIGKILL.
+GRACE_S = 3.0
 # Exit statuses every rank reaches together (mimo_train.trainer EXIT_RELAUNCH, EXIT_DIVERGED): not failures to
 # stop the other ranks for.
 PLANNED_EXITS = (3, 4)
@@ -79,22 +83,35 @@ def launch_local(nproc: int, argv: list[str], command: list[str] | None = None) 
 
 
 def _wait(procs: list[subprocess.Popen]) -> int:
-    status = 0
-    while any(p.poll() is None for p in procs):
-        failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0, *PLANNED_EXITS)]
+    """Watch every rank until all have ended; when one fails, stop the others and return its status."""
+    while True:
+        codes = [p.poll() for p in procs]  # every rank polled each round (a live rank 0 hides nothing)
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, *PLANNED_EXITS)]
         if failed:
-            rank, status = failed[0]
-            print(f"mimo-train: rank {rank} failed (exit status {_exit_status(status)}); stopping the other ranks",
+            rank, code = failed[0]
+            status = _exit_status(code)
+            print(f"mimo-train: rank {rank} failed (exit status {status}); stopping the other ranks",
                   file=sys.stderr, flush=True)
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            for p in procs:
-                p.wait()
-            return _exit_status(status)
+            stop_ranks(procs)
+            return status
+        if all(c is not None for c in codes):
+            return _exit_status(next((c for c in codes if c != 0), 0))
         time.sleep(POLL_S)
-    codes = [p.returncode for p in procs]
-    return _exit_status(next((c for c in codes if c != 0), 0))
+
+
+def stop_ranks(procs: list[subprocess.Popen], grace_s: float = GRACE_S) -> None:
+    """SIGTERM to every live rank, SIGKILL to those still alive `grace_s` later (a rank blocked outside a collective
+    would otherwise wait for the process-group timeout), then reap them all."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(p.poll() is None for p in list(procs)) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
 
 
 def _exit_status(returncode: int) -> int:

@@ -1,7 +1,9 @@
 """Per-step metrics: `metrics.jsonl` in the run directory, console progress lines, and wandb.
 
 `metrics.jsonl` holds one JSON object per optimizer step. On a resume from step k the lines after k (written by the
-interrupted run after its last checkpoint) are dropped first, so the file never holds a step twice.
+interrupted run after its last checkpoint, or by a branch abandoned when an older checkpoint is resumed) are moved
+to an archive first (`metrics.superseded.jsonl`, or the abandoned branch's directory), so the file never holds a
+step twice and no line is lost. Evaluation losses are printed as their own console line.
 
 wandb: `run.wandb_mode` online, offline, disabled, or auto (online when an API key is configured, offline
 otherwise; online without a key falls back to offline); `WANDB_MODE` in the environment overrides it. The run id is kept in the run directory
@@ -70,20 +72,31 @@ def wandb_values(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Keep only the lines of steps <= step (the ones covered by the checkpoint being resumed)."""
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
+def truncate_after(path: Path, step: int, archive: Path | None = None) -> int:
+    """Keep only the lines of steps <= step (the ones covered by the checkpoint being resumed); the later lines are
+    appended to `archive` (default: `metrics.superseded.jsonl` beside it), never lost. Returns how many moved."""
     if not path.is_file():
-        return
-    kept = []
+        return 0
+    kept, moved = [], []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
+            (kept if json.loads(line)["step"] <= step else moved).append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a kill mid-write
+    if not moved:
+        return 0
+    archive = archive or path.with_name(SUPERSEDED)
+    with open(archive, "a") as f:  # first the copy, then the cut: a kill in between duplicates, never loses
+        f.write("".join(line + "\n" for line in moved))
+        f.flush()
+        os.fsync(f.fileno())
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+    return len(moved)
 
 
 class MetricsLogger:
@@ -118,6 +131,8 @@ class MetricsLogger:
             self.wandb.log(wandb_values(record), step=record["step"])
         if console:
             print(self.progress_line(record), flush=True)
+        if any(k.startswith("eval/") for k in record):  # validation is rare: always shown
+            print(eval_line(record), flush=True)
 
     def progress_line(self, r: dict[str, Any]) -> str:
         done = r["step"] - self.start_step
@@ -136,6 +151,24 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish(exit_code=exit_code)
             self.wandb = None
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """`eval step 20 | held: lm 5.1234, mtp1 5.3012, accepted length 1.21` (per eval source)."""
+    sources: dict[str, dict[str, float]] = {}
+    for key, value in record.items():
+        if key.startswith("eval/"):
+            _, source, name = key.split("/", 2)
+            sources.setdefault(source, {})[name] = value
+    parts = []
+    for source, values in sources.items():
+        text = f"{source}: lm {values.get('lm_loss', float('nan')):.4f}"
+        depths = sorted(int(k[len("mtp_loss_depth"):]) for k in values if k.startswith("mtp_loss_depth"))
+        text += "".join(f", mtp{d} {values[f'mtp_loss_depth{d}']:.4f}" for d in depths)
+        if depths and f"accepted_length_k{depths[-1]}" in values:
+            text += f", accepted length {values[f'accepted_length_k{depths[-1]}']:.2f}"
+        parts.append(text)
+    return f"eval step {record['step']} | " + " | ".join(parts)
 
 
 def _duration(seconds: float) -> str:

@@ -44,6 +44,8 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
         try:
             validate_layout(s.parallel, cfg.model, s.parallel.world_size, s.seq_len)
             check_eval_config(cfg, s)
+            if batches:
+                check_pipeline_micro_batches(s)
         except ConfigError as e:
             raise ConfigError(f"{name}{e}") from None
     from parallel.kernels import te_rules
@@ -87,6 +89,32 @@ def check_memory_on_cuda(cfg: Config, world_size: int) -> None:
     check_memory(cfg, world_size, local_gpu())
 
 
+def check_pipeline_micro_batches(stage) -> None:
+    """A pipeline schedule needs at least one micro-batch per stage in every step (torch's schedules refuse
+    fewer), including the smallest batch of a ramp-up."""
+    p = stage.parallel
+    if p.pp <= 1:
+        return
+    smallest = stage.rampup[0] if stage.rampup is not None else stage.global_batch_size
+    micro = smallest // (stage.micro_batch_size * p.dp)
+    if micro < p.pp:
+        raise ConfigError(f"train.global_batch_size: pipeline parallelism (parallel.pp={p.pp}) needs at least {p.pp} "
+                          f"micro-batches per step, and a batch of {smallest} in micro-batches of "
+                          f"{stage.micro_batch_size} over parallel.dp={p.dp} gives {micro}; raise the global batch "
+                          f"to {p.pp * stage.micro_batch_size * p.dp} or lower train.micro_batch_size")
+
+
+def check_data(cfg: Config) -> None:
+    """The data section against the files it names (manifests, tokenizer identity, vocabulary), before any rank
+    starts; the ranks check again (cheap), for launches that do not pass through here."""
+    from data_pipeline.checks import DataConfigError, check_data_sources
+
+    try:
+        check_data_sources(cfg.data, cfg.model.vocab_size, cfg.run.dir)
+    except DataConfigError as error:
+        raise ConfigError(str(error)) from None
+
+
 def starting_stage(cfg: Config, resume: str) -> int:
     """The stage a launch starts in: the one recorded in the checkpoint it will resume from (sizes checked only:
     the ranks verify the checksums), else the first."""
@@ -105,9 +133,9 @@ def check_resume_path(resume: str) -> None:
     if not path.is_dir():
         raise ckpt.CheckpointError(f"--resume {resume}: no such checkpoint directory (use a step_XXXXXXXX directory "
                                    f"under <run.dir>/checkpoints, 'auto' or 'none')")
-    if not ckpt.is_complete(path):
-        raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint (no meta.json listing its files, "
-                                   f"or a file is missing or has another size)")
+    problem = ckpt.structure_problem(path)
+    if problem is not None:
+        raise ckpt.CheckpointError(f"--resume {resume}: not a complete checkpoint ({problem})")
 
 
 def has_run(run_dir: Path) -> bool:

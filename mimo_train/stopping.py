@@ -8,6 +8,13 @@ import signal
 import sys
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_interrupted_now = False  # a second Ctrl-C raised KeyboardInterrupt (possibly wrapped by what it interrupted)
+
+
+def interrupted_now() -> bool:
+    """True once a second Ctrl-C stopped this process: whatever error follows is its consequence (a checkpoint
+    write it broke, say), not a failure to report with a traceback."""
+    return _interrupted_now
 
 
 class StopRequest:
@@ -25,6 +32,8 @@ class StopRequest:
             if self._interrupts > 1:
                 # Said before raising: the interrupt may land inside a checkpoint write, whose error then wraps it.
                 print("second Ctrl-C: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+                global _interrupted_now
+                _interrupted_now = True
                 raise KeyboardInterrupt("second Ctrl-C")
             if self.announce:
                 print("Ctrl-C: checkpointing at the end of this step, then exiting (press Ctrl-C again to exit now, "

@@ -115,6 +115,7 @@ class Trainer:
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_logger = self.rank == 0
+        self.run_lock = self._take_run_lock()
         self.plan = StagePlan(cfg, self.world)
         for s in self.plan.stages:  # every stage's layout is checked before any work (each against its own size)
             validate_layout(s.parallel, cfg.model, s.parallel.world_size, s.seq_len)
@@ -124,7 +125,7 @@ class Trainer:
         from data_pipeline.checks import DataConfigError, check_data_sources
 
         try:  # sources, manifests, tokenizer and vocabulary: before the model is built
-            check_data_sources(cfg.data, cfg.model.vocab_size)
+            check_data_sources(cfg.data, cfg.model.vocab_size, cfg.run.dir)
         except DataConfigError as error:
             raise ConfigError(str(error)) from None
         self.run_dir = Path(cfg.run.dir)
@@ -170,11 +171,69 @@ class Trainer:
         else:
             self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
         self._apply_stage(self.stage)
+        if path is not None and self.is_logger:  # the resume is fully validated: now history may be rearranged
+            self._branch_history(path, meta)
+
+    def _take_run_lock(self):
+        """Rank 0 takes the run directory's lock when no launcher holds it for this job (torchrun, Slurm tasks);
+        every rank learns the outcome, so all stop with the same one line when another run holds it."""
+        from mimo_train.run_lock import RunLock, RunLocked, held_by_parent
+
+        if self.world == 1 or held_by_parent(self.cfg.run.dir):  # the single process's command line holds it
+            return None
+        lock, problem = None, None
+        if self.rank == 0:
+            try:
+                lock = RunLock(self.cfg.run.dir).acquire()
+            except RunLocked as error:
+                problem = str(error)
+        problem = self._first_problem(problem)
+        if problem is not None:
+            if self.rank == 0:
+                raise RunLocked(problem)
+            raise SystemExit(2)  # rank 0 says why
+        return lock
+
+    def _branch_history(self, path: Path, meta: dict[str, Any]) -> None:
+        """Resuming from checkpoint `path` at step s: newer checkpoints (a branch no longer followed) move into
+        `checkpoints/abandoned-<time>/` and the metrics of steps after s into an archive beside them (or into
+        `metrics.superseded.jsonl`), so the live history is the one this run continues, and nothing is lost."""
+        from mimo_train.metrics import truncate_after
+
+        step = meta["trainer"]["step"]
+        aside, moved = ckpt.abandon_newer(self.ckpt_dir, step)
+        archive = aside / "metrics.jsonl" if aside is not None else None
+        lines = truncate_after(self.run_dir / "metrics.jsonl", step, archive)
+        if moved:
+            print(f"resumed from {path.name}, older than the newest checkpoint: it is now the branch point; "
+                  f"{', '.join(moved)} and the metrics of their {lines} steps moved to {aside} (nothing deleted)",
+                  flush=True)
+        self._note_schedule_change(meta)
+
+    def _note_schedule_change(self, meta: dict[str, Any]) -> None:
+        """A resume may change train.steps and the step-based LR schedule; the cosine then spans the new length, so
+        the learning rate of the remaining steps changes: said once, with the next step's LR before and after."""
+        from mimo_train.schedule import learning_rate
+
+        saved = (meta.get("config") or {}).get("train", {})
+        keys = ("steps", "lr", "min_lr", "warmup_steps", "constant_steps", "decay_steps")
+        t = self.cfg.train
+        changed = {k: saved[k] for k in keys if k in saved and saved[k] != getattr(t, k)}
+        if not changed or self.stage.lr is not None:  # a stage's own schedule runs on tokens, not train.steps
+            return
+        old_lr = learning_rate(self.step, dataclasses.replace(t, **changed))
+        new_lr = learning_rate(self.step, t)
+        fields = ", ".join(f"train.{k} {v!r} -> {getattr(t, k)!r}" for k, v in changed.items())
+        print(f"resume with a changed learning-rate schedule ({fields}): the remaining steps follow the new one "
+              f"(step {self.step + 1}: lr {new_lr:.3g}, {old_lr:.3g} under the checkpoint's)", flush=True)
 
     def close(self) -> None:
-        """Stop the data workers (idempotent). Called on every failure, so a crash exits promptly."""
+        """Stop the data workers and release the run directory (idempotent). Called on every failure, so a crash
+        exits promptly."""
         if self.data is not None:
             self.data.close()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
 
     # ---- building and stages ----------------------------------------------------------------------------------
     def _resume_path(self, resume: str) -> Path | None:
@@ -204,6 +263,7 @@ class Trainer:
         if self.data is not None:
             self.data.close()
         self.data = GlobalSampleStream(cfg.data, dp_rank=self.topo.rank_in("dp"), dp_size=p.dp, run_dir=cfg.run.dir)
+        self.data.token_limit = cfg.model.vocab_size  # ids past the embedding fail in one line, not in the model
         self.layout_key = stage.layout_key()
 
     def _apply_stage(self, stage: Stage) -> None:
@@ -291,6 +351,9 @@ class Trainer:
         self.consecutive_skips = tr.get("consecutive_skips", 0)
         if "stage_start" in tr:
             self.stage_start = StageStart(**tr["stage_start"])
+        if meta["data"].get("next_step") not in (None, tr["step"]):  # the data cursor must be at this step
+            raise ckpt.CheckpointError(f"{path}: meta.json's trainer step {tr['step']} disagrees with its data "
+                                       f"stream, which is at step {meta['data']['next_step']}")
         self.data.load_state_dict(meta["data"])
         ckpt.set_rng_state(meta["rng"])
         self.last_saved_step = self.step
