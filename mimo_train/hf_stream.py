@@ -180,21 +180,30 @@ def import_hf(hf_dir: str | Path, ckpt_root: str | Path, dtype: str = "fp32", ra
     target = DTYPES[dtype]
     sizes = {n: torch.Size(s).numel() * target.itemsize for n, (s, _) in shapes.items()}
     mine = split_by_bytes(sizes, world)[rank]
-    done = [0]
+    written: list[torch.Tensor] = []
+    count = [0]
 
     def produce(fqn: str) -> torch.Tensor:
+        # DCP's writer keeps a reference to every tensor of a file until the file is closed (for its safetensors
+        # format), though each is written before the next is asked for (a serial loader: see _import_writer):
+        # the previous tensor's memory is released here, or the import would hold this rank's whole share.
+        if written:
+            written.pop().untyped_storage().resize_(0)
         name = fqn[len(MODEL_PREFIX):]
         t = read_ours(reader, name, shapes[name][0]).to(target)
-        done[0] += 1
-        if progress and rank == 0 and done[0] % 50 == 0:
-            print(f"  rank 0: {done[0]}/{len(mine)} tensors", flush=True)
+        if not t.untyped_storage().resizable():  # read straight from a file through numpy's buffer: not releasable
+            t = t.clone()
+        written.append(t)
+        count[0] += 1
+        if progress and rank == 0 and count[0] % 50 == 0:
+            print(f"  rank 0: {count[0]}/{len(mine)} tensors", flush=True)
         return t
 
     state = {MODEL_PREFIX + n: torch.empty(shapes[n][0], dtype=target, device="meta") for n in mine}
     root = Path(ckpt_root)
     tmp = ckpt.prepare_tmp(root, 0, rank)
     with _single_process_quiet():
-        dcp.save(state, storage_writer=ckpt._storage_writer(tmp), planner=_LazyTensors(produce), no_dist=world == 1)
+        dcp.save(state, storage_writer=_import_writer(tmp), planner=_LazyTensors(produce), no_dist=world == 1)
     _barrier(world)
     if rank == 0:
         meta = {"source": str(Path(hf_dir).resolve()), "model_only": True, "hf_import": {"dtype": dtype}}
@@ -202,6 +211,16 @@ def import_hf(hf_dir: str | Path, ckpt_root: str | Path, dtype: str = "fp32", ra
         save_config(Config(model=cfg), root / "config.yaml")
     _barrier(world)
     return root / ckpt.checkpoint_name(0)
+
+
+def _import_writer(tmp: Path):
+    """DCP's file writer with checksums, one thread and no copy-ahead: it asks for tensor k + 1 only after tensor k
+    is in the file (with copy-ahead, as on CUDA machines by default, it would resolve several first)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    writer = FileSystemWriter(str(tmp), sync_files=True, thread_count=1, per_thread_copy_ahead=0)
+    writer.fs = ckpt.ChecksummingFileSystem()
+    return writer
 
 
 @contextmanager
@@ -284,7 +303,8 @@ class CheckpointTensors:
 
     def __init__(self, path: Path):
         self.path = path
-        self.meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        self.metadata = FileSystemReader(str(path)).read_metadata()
+        self.meta = self.metadata.state_dict_metadata
         self.names = sorted(k[len(MODEL_PREFIX):] for k in self.meta if k.startswith(MODEL_PREFIX))
         self._cached: tuple[str, torch.Tensor] | None = None
 
@@ -298,9 +318,20 @@ class CheckpointTensors:
             md = self.meta[key]
             buf = torch.empty(tuple(md.size), dtype=md.properties.dtype)
             with _single_process_quiet():
-                dcp.load({key: buf}, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+                dcp.load({key: buf}, storage_reader=_KnownMetadataReader(self.path, self.metadata), no_dist=True)
             self._cached = (name, buf)
         return self._cached[1]
+
+
+class _KnownMetadataReader(FileSystemReader):
+    """DCP's reader, given the metadata it would otherwise read and unpickle again for every tensor."""
+
+    def __init__(self, path: Path, metadata):
+        super().__init__(str(path))
+        self._known = metadata
+
+    def read_metadata(self):
+        return self._known
 
 
 def _slice(t: torch.Tensor, part: tuple) -> torch.Tensor:
