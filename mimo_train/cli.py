@@ -75,9 +75,10 @@ def _peer_failed(error: BaseException) -> bool:
     return any(marker in str(error) for marker in _PEER_FAILURE)
 
 
-def _conversion_ranks(args, argv: list[str], staging) -> tuple[int, int] | int:
-    """(rank, world) of this process in a conversion; or, in the process that starts `--nproc N` local ranks, their
-    exit status (a failed launch leaves no partial output: `staging` is removed)."""
+def _conversion_ranks(args, argv: list[str], staging) -> tuple[int, int, bool] | int:
+    """(rank, world, whether this command joined the process group) of this process in a conversion; or, in the
+    process that starts `--nproc N` local ranks, their exit status (a failed launch leaves no partial output:
+    `staging` is removed)."""
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1 (got {args.nproc})")
     world = _world_size_from_environment(args.nproc)
@@ -89,10 +90,13 @@ def _conversion_ranks(args, argv: list[str], staging) -> tuple[int, int] | int:
             staging()
         return status
     if world == 1:
-        return 0, 1
+        return 0, 1, False
+    import torch.distributed as dist
+
     from parallel.topology import init_distributed
 
-    return init_distributed(timeout_s=args.timeout, device="cpu")
+    joined = not dist.is_initialized()
+    return (*init_distributed(timeout_s=args.timeout, device="cpu"), joined)
 
 
 def _hf_import(args) -> int:
@@ -108,13 +112,14 @@ def _hf_import(args) -> int:
                               lambda: shutil.rmtree(out / f"{ckpt.checkpoint_name(0)}.tmp", ignore_errors=True))
     if isinstance(ranks, int):
         return ranks
-    rank, world = ranks
+    rank, world, joined = ranks
     try:
         path = hf_stream.import_hf(args.hf_dir, out, args.dtype, rank, world)
     except BaseException:
         if world == 1:
             shutil.rmtree(out / f"{ckpt.checkpoint_name(0)}.tmp", ignore_errors=True)
         raise
+    _leave_group(joined)
     if rank == 0:
         print(f"imported {args.hf_dir} -> {path} ({args.dtype}, {world} process{'es' if world > 1 else ''})")
     return 0
@@ -152,7 +157,7 @@ def _hf_export(args) -> int:
                               lambda: hf_stream.discard_staging(out))
     if isinstance(ranks, int):
         return ranks
-    rank, world = ranks
+    rank, world, joined = ranks
     try:
         written = _export_shards(path, cfg, out, args.dtype, rank, world, args.shard_mb << 20)
         if rank == 0:
@@ -168,7 +173,18 @@ def _hf_export(args) -> int:
         if world == 1:
             hf_stream.discard_staging(out)
         raise
+    _leave_group(joined)
     return 0
+
+
+def _leave_group(joined: bool) -> None:
+    """Every rank done: leave the process group this command joined, together (a rank that exits with it alive
+    can abort in gloo's threads)."""
+    import torch.distributed as dist
+
+    if joined:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _export_shards(path, cfg, out: Path, dtype: str, rank: int, world: int, max_shard_bytes: int) -> dict:
