@@ -30,6 +30,9 @@ def _train(args) -> int:
     # Everything that can be checked without a process group is checked here, before any rank starts.
     cfg = load_config(args.config, args.overrides)
     preflight.check_resume_path(args.resume)
+    from mimo_train.init_from import check_before_launch
+
+    check_before_launch(cfg, args.resume)
     world = _world_size_from_environment(args.nproc)
     preflight.check_layouts(cfg, world, preflight.starting_stage(cfg, args.resume),
                             where=f" (--nproc {args.nproc})" if world == args.nproc else "")
@@ -284,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_options(p)
     p.set_defaults(func=_hf_export)
 
-    p = sub.add_parser("hf-verify", help="check an exported directory's files against the checksums in its index")
-    p.add_argument("hf_dir")
+    p = sub.add_parser("hf-verify", help="check an exported directory's files against the checksums in its index",
+                       description="Read every file an hf-export wrote and compare its size and checksum with those "
+                                   "recorded in model.safetensors.index.json; exit 1 naming each file that differs.")
+    p.add_argument("hf_dir", help="a directory written by hf-export")
     p.set_defaults(func=_hf_verify)
 
     from mimo_train.info import add_info_parser

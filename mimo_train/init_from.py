@@ -40,6 +40,19 @@ def resolve_source(init_from: str) -> tuple[str, Path]:
                       f"checkpoint, checkpoints/ or run directory with a checkpoint that verifies")
 
 
+def check_before_launch(cfg, resume: str) -> None:
+    """`train.init_from` must name a usable source when the run will start fresh (no checkpoint to resume): one
+    error before any rank starts. A run that resumes never reads it (the source may be gone by then)."""
+    if not cfg.train.init_from or resume not in ("none", "auto"):
+        return
+    if resume == "auto" and ckpt.list_checkpoints(Path(cfg.run.dir) / "checkpoints"):
+        return
+    path = Path(cfg.train.init_from).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"train.init_from: {path} is not a directory (a Hugging Face directory or a mimo-train "
+                          f"checkpoint)")
+
+
 def _check_shapes(source: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
     wrong = [f"{n} {found.get(n)} vs {s}" for n, s in sorted(expected.items()) if found.get(n) != s]
     if wrong:

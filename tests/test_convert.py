@@ -296,6 +296,10 @@ def test_init_from_starts_a_new_run_and_its_resume_ignores_it(release, tmp_path)
     for name, t in again.model.state_dict().items():
         assert torch.equal(t, after[name]), name
     again.close()
+    # A source that does not exist: one line before any process starts.
+    assert cli.main(["train", "--config", "configs/train/tiny_cpu.yaml", "--nproc", "2",
+                     f"train.init_from={tmp_path / 'absent'}", f"run.dir={tmp_path / 'new'}"]) == 2
+    assert not (tmp_path / "new").exists()
     # A source whose model differs from the run's: one clear error naming the field and the tensors.
     from types import SimpleNamespace
 
