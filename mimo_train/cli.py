@@ -129,16 +129,16 @@ def _hf_import(args) -> int:
 
 
 def _checkpoint_and_config(src: Path):
-    """The checkpoint to export (a step directory, or a checkpoints/ directory's newest that verifies) and the
-    config.yaml of the run that wrote it, with the run directory it belongs to."""
+    """The checkpoint to export (a step directory, or a checkpoints/ directory's newest complete one; its checksums
+    are verified by the converting ranks, see `_verify_shared`) and the config.yaml of the run that wrote it, with
+    the run directory it belongs to."""
     from mimo_train import checkpoint as ckpt
 
-    path = src if (src / ckpt.META).is_file() else ckpt.find_verified(src, set_aside=False)
+    path = src if (src / ckpt.META).is_file() else ckpt.find_latest(src)
     if path is None:
-        raise ckpt.CheckpointError(f"{src}: no checkpoint that verifies")
-    problem = ckpt.verify(path)
-    if problem is not None:
-        raise ckpt.CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({problem})")
+        raise ckpt.CheckpointError(f"{src}: no complete checkpoint")
+    if not ckpt.is_complete(path):
+        raise ckpt.CheckpointError(f"{path}: checkpoint is incomplete (its files do not match its meta.json)")
     config_file = next((p for p in (path.parent / "config.yaml", path.parent.parent / "config.yaml") if p.is_file()), None)
     if config_file is None:
         raise ckpt.CheckpointError(f"{src}: no config.yaml beside the checkpoint")
@@ -161,6 +161,7 @@ def _hf_export(args) -> int:
     if isinstance(ranks, int):
         return ranks
     rank, world, joined = ranks
+    _verify_shared(path, rank, world)
     try:
         written = _export_shards(path, cfg, out, args.dtype, rank, world, args.shard_mb << 20)
         if rank == 0:
@@ -188,6 +189,22 @@ def _leave_group(joined: bool) -> None:
     if joined:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _verify_shared(path: Path, rank: int, world: int) -> None:
+    """Every file's checksum checked before the export reads it, each rank a share of the files (so N ranks read
+    the checkpoint once between them); every rank raises the first problem any rank found."""
+    from mimo_train import checkpoint as ckpt
+
+    problem = ckpt.verify(path, (rank, world))
+    if world > 1:
+        import torch.distributed as dist
+
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p is not None), None)
+    if problem is not None:
+        raise ckpt.CheckpointError(f"{path}: checkpoint is incomplete or corrupt ({problem})")
 
 
 def _export_shards(path, cfg, out: Path, dtype: str, rank: int, world: int, max_shard_bytes: int) -> dict:

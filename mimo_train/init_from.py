@@ -21,19 +21,20 @@ HF = "hugging face directory"
 CHECKPOINT = "checkpoint"
 
 
-def resolve_source(init_from: str) -> tuple[str, Path]:
+def resolve_source(init_from: str, share: tuple[int, int] = (0, 1), agree=ckpt._alone) -> tuple[str, Path]:
     """(kind, path): a Hugging Face directory (config.json), a checkpoint (meta.json), or a checkpoints/ or run
-    directory whose newest checkpoint that verifies is taken."""
+    directory whose newest checkpoint that verifies is taken. Distributed, each rank checks the checksums of its
+    `share` of the files and `agree` returns the first problem any rank found (as for a resume)."""
     path = Path(init_from).expanduser()
     if (path / "config.json").is_file():
         return HF, path
     if (path / ckpt.META).is_file():
-        problem = ckpt.verify(path)
+        problem = agree(ckpt.verify(path, share))
         if problem is not None:
             raise ConfigError(f"train.init_from: {path} is incomplete or corrupt ({problem})")
         return CHECKPOINT, path
     for root in (path, path / "checkpoints"):
-        found = ckpt.find_verified(root, set_aside=False)
+        found = ckpt.find_verified(root, set_aside=False, share=share, agree=agree)
         if found is not None:
             return CHECKPOINT, found
     raise ConfigError(f"train.init_from: {path} is neither a Hugging Face directory (config.json) nor a mimo-train "
@@ -69,7 +70,9 @@ def load_initial_weights(trainer) -> None:
     from parallel.state_dict import (copy_loaded_model_state, model_state, optimizer_state,
                                      read_fp32_values_from_saved_place)
 
-    kind, path = resolve_source(trainer.cfg.train.init_from)
+    world = getattr(trainer, "world", 1)
+    agree = trainer._first_problem if world > 1 else ckpt._alone
+    kind, path = resolve_source(trainer.cfg.train.init_from, (getattr(trainer, "rank", 0), world), agree)
     state = {"model": model_state(trainer.model, trainer.layouts, trainer.topo),
              "optimizer": optimizer_state(trainer.optimizer, trainer.layouts, trainer.topo, create=True)}
     saved_masters = kind == CHECKPOINT and _saved_precision(path) != "fp32"

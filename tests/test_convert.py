@@ -235,6 +235,13 @@ def test_the_demo_checkpoint_exports_from_any_directory_and_loads_in_transformer
     assert cli.main(["hf-export", str(run_dir / "checkpoints"), str(out)]) == 2
     assert _fails_mid_export(run_dir / "checkpoints", tmp_path / "failed")
     assert not (tmp_path / "failed").exists() and not hf_stream.staging_dir(tmp_path / "failed").exists()
+    step = ckpt.find_latest(run_dir / "checkpoints")
+    data = next(step.glob("*.distcp"))
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # same size, other bytes: only the checksum tells
+    data.write_bytes(bytes(blob))
+    assert cli.main(["hf-export", str(step), str(tmp_path / "corrupt")]) == 2
+    assert not (tmp_path / "corrupt").exists() and not hf_stream.staging_dir(tmp_path / "corrupt").exists()
 
 
 def _copy_tokenizer_into_run(cfg, run_dir: Path) -> None:
