@@ -11,6 +11,7 @@ depend on N, so an export is byte-identical to a one-process export, and an impo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
 
 from mimo_train import checkpoint as ckpt
 from mimo_train import fp8_release as fp8
@@ -89,19 +90,22 @@ class HubReader:
         return from_hf_config(self.config, num_mtp_blocks=len(blocks))
 
 
-def read_ours(reader: HubReader, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Our tensor `name` from the Hub's names (experts one by one, `attention_sink_bias`) or transformers' own."""
+def read_ours(reader: HubReader, name: str, shape: tuple[int, ...], expert: int | None = None) -> torch.Tensor:
+    """Our tensor `name` from the Hub's names (experts one by one, `attention_sink_bias`) or transformers' own;
+    with `expert`, only that expert's [1, rows, cols] of an expert stack."""
     if reader.has(name):
-        return reader.read(name)
-    if name.endswith(_GATE_UP) or name.endswith(_DOWN):
+        t = reader.read(name)
+        return t if expert is None else t[expert:expert + 1].clone()
+    if is_expert_stack(name):
         prefix = name[: name.rindex(".") + 1]
+        parts = ["gate_proj", "up_proj"] if name.endswith(_GATE_UP) else ["down_proj"]
+        experts = range(shape[0]) if expert is None else [expert]
         out = None
-        for e in range(shape[0]):
-            parts = ["gate_proj", "up_proj"] if name.endswith(_GATE_UP) else ["down_proj"]
+        for i, e in enumerate(experts):
             rows = [reader.read(f"{prefix}{e}.{p}.weight") for p in parts]
             if out is None:
-                out = torch.empty(shape, dtype=rows[0].dtype)
-            torch.cat(rows, dim=0, out=out[e])
+                out = torch.empty((len(experts), *shape[1:]), dtype=rows[0].dtype)
+            torch.cat(rows, dim=0, out=out[i])
         return out
     if name.endswith(_SINK_OURS):
         return reader.read(name[: -len(_SINK_OURS)] + _SINK_HUB)
@@ -156,15 +160,42 @@ def split_by_bytes(sizes: dict[str, int], world: int) -> list[list[str]]:
     return parts
 
 
-class _LazyTensors(DefaultSavePlanner):
-    """DCP sees meta tensors (names, shapes, dtypes); each real tensor is produced when DCP writes it."""
+def is_expert_stack(name: str) -> bool:
+    return name.endswith(_GATE_UP) or name.endswith(_DOWN)
 
-    def __init__(self, produce: Callable[[str], torch.Tensor]):
+
+class _LazyTensors(DefaultSavePlanner):
+    """DCP sees meta tensors (names, shapes, dtypes); each real tensor is produced when DCP writes it. An expert
+    stack ([experts, rows, cols]; at 309B a layer's gate_up_proj is 17 GB in fp32) is written as one chunk per
+    expert, as a sharded save would: the checkpoint stays layout-free (DCP reads any slice across chunks) and no
+    process ever holds a whole stack."""
+
+    def __init__(self, produce: Callable[[str, int | None], torch.Tensor]):
         super().__init__()
         self.produce = produce
 
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        plan = super().create_local_plan()
+        items = []
+        for item in plan.items:
+            if not is_expert_stack(item.index.fqn):
+                items.append(item)
+                continue
+            size = item.tensor_data.size
+            for e in range(size[0]):
+                offsets, sizes = torch.Size([e, 0, 0]), torch.Size([1, *size[1:]])
+                items.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
+                                       tensor_data=TensorWriteData(ChunkStorageMetadata(offsets, sizes),
+                                                                   item.tensor_data.properties, size)))
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
     def resolve_data(self, write_item):
-        return self.produce(write_item.index.fqn)
+        fqn = write_item.index.fqn
+        return self.produce(fqn, write_item.index.offset[0] if is_expert_stack(fqn) else None)
 
 
 def import_hf(hf_dir: str | Path, ckpt_root: str | Path, dtype: str = "fp32", rank: int = 0, world: int = 1,
@@ -183,14 +214,14 @@ def import_hf(hf_dir: str | Path, ckpt_root: str | Path, dtype: str = "fp32", ra
     written: list[torch.Tensor] = []
     count = [0]
 
-    def produce(fqn: str) -> torch.Tensor:
+    def produce(fqn: str, expert: int | None) -> torch.Tensor:
         # DCP's writer keeps a reference to every tensor of a file until the file is closed (for its safetensors
         # format), though each is written before the next is asked for (a serial loader: see _import_writer):
         # the previous tensor's memory is released here, or the import would hold this rank's whole share.
         if written:
             written.pop().untyped_storage().resize_(0)
         name = fqn[len(MODEL_PREFIX):]
-        t = read_ours(reader, name, shapes[name][0]).to(target)
+        t = read_ours(reader, name, shapes[name][0], expert).to(target)
         if not t.untyped_storage().resizable():  # read straight from a file through numpy's buffer: not releasable
             t = t.clone()
         written.append(t)
@@ -311,16 +342,45 @@ class CheckpointTensors:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(self.meta[MODEL_PREFIX + n].size) for n in self.names}
 
-    def get(self, name: str) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != name:
+    def get(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """The whole tensor, or with `expert` that expert's [rows, cols] of an expert stack (only its bytes read)."""
+        if self._cached is None or self._cached[0] != (name, expert):
             self._cached = None  # free the previous one first
             key = MASTER_KEY.format(name) if MASTER_KEY.format(name) in self.meta else MODEL_PREFIX + name
             md = self.meta[key]
-            buf = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+            shape = tuple(md.size) if expert is None else (1, *md.size[1:])
+            buf = torch.empty(shape, dtype=md.properties.dtype)
+            planner = None if expert is None else _ChunkLoad(key, expert)
             with _single_process_quiet():
-                dcp.load({key: buf}, storage_reader=_KnownMetadataReader(self.path, self.metadata), no_dist=True)
-            self._cached = (name, buf)
+                dcp.load({key: buf}, storage_reader=_KnownMetadataReader(self.path, self.metadata), planner=planner,
+                         no_dist=True)
+            self._cached = ((name, expert), buf if expert is None else buf[0])
         return self._cached[1]
+
+
+class _ChunkLoad(DefaultLoadPlanner):
+    """Load expert `expert` of a stack into a [1, rows, cols] buffer: the read items of that chunk only (DCP's
+    resharding reads, whatever chunks the checkpoint was saved in)."""
+
+    def __init__(self, key: str, expert: int):
+        super().__init__()
+        self.key, self.expert = key, expert
+
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self.metadata.state_dict_metadata[self.key]
+        chunk = ChunkStorageMetadata(torch.Size([self.expert, 0, 0]), torch.Size([1, *md.size[1:]]))
+        return LoadPlan(create_read_items_for_chunk_list(self.key, md, [chunk]))
+
+    def resolve_tensor(self, read_item):
+        """Where a read lands: the part of the [1, rows, cols] buffer it covers (offsets relative to the chunk)."""
+        t = self.state_dict[self.key]
+        for dim, (offset, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            t = t.narrow(dim, offset, length)
+        return t
 
 
 class _KnownMetadataReader(FileSystemReader):
@@ -349,7 +409,10 @@ def _producer(tensors: CheckpointTensors, shard: list[Output]):
 
     def produce(info: TensorInfo) -> torch.Tensor:
         o = by_name[info.name]
-        t = _slice(tensors.get(o.source), o.part)
+        if o.part[0] == "all":
+            t = tensors.get(o.source)
+        else:  # one expert of a stack: only its bytes are read
+            t = _slice(tensors.get(o.source, o.part[1]).unsqueeze(0), (o.part[0], 0))
         if o.encoding == "plain":
             return t.to(info.dtype).contiguous()
         hub = info.name if o.encoding == "fp8" else info.name[: -len(fp8.SCALE_SUFFIX)]

@@ -3,7 +3,8 @@
 Only weights are taken: the optimizer moments, the step, the learning-rate schedule and the data position start
 fresh, as in any new run. From one of our checkpoints (any layout: tensors are stored with their global names),
 DCP reads each rank's slices; from a Hugging Face directory (bf16, fp32 or the release's FP8 blocks), each rank
-reads every tensor it holds a part of, one tensor at a time, and keeps its part. Where the run's precision keeps
+reads every tensor it holds a part of, one tensor at a time (of an expert stack, only its own experts), and keeps
+its part. Where the run's precision keeps
 fp32 master weights, the fp32 values go to the masters and the bf16 parameters are cast from them.
 """
 
@@ -115,6 +116,13 @@ def _load_hf(path: Path, model: dict, expected: dict[str, tuple[int, ...]]) -> N
     hub_cfg = reader.model_config()
     _check_shapes(path, {n: s for n, (s, _) in hf_stream.model_shapes(hub_cfg).items()}, expected)
     for name, dest in model.items():
+        if hf_stream.is_expert_stack(name):  # only this rank's experts are read, one at a time
+            offset, shape = local_region(dest)
+            for i in range(shape[0]):
+                part = hf_stream.read_ours(reader, name, expected[name], offset[0] + i)[0]
+                with torch.no_grad():
+                    _local_view(dest)[i].copy_(part[tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:]))])
+            continue
         full = hf_stream.read_ours(reader, name, expected[name])
         with torch.no_grad():
             _local_view(dest).copy_(full_part(dest, full))
@@ -125,11 +133,17 @@ def _local_view(dest: torch.Tensor) -> torch.Tensor:
     return dest.to_local() if isinstance(dest, DTensor) else dest
 
 
-def full_part(dest: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """The part of the global tensor `full` that `dest` (a DTensor's local shard, or a whole tensor) holds."""
+def local_region(dest: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(global offset, shape) of the part of its global tensor that `dest` (a DTensor, or a whole tensor) holds."""
     if not isinstance(dest, DTensor):
-        return full
+        return (0,) * dest.dim(), tuple(dest.shape)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(full.shape, dest.device_mesh, dest.placements)
+    shape, offset = compute_local_shape_and_global_offset(dest.shape, dest.device_mesh, dest.placements)
+    return tuple(offset), tuple(shape)
+
+
+def full_part(dest: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of the global tensor `full` that `dest` (a DTensor's local shard, or a whole tensor) holds."""
+    offset, shape = local_region(dest)
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]

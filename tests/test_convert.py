@@ -167,7 +167,7 @@ def test_streaming_peak_memory_is_a_few_of_the_largest_tensor(tmp_path):
           + ", ".join(f"{k} {v / 2**20:.1f} MiB ({v / largest:.2f}x)" for k, v in peaks.items()))
     assert sizes["small"]["largest"] == largest and total >= 30 * largest
     for kind in ("import", "export"):
-        assert peaks[f"{kind}_large"] <= 6 * largest, peaks
+        assert peaks[f"{kind}_large"] <= 4 * largest, peaks
         assert peaks[f"{kind}_large"] <= peaks[f"{kind}_small"] + largest, peaks
 
 
