@@ -213,6 +213,7 @@ def import_hf(hf_dir: str | Path, ckpt_root: str | Path, dtype: str = "fp32", ra
     mine = split_by_bytes(sizes, world)[rank]
     written: list[torch.Tensor] = []
     count = [0]
+    items = sum(shapes[n][0][0] if is_expert_stack(n) else 1 for n in mine)  # an expert stack: one per expert
 
     def produce(fqn: str, expert: int | None) -> torch.Tensor:
         # DCP's writer keeps a reference to every tensor of a file until the file is closed (for its safetensors
@@ -226,8 +227,8 @@ def import_hf(hf_dir: str | Path, ckpt_root: str | Path, dtype: str = "fp32", ra
             t = t.clone()
         written.append(t)
         count[0] += 1
-        if progress and rank == 0 and count[0] % 50 == 0:
-            print(f"  rank 0: {count[0]}/{len(mine)} tensors", flush=True)
+        if progress and rank == 0 and (count[0] % 200 == 0 or count[0] == items):
+            print(f"  rank 0: {count[0]}/{items} tensors and experts written", flush=True)
         return t
 
     state = {MODEL_PREFIX + n: torch.empty(shapes[n][0], dtype=target, device="meta") for n in mine}
