@@ -364,6 +364,10 @@ class TrainConfig:
     # `eval_samples` sequences (mimo_train/evaluation.py).
     eval_interval: int = 0
     eval_samples: int = 8
+    # Continued pre-training: a new run (step 0, fresh optimizer, schedule and data position) starts from the
+    # weights of a Hugging Face directory or one of our checkpoints, under this run's layout and precision.
+    # Read only when the run starts; its resumes load its own checkpoints.
+    init_from: str = ""
     # Staged schedule (spec section 2): stages switch at token counts. Empty: one stage from the fields above.
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -397,6 +401,8 @@ class TrainConfig:
         for name in ("mtp_loss_weight", "aux_loss_coeff", "expert_bias_update_rate", "weight_decay"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
         _require(self.eval_samples >= 1, f"{p}.eval_samples", "must be >= 1", self.eval_samples)
+        _require(isinstance(self.init_from, str), f"{p}.init_from", "must be a directory path (or empty)",
+                 self.init_from)
         for name in ("keep_last", "keep_every", "max_consecutive_skips", "eval_interval"):
             _require(getattr(self, name) >= 0, f"{p}.{name}", "must be >= 0", getattr(self, name))
         previous_end = 0

@@ -169,6 +169,10 @@ class Trainer:
         if path is not None:
             self.load(path)
         else:
+            if self.cfg.train.init_from:  # a new run from given weights; its resumes load its own checkpoints
+                from mimo_train.init_from import load_initial_weights
+
+                load_initial_weights(self)
             self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
         self._apply_stage(self.stage)
         if path is not None and self.is_logger:  # the resume is fully validated: now history may be rearranged

@@ -89,7 +89,8 @@ def test_hf_export_and_import_commands(tmp_path):
     """Export (under umask 077) gives a directory anyone can read, with the run's tokenizer; import round-trips."""
     run(tmp_path, "exp", 1)
     cli = [sys.executable, "-m", "mimo_train.cli"]
-    out = subprocess.run(cli + ["hf-export", str(tmp_path / "exp" / "checkpoints"), str(tmp_path / "hf")],
+    out = subprocess.run(cli + ["hf-export", str(tmp_path / "exp" / "checkpoints"), str(tmp_path / "hf"),
+                                "--dtype", "fp32"],
                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077))
     assert out.returncode == 0, out.stderr
     hf_dir = tmp_path / "hf"
