@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,4 +23,5 @@ def environment() -> dict[str, str]:
     site = bundle_site()
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(BLOCKER), str(site), str(REPO)]),
             "MIMO_DEVICE_BUNDLE": str(site), "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable,  # device_run.sh's interpreter: this one (CI's PATH has no torch in python3)
             "PYTHONDONTWRITEBYTECODE": "1"}  # the carried bundle stays as built (no __pycache__ in it)
