@@ -361,7 +361,7 @@ class TrainConfig:
     # Faults: a non-finite loss or gradient norm skips the update; this many in a row stop the run (0: never).
     max_consecutive_skips: int = 5
     # Validation on data.eval_sources every `eval_interval` steps (0: never), over each source's first
-    # `eval_samples` sequences (mimo_train/evaluation.py).
+    # `eval_samples` sequences (mimo_train/training/evaluation.py).
     eval_interval: int = 0
     eval_samples: int = 8
     # Continued pre-training: a new run (step 0, fresh optimizer, schedule and data position) starts from the

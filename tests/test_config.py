@@ -79,7 +79,7 @@ def test_help_documents_every_subcommand_and_option():
     option and positional argument a help text."""
     import argparse
 
-    from mimo_train.cli import build_parser
+    from mimo_train.launch.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -78,7 +78,7 @@ def test_vocab_parallel_cross_entropy_equals_unsharded_and_megatron_on_two_ranks
 def test_no_gloo_group_on_the_fake_process_group(tmp_path, monkeypatch):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from mimo_train.checkpoint import CheckpointManager
+    from mimo_train.training.checkpoint import CheckpointManager
 
     made = []
     monkeypatch.setattr(dist, "new_group", lambda *a, **k: made.append(k) or None)

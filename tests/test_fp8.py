@@ -258,7 +258,7 @@ def test_fp8_training_tracks_bf16_over_30_steps(tmp_path, capsys, monkeypatch):
     import json
 
     from mimo_train.config import load_config
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     common = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=4", "train.steps=30",
               "train.lr=1.5e-3", "train.warmup_steps=5", "run.wandb_mode=disabled", "train.async_save=false",

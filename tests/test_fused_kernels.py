@@ -271,7 +271,7 @@ def test_fused_model_keeps_parameter_names_and_matches_the_reference():
 
 
 def test_fused_training_run_equals_the_torch_backend(tmp_path):
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     common = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4",
               "train.warmup_steps=1", "run.wandb_mode=disabled", "train.async_save=false", "data.num_workers=0"]

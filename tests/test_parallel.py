@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import load_config
 from mimo_train.model import MiMoForCausalLM
 from parallel.data_parallel import ShardedAdamW
@@ -40,7 +40,7 @@ LAYOUTS = {
 
 
 def _train(run_dir, nproc, overrides):
-    cmd = [sys.executable, "-m", "mimo_train.cli", "train", "--config", "configs/train/tiny_cpu.yaml", "--nproc",
+    cmd = [sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", "configs/train/tiny_cpu.yaml", "--nproc",
            str(nproc), *BASE, f"run.dir={run_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

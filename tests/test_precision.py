@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from mimo_train.config import load_config
-from mimo_train.trainer import Trainer
+from mimo_train.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,7 @@ def _final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     """The last checkpoint's parameters in one process (DCP reshards whatever layout wrote them)."""
     import torch.distributed.checkpoint as dcp
 
-    from mimo_train import checkpoint as ckpt
+    from mimo_train.training import checkpoint as ckpt
     from mimo_train.model import MiMoForCausalLM
 
     from parallel.mixed_precision import DTYPES, cast_parameters
@@ -276,7 +276,7 @@ def _saved_fp32(run_dir: Path, masters: bool) -> dict[str, torch.Tensor]:
     """The newest checkpoint's fp32 parameters (`masters`: its fp32 master weights), read in one process."""
     import torch.distributed.checkpoint as dcp
 
-    from mimo_train import checkpoint as ckpt
+    from mimo_train.training import checkpoint as ckpt
     from mimo_train.model import MiMoForCausalLM
 
     names = dict(MiMoForCausalLM(load_config(run_dir / "config.yaml").model).named_parameters())

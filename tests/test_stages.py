@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from data_pipeline.stream import GlobalSampleStream
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import ConfigError, load_config
-from mimo_train.stages import BatchSchedule, StagePlan, StageStart, rampup_batch_size
-from mimo_train.trainer import Trainer
+from mimo_train.training.stages import BatchSchedule, StagePlan, StageStart, rampup_batch_size
+from mimo_train.training.trainer import Trainer
 from tests.scripts.staged import BASE_CONFIG, write_config, single_thread
 
 

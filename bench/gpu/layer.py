@@ -2,8 +2,8 @@
 of configs/model/mimo_v2_flash.yaml, 256 experts top-8), B=1, S=32k, forward + backward, bf16 and FP8
 (parallel/fp8.py), activation recompute none and selective (parallel/recompute.py).
 
-Reported: tokens/s, model TFLOP/s (the layer's training FLOPs from `mimo_train.info.model_report`, the window
-counted as O(S W)), MFU against the H200's dense bf16 peak (mimo_train/planner.py's GPU table; FP8 runs are held to
+Reported: tokens/s, model TFLOP/s (the layer's training FLOPs from `mimo_train.model.info.model_report`, the window
+counted as O(S W)), MFU against the H200's dense bf16 peak (mimo_train/planning/planner.py's GPU table; FP8 runs are held to
 the same bf16 peak), and the peak memory above the layer's weights and gradients next to the planner's estimate of
 the layer's saved activations plus its backward working memory (`planner.layer_bytes` + `planner.layer_transient`
 for the same kernel, shape and recompute). A case that runs out of memory is reported as such and the rest go on.
@@ -70,7 +70,7 @@ def rope_tables(cfg, layer_type: str, seq: int, device):
 
 def planner_estimate_bytes(cfg, index: int, seq: int, recompute: str, backend: str) -> float:
     """The planner's saved activations + backward working memory of this layer (one micro-batch, no parallelism)."""
-    from mimo_train import planner
+    from mimo_train.planning import planner
 
     shape = planner.LayerShape(sliding=not cfg.is_global_layer(index), moe=cfg.is_moe_layer(index),
                                kv_heads=cfg.num_key_value_heads * (1 if cfg.is_global_layer(index)
@@ -81,14 +81,14 @@ def planner_estimate_bytes(cfg, index: int, seq: int, recompute: str, backend: s
 
 
 def layer_flops_per_token(cfg, index: int, seq: int) -> float:
-    from mimo_train.info import model_report
+    from mimo_train.model.info import model_report
 
     row = model_report(cfg, seq)["layers"][index]
     return row["attention_flops_per_token"] + row["dense_flops_per_token"]
 
 
 def run(h: Harness) -> None:
-    from mimo_train.planner import GPUS
+    from mimo_train.planning.planner import GPUS
 
     cfg = full_width_config(h.smoke)
     seq = h.pick(32768, 64)

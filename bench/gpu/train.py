@@ -3,7 +3,7 @@
 
 The step is the trainer's own pieces without its data pipeline and checkpointing (which import webdataset and the
 distributed optimizer): `build_parallel_model` (FP8 and recompute applied as the trainer applies them), bf16
-parameters with fp32 main gradients (`parallel.mixed_precision.MainGradients`), `mimo_train.forward_backward` with
+parameters with fp32 main gradients (`parallel.mixed_precision.MainGradients`), `mimo_train.training.forward_backward` with
 the MiMo loss, gradient clipping and AdamW on fp32 master weights. The batch is one fixed sequence of random tokens,
 so the loss must fall fast (the model memorises it): a check that the whole step learns. Reported: the losses, the
 median step time after the first two steps, tokens/s and MFU (the model's training FLOPs from `model_report`,
@@ -92,8 +92,8 @@ class MixedPrecisionAdamW:
 
 
 def run(h: Harness) -> None:
-    from mimo_train.info import model_report
-    from mimo_train.planner import GPUS
+    from mimo_train.model.info import model_report
+    from mimo_train.planning.planner import GPUS
 
     cfg = reduced_config(h.smoke)
     seq = h.pick(4096, 64)
@@ -111,7 +111,7 @@ def run(h: Harness) -> None:
 
 
 def _train(h: Harness, cfg, precision: str, seq: int):
-    from mimo_train.forward_backward import LossSpec, forward_backward
+    from mimo_train.training.forward_backward import LossSpec, forward_backward
 
     model = build_model(cfg, precision, "none", h.device)
     optimizer = MixedPrecisionAdamW(model, lr=h.pick(1e-3, 3e-3))

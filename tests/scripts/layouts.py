@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mimo_train.config import load_config
-from mimo_train.trainer import Trainer
+from mimo_train.training.trainer import Trainer
 from tests.host_syncs import count_host_syncs, sync_budget
 
 

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError
-from mimo_train.evaluation import check_eval_config
-from mimo_train.stages import StagePlan
+from mimo_train.training.evaluation import check_eval_config
+from mimo_train.training.stages import StagePlan
 
 # What a resume may change (README "Resuming"): the layout (DCP reshards), batch sizes, stages not yet reached,
 # the learning-rate schedule, logging, checkpointing and data-loading knobs. What it may not: the model, the seeds
@@ -78,13 +78,13 @@ def check_machine(cfg: Config) -> None:
 
 def check_memory_on_cuda(cfg: Config, world_size: int) -> None:
     """Training on CUDA: every stage's layout must fit this machine's GPU by the planner's estimate
-    (`mimo_train.plan_check`), else a one-line ConfigError (exit 2) naming the stage, rank, need and budget. On the
+    (`mimo_train.planning.plan_check`), else a one-line ConfigError (exit 2) naming the stage, rank, need and budget. On the
     CPU there is nothing to check (the host's memory is not the planner's model)."""
     from parallel.device import resolve_device
 
     if resolve_device(cfg.train.device).type != "cuda":
         return
-    from mimo_train.plan_check import check_memory, local_gpu
+    from mimo_train.planning.plan_check import check_memory, local_gpu
 
     check_memory(cfg, world_size, local_gpu())
 

@@ -2,8 +2,8 @@
 communication per step, the step time and the MFU; rank the layouts that fit.
 
     mimo-train plan --config configs/model/mimo_v2_flash.yaml --gpus 512 --gpu h100 [--seq 32768] [--json]
-    mimo-train plan --config configs/train/mimo_v2_flash_pretrain.yaml --gpu h100 --check   (mimo_train/plan_check.py)
-    mimo-train plan --config configs/model/mimo_v2_flash.yaml --readme-table                 (mimo_train/plan_table.py)
+    mimo-train plan --config configs/train/mimo_v2_flash_pretrain.yaml --gpu h100 --check   (mimo_train/planning/plan_check.py)
+    mimo-train plan --config configs/model/mimo_v2_flash.yaml --readme-table                 (mimo_train/planning/plan_table.py)
 
 The model is analytical, built from the code rather than from rules of thumb:
 
@@ -189,7 +189,7 @@ def _rule(name: str) -> str:
 
 def geometry(cfg: ModelConfig) -> ModelGeometry:
     """Parameters of the real module tree (meta device), bucketed by unit and sharding rule."""
-    from mimo_train.info import build_meta_model
+    from mimo_train.model.info import build_meta_model
 
     model = build_meta_model(cfg)
     layers = [Unit() for _ in range(cfg.num_layers)]
@@ -801,7 +801,7 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
     """Estimates for every valid layout, ranked: fitting (and runnable) layouts by step time, then the rest
     (`time_unfit=False`: by memory only; `etp_options`: the expert-tensor parallelism searched; `geo`: the
     model's `geometry`, to share between plans of one model)."""
-    from mimo_train.info import model_report
+    from mimo_train.model.info import model_report
 
     A = assumptions or Assumptions()
     hw = hardware or GPUS[gpu]
@@ -877,7 +877,7 @@ def verify(cfg: ModelConfig, e: Estimate, seq: int, global_batch: int, precision
     """Build every rank class of `e`'s layout with `mimo-train simulate` (with the plan's kernel backend) and hold
     the plan of each rank to it (see the tolerances above), and each layer type's activations under the layout's
     recompute mode to the planned ones."""
-    from mimo_train.simulate import layer_activations, memory_total, simulate
+    from mimo_train.planning.simulate import layer_activations, memory_total, simulate
 
     A = assumptions or Assumptions()
     p = runnable_config(e.layout, A.kernel)
@@ -1096,7 +1096,7 @@ def model_config(path: str, overrides: list[str], mtp_blocks: int) -> ModelConfi
 
 def run_check(args: argparse.Namespace) -> int:
     """`plan --check`: the config's own layout in every stage; exit 0 when every stage fits, 1 when one does not."""
-    from mimo_train.plan_check import check_config, first_failure, format_check
+    from mimo_train.planning.plan_check import check_config, first_failure, format_check
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -1117,7 +1117,7 @@ def _layouts_asked(args: argparse.Namespace) -> list[Layout] | None:
     """--layout: the one layout to estimate (world size from it, or --gpus), else None (enumerate)."""
     if not args.layout:
         return None
-    from mimo_train.simulate import parallel_config, parse_layout
+    from mimo_train.planning.simulate import parallel_config, parse_layout
 
     p = parallel_config(parse_layout(args.layout), args.gpus)
     args.gpus = p.world_size
@@ -1129,7 +1129,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.check:
         return run_check(args)
     if args.readme_table:
-        from mimo_train.plan_table import readme_table
+        from mimo_train.planning.plan_table import readme_table
 
         cfg = model_config(args.config, args.overrides, args.mtp_blocks)
         print(readme_table(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True)))
@@ -1179,7 +1179,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="rank parallel layouts for a GPU count: memory per GPU, communication, step time, MFU",
         description="Enumerate the valid TP/PP(+schedule)/CP/DP/EP/ETP/recompute layouts for a number of GPUs and "
-                    "estimate memory per GPU, communication per step, step time and MFU (see mimo_train/planner.py "
+                    "estimate memory per GPU, communication per step, step time and MFU (see mimo_train/planning/planner.py "
                     "for the model and its assumptions).")
     p.add_argument("--config", required=True, help="a model YAML (configs/model/*.yaml) or a training YAML")
     p.add_argument("--gpus", type=int, default=None,

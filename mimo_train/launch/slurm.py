@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mimo_train.config import ConfigError, load_config
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.template"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch.template"
 SCRIPT_NAME = "submit.sbatch"
 DEFAULT_SIGNAL_LEAD_S = 600
 DEFAULT_RESEND_S = 10
@@ -45,7 +45,7 @@ def render(template: str, values: dict[str, str]) -> str:
 def _task_command(args, container: bool) -> list[str]:
     if args.command:
         return shlex.split(args.command)
-    return ["mimo-train"] if container else [sys.executable, "-m", "mimo_train.cli"]
+    return ["mimo-train"] if container else [sys.executable, "-m", "mimo_train.launch.cli"]
 
 
 def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
@@ -62,7 +62,7 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         raise ConfigError(f"--tasks-per-node={tasks_per_node}: must equal --gpus-per-node={args.gpus_per_node} "
                           f"(one task per GPU)")
     ntasks = args.nodes * tasks_per_node
-    from mimo_train.preflight import check_layouts
+    from mimo_train.launch.preflight import check_layouts
 
     allocation = f"--nodes {args.nodes} x {tasks_per_node} tasks per node = {ntasks} ranks"
     try:
@@ -77,7 +77,7 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         print(f"warning: {e} ({allocation}): the job's tasks would refuse to start; override the batch sizes",
               file=sys.stderr, flush=True)
     if args.gpus_per_node and cfg.train.device != "cpu" and not getattr(args, "skip_memory_check", False):
-        from mimo_train.plan_check import check_memory, gpu_type
+        from mimo_train.planning.plan_check import check_memory, gpu_type
 
         check_memory(cfg, ntasks, gpu_type(getattr(args, "gpu_type", "h100")))  # before queueing for the GPUs
     if args.signal_lead < 1:
@@ -187,7 +187,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--container-image", help="run the tasks in this image (pyxis/enroot: srun --container-image)")
     p.add_argument("--container-mounts", help="srun --container-mounts (the repository, data and run directories)")
     p.add_argument("--command", help="the mimo-train command the tasks run (default: this Python's "
-                                     "`-m mimo_train.cli`; `mimo-train` with --container-image)")
+                                     "`-m mimo_train.launch.cli`; `mimo-train` with --container-image)")
     p.add_argument("--signal-lead", type=int, default=DEFAULT_SIGNAL_LEAD_S,
                    help=f"seconds before the time limit at which USR1 asks for a checkpoint and a requeue "
                         f"(default {DEFAULT_SIGNAL_LEAD_S}; it must cover one step plus one checkpoint save)")

@@ -5,7 +5,7 @@ report what each rank holds and sends.
         [--layout tp=2,pp=16,cp=4,dp=4,ep=8,pp_schedule=dualpipev,pp_virtual=2] [--seq 32768] [--json]
 
 Each simulated rank joins torch's fake process group as rank r of the job (`parallel/fake_group.py`) and builds its
-engine with the trainer's own builder (`mimo_train/engine.py`): the model on the meta device, sharded by
+engine with the trainer's own builder (`mimo_train/training/engine.py`): the model on the meta device, sharded by
 `build_topology` and `build_parallel_model`, the optimizer and the gradient buffers. Nothing is allocated.
 
 - **Memory**: parameters, gradient buffers and optimizer state are the bytes of the tensors the engine created,
@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
-from mimo_train.engine import AdamSettings, Engine, build_engine
-from mimo_train.planner import model_config, pipeline_sends
+from mimo_train.training.engine import AdamSettings, Engine, build_engine
+from mimo_train.planning.planner import model_config, pipeline_sends
 from parallel.mixed_precision import DTYPES
 from parallel.fake_group import BalancedRouting, CollectiveCounter, fake_world
 
@@ -333,7 +333,7 @@ def cp_position(cp_rank: int, cp: int) -> str:
 
 
 def _planner_layout(p: ParallelConfig):
-    from mimo_train.planner import Layout
+    from mimo_train.planning.planner import Layout
 
     return Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp, pp_schedule=p.pp_schedule,
                   pp_virtual=p.pp_virtual, recompute=p.recompute)
@@ -469,7 +469,7 @@ def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str
     activations of its layers times the micro-batches its schedule holds in flight, plus the planner's head, MTP
     and backward working memory of its pipeline rank (not simulated). The worst rank against the GPU's memory less
     the reserve."""
-    from mimo_train import planner as P
+    from mimo_train.planning import planner as P
 
     L = _planner_layout(p)
     A = P.Assumptions(kernel="torch" if p.backend == "torch" else "fused", reserve_gb=reserve_gb)
@@ -529,7 +529,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         if args.layout:
             p = parallel_config(parse_layout(args.layout), args.gpus)
         else:
-            from mimo_train.planner import top_pick
+            from mimo_train.planning.planner import top_pick
 
             p = top_pick(cfg, args.gpus, args.gpu, args.seq, args.global_batch)
         if args.gpus is None:
@@ -552,14 +552,14 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
-    from mimo_train.planner import GPUS
+    from mimo_train.planning.planner import GPUS
 
     p = subparsers.add_parser(
         "simulate", help="build every rank class of a parallel layout on a fake process group: memory and traffic",
         description="Build the real shards of each distinct rank of a layout on torch's fake process group and the "
                     "meta device, and report per rank the parameters, gradient and optimizer bytes, process groups "
                     "and the collectives of one training step, and per layer type the activation bytes "
-                    "(see mimo_train/simulate.py).")
+                    "(see mimo_train/planning/simulate.py).")
     p.add_argument("--config", required=True, help="a model YAML (configs/model/*.yaml) or a training YAML")
     p.add_argument("--gpus", type=int, default=None, help="world size (default: the layout's)")
     p.add_argument("--layout", default="", help="keys of parallel.*, e.g. tp=2,pp=16,cp=4,dp=4,ep=8,"

@@ -26,11 +26,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
 
-from mimo_train import checkpoint as ckpt
-from mimo_train import fp8_release as fp8
+from mimo_train.training import checkpoint as ckpt
+from mimo_train.interop import fp8_release as fp8
 from mimo_train.config import ModelConfig
-from mimo_train.hf import _SINK_HUB, _SINK_OURS, from_hf_config, to_hf_config
-from mimo_train.safetensors_io import SafetensorsFile, TensorInfo, write_file
+from mimo_train.interop.hf import _SINK_HUB, _SINK_OURS, from_hf_config, to_hf_config
+from mimo_train.interop.safetensors_io import SafetensorsFile, TensorInfo, write_file
 
 MODEL_PREFIX = "model."  # our checkpoints keep the model under "model" (DCP flattens it to "model.<name>")
 MASTER_KEY = "optimizer.optim.{}.master"  # a bf16/fp8 run's fp32 master weight of parameter {}

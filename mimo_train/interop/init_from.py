@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import ConfigError
 
 HF = "hugging face directory"
@@ -94,7 +94,7 @@ def load_initial_weights(trainer) -> None:
 
 
 def _saved_precision(path: Path) -> str:
-    from mimo_train.trainer import saved_precision
+    from mimo_train.training.trainer import saved_precision
 
     return saved_precision(path)
 
@@ -110,7 +110,7 @@ def _load_checkpoint(path: Path, wanted: dict, expected: dict[str, tuple[int, ..
 
 
 def _load_hf(path: Path, model: dict, expected: dict[str, tuple[int, ...]]) -> None:
-    from mimo_train import hf_stream
+    from mimo_train.interop import hf_stream
 
     reader = hf_stream.HubReader(path)
     hub_cfg = reader.model_config()

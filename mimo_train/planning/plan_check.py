@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mimo_train.config import Config, ConfigError
-from mimo_train.planner import GB, GPUS, PRECISIONS, Assumptions, Estimate, Hardware, Layout, plan
+from mimo_train.planning.planner import GB, GPUS, PRECISIONS, Assumptions, Estimate, Hardware, Layout, plan
 
 # The terms of a rank's memory, in the order `plan` prints them.
 MEMORY_TERMS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
@@ -67,7 +67,7 @@ def kernel_of(backend: str) -> str:
 def check_config(cfg: Config, hw: Hardware, world_size: int | None = None,
                  assumptions: Assumptions | None = None) -> list[StageCheck]:
     """Each stage of `cfg` estimated under its own layout on GPUs `hw` (see the module docstring)."""
-    from mimo_train.stages import StagePlan
+    from mimo_train.training.stages import StagePlan
 
     base = assumptions or Assumptions()
     # fp8 keeps bf16 weights with fp32 gradients and masters (the GEMMs quantise on the fly): bf16's bytes.

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from mimo_train.config import Config, ConfigError, LRScheduleConfig, ParallelConfig
-from mimo_train.schedule import learning_rate, stage_learning_rate
+from mimo_train.training.schedule import learning_rate, stage_learning_rate
 
 
 @dataclass
