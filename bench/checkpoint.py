@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
+from mimo_train.model.transformer import IGNORE_INDEX
 from mimo_train.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +54,6 @@ MODEL_CONFIG = REPO / "configs/model/mimo_tiny.yaml"
 TRAIN_CONFIG = REPO / "configs/train/tiny_cpu.yaml"
 WIDE = ["model.hidden_size=512", "model.vocab_size=8192", "model.moe_intermediate_size=128",
         "model.intermediate_size=1536"]
-IGNORE_INDEX = -100
 # A single-process dcp.save/load without a process group says so on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 

@@ -34,11 +34,12 @@ from bench.common import current_rss_bytes, machine_note, mib, peak_rss_bytes, r
 
 import torch
 
+from mimo_train.model.transformer import IGNORE_INDEX
+
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIG = REPO / "configs/model/mimo_tiny.yaml"
 TRAIN_CONFIG = REPO / "configs/train/tiny_cpu.yaml"
-IGNORE_INDEX = -100
 
 
 def export_tiny_model(out_dir: str | Path, seed: int = 0) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from mimo_train.model.transformer import IGNORE_INDEX  # the label the loss skips
 
 
 def windows_to_batch(windows, eos_ids) -> dict[str, torch.Tensor]:

@@ -31,12 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimo_train.precision import PRECISIONS
+
 TILE = 128
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-# The linears that stay bf16 (the report's recipe: the attention output projection and the output head). The
-# embedding is an nn.Embedding and the router (TopKRouter) its own fp32 matmul: neither is an nn.Linear to convert.
-BF16_LINEARS = ("o_proj", "lm_head")
+# The linears that stay bf16: the fp8 precision's exclusions.
+BF16_LINEARS = PRECISIONS["fp8"].fp8_exclusions
 
 
 # ---- quantisation (plain torch: runs on any device) --------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mimo_train.model.transformer import IGNORE_INDEX
 from parallel import comm
 
 SEQ_DIM = 1
@@ -128,7 +129,7 @@ class VocabParallelCrossEntropySum(nn.Module):
     It needs nothing but the group: no global parallel state, so it runs on any process group (the fake one of
     `mimo-train simulate` included) and wherever megatron-core is not installed."""
 
-    def __init__(self, group, ignore_index: int = -100) -> None:
+    def __init__(self, group, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.group = group
         self.ignore_index = ignore_index

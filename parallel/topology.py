@@ -41,8 +41,6 @@ def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_
     need(p.etp == 1, f"parallel.etp={p.etp}: expert-tensor parallelism is not implemented yet (use 1)")
     need((p.dp * p.cp * p.tp) % (p.ep * p.etp) == 0,
          f"parallel.ep x etp = {p.ep * p.etp} must divide dp x cp x tp = {p.dp * p.cp * p.tp} (MoE folding)")
-    need(p.tp == 1 or p.sequence_parallel,
-         "parallel.sequence_parallel: must be true when tp > 1 (MoE layers run on sequence-parallel shards)")
     if p.pp > 1:
         n_stages = p.pp * p.pp_virtual
         need(n_stages <= model.num_layers, f"parallel.pp x pp_virtual = {n_stages} stages: more than the "

@@ -204,7 +204,6 @@ def test_fully_imbalanced_routing_with_idle_expert_ranks(tmp_path):
         (["parallel.tp=3", "parallel.dp=1"], 3, "parallel.tp=3: must divide model.num_attention_heads (4)"),
         (["parallel.dp=3", "parallel.ep=3"], 3, "parallel.ep=3: must divide model.num_experts (8)"),
         (["parallel.tp=2", "parallel.ep=4"], 2, "parallel.ep x etp = 4 must divide dp x cp x tp = 2"),
-        (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, "parallel.sequence_parallel: must be true"),
         (["parallel.cp=8"], 8, "with parallel.cp=8 a chunk has 8 tokens, fewer than the sliding window (16)"),
         (["parallel.cp=3"], 3, "must be divisible by 2 x parallel.cp = 6"),
         (["parallel.pp=2", "parallel.pp_layout=[5,5]"], 2, "parallel.pp_layout: the stages hold 10 layers"),

@@ -182,11 +182,12 @@ def _final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     from mimo_train.training import checkpoint as ckpt
     from mimo_train.model import MiMoForCausalLM
 
-    from parallel.mixed_precision import DTYPES, cast_parameters
+    from mimo_train.precision import precision
+    from parallel.mixed_precision import cast_parameters
 
     cfg = load_config(run_dir / "config.yaml")
     model = MiMoForCausalLM(cfg.model)
-    cast_parameters(model, DTYPES[cfg.train.precision])
+    cast_parameters(model, precision(cfg.train.precision).param_dtype)
     state = model.state_dict()
     dcp.load({"model": state}, checkpoint_id=str(ckpt.find_latest(run_dir / "checkpoints")))
     return state
@@ -226,10 +227,11 @@ def test_bf16_tracks_fp32_over_30_steps(tmp_path):
     assert max(gaps) < 1e-2
 
 
-def test_deprecated_bf16_flag_means_precision_bf16():
-    with pytest.warns(FutureWarning, match="train.bf16 is deprecated: use train.precision=bf16"):
-        cfg = load_config("configs/train/tiny_cpu.yaml", ["train.bf16=true"])
-    assert cfg.train.precision == "bf16"
+def test_removed_bf16_flag_names_its_replacement():
+    from mimo_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train.bf16: removed; use train.precision=bf16 \(or fp32\)$"):
+        load_config("configs/train/tiny_cpu.yaml", ["train.bf16=true"])
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])

@@ -287,7 +287,7 @@ def test_machine_check_probes_te_only_on_a_cuda_device(monkeypatch):
 def test_layout_rules_apply_to_te_stages_only_and_at_submit_too():
     from mimo_train.launch import preflight
 
-    bad = ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2", "train.seq_len=128"]
+    bad = ["parallel.tp=2", "parallel.cp=2", "train.seq_len=128"]
     for backend, refused in (("te", True), ("torch", False)):
         cfg = load_config("configs/train/tiny_cpu.yaml", [*bad, f"parallel.backend={backend}"])
         if refused:  # the tiny model's 2 SWA KV heads cannot split over tp x cp = 4 (TE's all-to-all)

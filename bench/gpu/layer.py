@@ -35,6 +35,7 @@ def build_layer(cfg, index: int, precision: str, recompute: str, device, backend
     """Decoder layer `index` in bf16 on `device` with the trainer's initialisation scale, FP8 and recompute applied
     from outside as build_parallel_model does."""
     from mimo_train.model.transformer import DecoderLayer
+    from mimo_train.precision import PRECISIONS
     from parallel.recompute import apply_recompute
 
     from parallel.mixed_precision import cast_parameters
@@ -52,7 +53,7 @@ def build_layer(cfg, index: int, precision: str, recompute: str, device, backend
                 p.normal_(0.0, cfg.init_std, generator=gen)
         for b in layer.buffers():
             b.zero_()
-    if precision == "fp8":
+    if PRECISIONS[precision].fp8_gemms:
         from parallel.fp8 import convert_to_fp8
         convert_to_fp8(layer)
     apply_recompute(layer, recompute)

@@ -47,6 +47,7 @@ def synthetic_batch(vocab_size: int, rows: int, seq: int, device, seed: int) -> 
 
 def build_model(cfg, precision: str, recompute: str, device):
     from mimo_train.config import ParallelConfig
+    from mimo_train.precision import PRECISIONS
     from mimo_train.model import MiMoForCausalLM
     from parallel.parallelize import build_parallel_model
     from parallel.topology import Topology
@@ -54,7 +55,7 @@ def build_model(cfg, precision: str, recompute: str, device):
     with torch.device("meta"):
         model = MiMoForCausalLM(cfg, backend=KERNEL_BACKEND)
     build_parallel_model(model, Topology(), ParallelConfig(backend=KERNEL_BACKEND, recompute=recompute),
-                         fp8=precision == "fp8")
+                         fp8=PRECISIONS[precision].fp8_gemms)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():  # initialised on the device (the trainer's CPU streams per name would take minutes)

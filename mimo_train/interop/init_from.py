@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import ConfigError
+from mimo_train.precision import precision
 
 HF = "hugging face directory"
 CHECKPOINT = "checkpoint"
@@ -76,7 +77,7 @@ def load_initial_weights(trainer) -> None:
     kind, path = resolve_source(trainer.cfg.train.init_from, (getattr(trainer, "rank", 0), world), agree)
     state = {"model": model_state(trainer.model, trainer.layouts, trainer.topo),
              "optimizer": optimizer_state(trainer.optimizer, trainer.layouts, trainer.topo, create=True)}
-    saved_masters = kind == CHECKPOINT and _saved_precision(path) != "fp32"
+    saved_masters = kind == CHECKPOINT and precision(_saved_precision(path)).has_masters
     read_fp32_values_from_saved_place(state, trainer.optimizer, saved_masters)
     wanted = {"model": state["model"],
               "optimizer": {k: v for k, v in state["optimizer"].items() if k.endswith(".master")}}

@@ -15,6 +15,7 @@ from typing import Any
 
 from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError
+from mimo_train.precision import precision
 from mimo_train.training.evaluation import check_eval_config
 from mimo_train.training.stages import StagePlan
 
@@ -73,7 +74,7 @@ def check_machine(cfg: Config) -> None:
     from parallel.kernels import te_rules
 
     te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device,
-                           fp8=cfg.train.precision == "fp8")
+                           fp8=precision(cfg.train.precision).fp8_gemms)
 
 
 def check_memory_on_cuda(cfg: Config, world_size: int) -> None:

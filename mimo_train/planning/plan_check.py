@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mimo_train.config import Config, ConfigError
-from mimo_train.planning.planner import GB, GPUS, PRECISIONS, Assumptions, Estimate, Hardware, Layout, plan
+from mimo_train.planning.planner import GB, GPUS, Assumptions, Estimate, Hardware, Layout, plan
 
 # The terms of a rank's memory, in the order `plan` prints them.
 MEMORY_TERMS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
@@ -70,10 +70,7 @@ def check_config(cfg: Config, hw: Hardware, world_size: int | None = None,
     from mimo_train.training.stages import StagePlan
 
     base = assumptions or Assumptions()
-    # fp8 keeps bf16 weights with fp32 gradients and masters (the GEMMs quantise on the fly): bf16's bytes.
-    precision = "bf16" if cfg.train.precision == "fp8" else cfg.train.precision
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision {cfg.train.precision!r}: the planner models {', '.join(PRECISIONS)}")
+    precision = cfg.train.precision
     auto = cfg.parallel.dp == "auto" or any(st.parallel.get("dp") == "auto" for st in cfg.train.stages)
     if world_size is None and auto:
         raise ConfigError("parallel.dp is 'auto': give the number of GPUs (--gpus N) to resolve it")

@@ -69,6 +69,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig, load_config
+from mimo_train.hardware import GPUS, Hardware
+from mimo_train.precision import PRECISIONS, Precision
 from parallel.pipeline import stage_layers, stage_ranks
 
 GB = 1e9
@@ -76,41 +78,6 @@ GB = 1e9
 # --------------------------------------------------------------------------------------------------------------
 # Assumptions
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    memory_gb: float  # HBM per GPU (vendor figure, 1e9 bytes)
-    peak_tflops: float  # dense BF16 peak (no sparsity)
-    nvlink_gbs: float  # effective per-GPU bandwidth inside a node (GB/s, one direction)
-    ib_gbs: float  # effective per-GPU bandwidth across nodes (GB/s, one direction)
-    gpus_per_node: int = 8
-
-
-# NVLink: H100/H200 NVLink 4 = 450 GB/s per direction, B200 NVLink 5 = 900 GB/s, taken at 80% as achievable bus
-# bandwidth. InfiniBand: one 400 Gb/s NDR NIC per GPU = 50 GB/s, at 80%.
-GPUS = {
-    "h100": Hardware("h100", 80.0, 989.0, 360.0, 40.0),
-    "h200": Hardware("h200", 141.0, 989.0, 360.0, 40.0),
-    "b200": Hardware("b200", 192.0, 2250.0, 720.0, 40.0),
-}
-
-
-@dataclass(frozen=True)
-class Precision:
-    name: str
-    param_bytes: int  # the weights the forward reads
-    grad_bytes: int  # gradient accumulation buffers (replicated within the gradient group: ZeRO-1)
-    master_bytes: int  # fp32 master copy (0: the weights are the master), sharded by ZeRO-1
-    moment_bytes: int  # each of Adam's two moments, sharded by ZeRO-1
-    act_bytes: int  # saved activations
-
-
-PRECISIONS = {
-    "bf16": Precision("bf16", 2, 4, 4, 4, 2),
-    "fp32": Precision("fp32", 4, 4, 0, 4, 4),
-}
 
 
 @dataclass(frozen=True)
@@ -816,7 +783,7 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
     expert_flops = 6 * sum(u.expert for u in geo.layers) * cfg.num_experts_per_tok / cfg.num_experts
     results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops, expert_flops, time_unfit) for L in layouts]
     results.sort(key=lambda e: (not e.fits, not e.runnable, e.step_time if e.fits else e.memory["total"]))
-    return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": asdict(prec),
+    return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": prec.byte_sizes(),
             "assumptions": asdict(A), "flops_per_token": flops, "params": geo.total_params, "results": results}
 
 

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from mimo_train.precision import PRECISIONS
 from mimo_train.training.engine import AdamSettings, Engine, build_engine
 from mimo_train.planning.planner import model_config, pipeline_sends
-from parallel.mixed_precision import DTYPES
 from parallel.fake_group import BalancedRouting, CollectiveCounter, fake_world
 
 GB = 1e9
@@ -473,7 +473,7 @@ def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str
 
     L = _planner_layout(p)
     A = P.Assumptions(kernel="torch" if p.backend == "torch" else "fused", reserve_gb=reserve_gb)
-    prec = P.PRECISIONS["bf16" if s["precision"] == "fp8" else s["precision"]]
+    prec = P.PRECISIONS[s["precision"]]
     geo = P.geometry(cfg)
     seq, m = s["seq"], s["micro_batches"]
     shape = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
@@ -570,7 +570,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 2^26 tokens / seq)")
     p.add_argument("--mtp-blocks", type=int, default=1, help="MTP blocks (default 1, as plan; -1: the config's)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
                    help="weights/gradients/optimizer precision to account for (default bf16, as train.precision)")
     p.add_argument("--ranks", choices=("classes", "all"), default="classes",
                    help="classes: first and last rank of each pipeline stage; all: every rank")

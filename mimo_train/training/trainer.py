@@ -36,6 +36,7 @@ from mimo_train.training.forward_backward import LossSpec, forward_backward
 from mimo_train.model.info import startup_banner
 from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
+from mimo_train.precision import precision as precision_named
 from mimo_train.launch.preflight import check_resume_config
 from mimo_train.training.stages import BatchSchedule, Stage, StagePlan, StageStart
 from mimo_train.training.stopping import StopRequest
@@ -336,7 +337,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
         saved, precision = saved_precision(path), self.cfg.train.precision
-        saved_masters = saved != "fp32"
+        saved_masters = precision_named(saved).has_masters
         read_fp32_values_from_saved_place(state, self.optimizer, saved_masters)
         meta = ckpt.load_checkpoint(path, state, verified=True)  # the ranks verified it (or this run just wrote it)
         self.ckpt.resumed_from = meta["trainer"]["step"]
