@@ -15,26 +15,28 @@ from mimo_train.config import LRScheduleConfig, TrainConfig
 
 def learning_rate(step: int, t: TrainConfig) -> float:
     """The learning rate of optimizer step `step` (0-based)."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    step -= t.warmup_steps
-    if step < t.constant_steps:
-        return t.lr
-    step -= t.constant_steps
-    decay = t.decay_steps or max(1, t.steps - t.warmup_steps - t.constant_steps)
-    progress = min(1.0, step / decay)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    return warmup_stable_decay(step, step + 1, t.steps, warmup=t.warmup_steps, constant=t.constant_steps,
+                               decay=t.decay_steps, start=0.0, peak=t.lr, final=t.min_lr)
 
 
 def stage_learning_rate(tokens: int, stage_tokens: int, lr: LRScheduleConfig) -> float:
     """The learning rate of a step that ends `tokens` tokens into a stage of `stage_tokens` tokens (so the first
     step of a warm-up already has a nonzero rate, as in the step-based schedule)."""
-    if tokens < lr.warmup_tokens:
-        return lr.warmup_start + (lr.peak - lr.warmup_start) * tokens / lr.warmup_tokens
-    tokens -= lr.warmup_tokens
-    if lr.final is None or tokens < lr.constant_tokens:
-        return lr.peak
-    tokens -= lr.constant_tokens
-    decay = lr.decay_tokens or max(1, stage_tokens - lr.warmup_tokens - lr.constant_tokens)
-    progress = min(1.0, tokens / decay)
-    return lr.final + 0.5 * (lr.peak - lr.final) * (1 + math.cos(math.pi * progress))
+    return warmup_stable_decay(tokens, tokens, stage_tokens, warmup=lr.warmup_tokens, constant=lr.constant_tokens,
+                               decay=lr.decay_tokens, start=lr.warmup_start, peak=lr.peak, final=lr.final)
+
+
+def warmup_stable_decay(at: float, warmed: float, total: float, *, warmup: float, constant: float, decay: float,
+                        start: float, peak: float, final: float | None) -> float:
+    """The one schedule, in any unit (steps or tokens): linear from `start` to `peak` over `warmup` (`warmed` of
+    it done, while `at` < warmup), `peak` for `constant`, then cosine to `final` over `decay` (0: the rest of
+    `total`); `final=None` holds the peak after the warm-up."""
+    if at < warmup:
+        return start + (peak - start) * warmed / warmup
+    at -= warmup
+    if final is None or at < constant:
+        return peak
+    at -= constant
+    decay = decay or max(1, total - warmup - constant)
+    progress = min(1.0, at / decay)
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
