@@ -46,7 +46,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from mimo_train.model.transformer import IGNORE_INDEX
+from data_pipeline.labels import IGNORE_INDEX
 from mimo_train.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from bench.common import current_rss_bytes, machine_note, mib, peak_rss_bytes, r
 
 import torch
 
-from mimo_train.model.transformer import IGNORE_INDEX
+from data_pipeline.labels import IGNORE_INDEX
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mimo_train.model.transformer import IGNORE_INDEX
+from data_pipeline.labels import IGNORE_INDEX
 from parallel import comm
 
 SEQ_DIM = 1

@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_pipeline.labels import IGNORE_INDEX
 from mimo_train.config import ModelConfig
 from mimo_train.model.layers import Attention, DenseMLP, MoE, RMSNorm, RotaryEmbedding
 from parallel.kernels import get_spec
 from parallel.kernels.metadata import document_ids
-
-IGNORE_INDEX = -100
 
 
 @dataclass
