@@ -17,10 +17,11 @@ from bench.gpu.train import synthetic_batch
 from mimo_train.config import CONFIG_ROOT, load_config
 from mimo_train.training.engine import AdamSettings, build_engine
 from mimo_train.training.forward_backward import LossSpec, forward_backward
+from parallel import comm
 
 TINY = CONFIG_ROOT / "train" / "tiny_cpu.yaml"
 SHAPE = ["train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_size=2"]
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+COLLECTIVES = ("all_reduce", "broadcast", comm.ALL_GATHER, comm.REDUCE_SCATTER, "all_to_all_single")
 
 
 def _sum_over(t: torch.Tensor, group) -> torch.Tensor:
