@@ -77,7 +77,7 @@ def planner_estimate_bytes(cfg, index: int, seq: int, recompute: str, backend: s
                                kv_heads=cfg.num_key_value_heads * (1 if cfg.is_global_layer(index)
                                                                    else cfg.swa_kv_head_factor))
     s = planner.ActShape(tokens=seq, sp_tokens=seq, seq=seq, cp=1, tp=1, mbs=1)
-    A = planner.Assumptions(kernel="torch" if backend == "torch" else "fused", packed_documents=False)
+    A = planner.Assumptions(kernel=planner.kernel_of(backend), packed_documents=False)
     return planner.layer_bytes(cfg, shape, s, 2, A, recompute) + planner.layer_transient(cfg, shape, s, 2, A)
 
 
@@ -89,7 +89,7 @@ def layer_flops_per_token(cfg, index: int, seq: int) -> float:
 
 
 def run(h: Harness) -> None:
-    from mimo_train.planning.planner import GPUS
+    from mimo_train.hardware import GPUS
 
     cfg = full_width_config(h.smoke)
     seq = h.pick(32768, 64)

@@ -94,7 +94,7 @@ class MixedPrecisionAdamW:
 
 def run(h: Harness) -> None:
     from mimo_train.model.info import model_report
-    from mimo_train.planning.planner import GPUS
+    from mimo_train.hardware import GPUS
 
     cfg = reduced_config(h.smoke)
     seq = h.pick(4096, 64)

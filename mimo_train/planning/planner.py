@@ -65,7 +65,7 @@ import functools
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig, load_config
@@ -78,6 +78,12 @@ GB = 1e9
 # --------------------------------------------------------------------------------------------------------------
 # Assumptions
 # --------------------------------------------------------------------------------------------------------------
+
+
+def kernel_of(backend: str) -> str:
+    """The activation model for a `parallel.backend`: the reference `torch` kernels, or the O(S) ones every GPU
+    backend uses (flash / efficient / flex attention)."""
+    return "torch" if backend == "torch" else "fused"
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,11 @@ class Layout:
     @property
     def edp(self) -> int:
         return self.dp * self.cp * self.tp // (self.ep * self.etp)
+
+    @classmethod
+    def of(cls, p: ParallelConfig) -> "Layout":
+        """The planner's view of a `parallel` section whose dp is resolved: the same degrees, schedule, recompute."""
+        return cls(**{f.name: getattr(p, f.name) for f in fields(cls)})
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp, ep=self.ep, etp=self.etp,

@@ -41,7 +41,7 @@ import torch
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
 from mimo_train.precision import PRECISIONS
 from mimo_train.training.engine import AdamSettings, Engine, build_engine
-from mimo_train.planning.planner import model_config, pipeline_sends
+from mimo_train.planning.planner import Layout, model_config, pipeline_sends
 from parallel.fake_group import BalancedRouting, CollectiveCounter, fake_world
 
 GB = 1e9
@@ -281,8 +281,8 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
 def run_ends(shards: RankShards, seq: int, mbs: int = 1) -> dict[str, float]:
     """Communication of one micro-batch forward and backward through what a stage holds besides decoder layers:
     the embedding (first stage), the final norm and LM head, and the MTP blocks with their embedding lookups and
-    head (last stage). The losses are left out: their vocab-parallel kernel is megatron-core's, which needs
-    megatron's own process groups (it sends a few fp32 scalars per token)."""
+    head (last stage). The losses are left out: the vocab-parallel cross-entropy sends only a few fp32 scalars per
+    token."""
     model, topo = shards.model, shards.topo
     m = model.model
     counter = CollectiveCounter(group_names(shards))
@@ -332,13 +332,6 @@ def cp_position(cp_rank: int, cp: int) -> str:
     return "first_cp_rank" if cp_rank == 0 else "last_cp_rank" if cp_rank == cp - 1 else "middle_cp_rank"
 
 
-def _planner_layout(p: ParallelConfig):
-    from mimo_train.planning.planner import Layout
-
-    return Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp, pp_schedule=p.pp_schedule,
-                  pp_virtual=p.pp_virtual, recompute=p.recompute)
-
-
 def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micro_batches: int, precision: str,
                   layer_runs: dict[str, dict] | None = None) -> dict[str, Any]:
     """Build `rank` and account for it. `layer_runs` ({kind: run_layer result}) supplies each layer type's
@@ -370,7 +363,7 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
                     comm[k] += v * len(indices) * micro_batches
             if p.pp > 1 and kinds:
                 boundary = layer_runs[f"{next(iter(kinds))}/{place}"]["output_bytes"]
-                comm["pp"] += boundary * pipeline_sends(_planner_layout(p), report["pp_rank"], micro_batches)
+                comm["pp"] += boundary * pipeline_sends(Layout.of(p), report["pp_rank"], micro_batches)
             if shards.model.model.embed_tokens is not None or shards.model.lm_head is not None:
                 for k, v in run_ends(shards, seq).items():
                     comm[k] += v * micro_batches
@@ -471,8 +464,8 @@ def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str
     the reserve."""
     from mimo_train.planning import planner as P
 
-    L = _planner_layout(p)
-    A = P.Assumptions(kernel="torch" if p.backend == "torch" else "fused", reserve_gb=reserve_gb)
+    L = P.Layout.of(p)
+    A = P.Assumptions(kernel=P.kernel_of(p.backend), reserve_gb=reserve_gb)
     prec = P.PRECISIONS[s["precision"]]
     geo = P.geometry(cfg)
     seq, m = s["seq"], s["micro_batches"]
