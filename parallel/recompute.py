@@ -18,11 +18,12 @@ from functools import wraps
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from mimo_train.config import ParallelConfig
 from mimo_train.model.layers import Attention, DenseMLP, MoE
 from mimo_train.model.transformer import DecoderLayer
 from parallel.context_parallel import ContextParallelAttention
 
-MODES = ("none", "selective", "full")
+MODES = ParallelConfig.RECOMPUTE
 
 
 def _recomputed(fn):

@@ -736,7 +736,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def enumerate_layouts(cfg: ModelConfig, gpus: int, seq: int, global_batch: int, *, max_tp: int = 8,
-                      etp_options=(1, 2), recompute_options=("none", "selective", "full"),
+                      etp_options=(1, 2), recompute_options=ParallelConfig.RECOMPUTE,
                       micro_batch_size: int = 1) -> list[Layout]:
     """Every layout that passes `validate_layout` (etp > 1 checked with the rule relaxed) and splits the batch."""
     from parallel.topology import validate_layout
