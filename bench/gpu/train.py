@@ -48,11 +48,12 @@ def synthetic_batch(vocab_size: int, rows: int, seq: int, device, seed: int) -> 
 def build_model(cfg, precision: str, recompute: str, device):
     from mimo_train.config import ParallelConfig
     from mimo_train.model import MiMoForCausalLM
+    from parallel.kernels import get_spec
     from parallel.parallelize import build_parallel_model
     from parallel.topology import Topology
 
     with torch.device("meta"):
-        model = MiMoForCausalLM(cfg, backend=KERNEL_BACKEND)
+        model = MiMoForCausalLM(cfg, spec=get_spec(KERNEL_BACKEND))
     build_parallel_model(model, Topology(), ParallelConfig(backend=KERNEL_BACKEND, recompute=recompute),
                          fp8=precision == "fp8")
     model.to_empty(device=device)
@@ -111,7 +112,8 @@ def run(h: Harness) -> None:
 
 
 def _train(h: Harness, cfg, precision: str, seq: int):
-    from mimo_train.training.forward_backward import LossSpec, forward_backward
+    from mimo_train.model.loss import LossSpec
+    from mimo_train.training.forward_backward import forward_backward
 
     model = build_model(cfg, precision, "none", h.device)
     optimizer = MixedPrecisionAdamW(model, lr=h.pick(1e-3, 3e-3))

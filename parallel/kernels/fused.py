@@ -16,12 +16,12 @@ import contextlib
 
 import torch
 
-from parallel.kernels import torch_backend
+from mimo_train.model.kernels import torch_backend
 from parallel.kernels.flex import flex_sink_attention
 from parallel.kernels.grouped_experts import GroupedExperts
-from parallel.kernels.metadata import AttentionMetadata
+from mimo_train.model.kernels.metadata import AttentionMetadata
 from parallel.kernels.sink_attention import blocked_sliding_window, cpu_global_attention, flash_varlen_attention
-from parallel.kernels.spec import SLIDING, LayerSpec
+from mimo_train.model.kernels.spec import SLIDING, LayerSpec
 
 # Which kernel the global core uses on a GPU; "flex" until bench/gpu/global_attention has measured the others.
 GPU_GLOBAL_KERNEL = "flex"

@@ -28,7 +28,7 @@ from parallel import fp8
 from parallel.kernels import fused, get_spec
 from parallel.kernels.flex import flex_sink_attention
 from parallel.kernels.grouped_experts import GroupedExperts, group_offsets, grouped_mm
-from parallel.kernels.metadata import AttentionMetadata, document_ids
+from mimo_train.model.kernels.metadata import AttentionMetadata, document_ids
 from parallel.kernels.sink_attention import efficient_varlen_attention, flash_varlen_attention
 
 pytestmark = pytest.mark.gpu
