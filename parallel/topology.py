@@ -131,6 +131,13 @@ def init_distributed(timeout_s: int = 120, device: str = "auto") -> tuple[int, i
     return dist.get_rank(), dist.get_world_size()
 
 
+def checkpoint_group():
+    """The process group of background checkpoint writes: a gloo group of every rank, made when the first
+    asynchronous save needs it (so a run that never saves asynchronously makes none), or None (the default group)
+    on the fake backend, which hosts no gloo group and whose collectives do nothing. Collective."""
+    return None if dist.get_backend() == "fake" else dist.new_group(backend="gloo")
+
+
 def communication_device_type() -> str:
     """The device type the default process group's backend serves: "cuda" under NCCL, "cpu" under gloo (and, for
     other backends such as the fake one of tests, the training device's type)."""
