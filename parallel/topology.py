@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
 from parallel.device import backend_for, resolve_device, use_device
+from parallel.pipeline import stage_ranks
 
 
 def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_len: int | None = None) -> None:
@@ -232,8 +233,6 @@ def _tied_embedding_group(p: ParallelConfig, model: ModelConfig, grid: torch.Ten
     """The pair of ranks holding the first stage's and the last stage's copy of the embedding (same dp/cp/tp place),
     or None when there is no second copy: without MTP the last stage does not keep the embedding, and when both
     stages sit on one rank (a V) they share one parameter."""
-    from parallel.pipeline import stage_ranks
-
     if p.pp == 1 or model.mtp.num_blocks == 0 or stage_ranks(p)[-1] == 0:
         return None
     pairs = torch.stack([grid[0].reshape(-1), grid[stage_ranks(p)[-1]].reshape(-1)], dim=1)

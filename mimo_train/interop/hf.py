@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mimo_train.config import ModelConfig, MTPConfig
+from mimo_train.model import MiMoForCausalLM
+from parallel.kernels import get_spec
 
 _SINK_HUB = "self_attn.attention_sink_bias"
 _SINK_OURS = "self_attn.sinks"
@@ -283,9 +285,6 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(path: str | Path, backend: str = "torch"):
     """Build our model from a Hugging Face directory (the released layout or transformers' own)."""
-    from mimo_train.model import MiMoForCausalLM
-    from parallel.kernels import get_spec
-
     path = Path(path)
     hf_cfg = json.loads((path / "config.json").read_text())
     state = from_hub_state_dict(read_hf_weights(path))

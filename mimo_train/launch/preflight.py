@@ -63,10 +63,10 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
 def check_machine(cfg: Config) -> None:
     """What the machine a run starts on must have for the config (parallel.backend=te: a GPU, TE, cuDNN, and
     blockwise FP8 with train.precision=fp8)."""
-    from parallel.kernels import te_rules
+    from parallel.kernels import te, te_rules
 
     te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device,
-                           fp8=cfg.train.precision == "fp8")
+                           te.probe_te, fp8=cfg.train.precision == "fp8", fp8_probe=te.probe_blockwise_fp8)
 
 
 def check_memory_on_cuda(cfg: Config, world_size: int) -> None:

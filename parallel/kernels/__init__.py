@@ -21,6 +21,7 @@ bound to our parameters, `parallel/kernels/te.py`, its TE-free rules in `te_rule
 from __future__ import annotations
 
 from mimo_train.config import KERNEL_BACKENDS
+from mimo_train.model.kernels.spec import LayerSpec
 
 _SPECS: dict = {}
 
@@ -29,7 +30,6 @@ def get_spec(name: str = "torch"):
     """The layer spec named by `parallel.backend` (one instance per name; specs hold no state)."""
     if name not in _SPECS:
         if name == "torch":
-            from mimo_train.model.kernels.spec import LayerSpec
             spec = LayerSpec()
         elif name == "fused":
             from parallel.kernels.fused import FusedSpec
