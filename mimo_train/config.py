@@ -346,7 +346,7 @@ class TrainConfig:
     # Where and in which precision to train. device: "auto" (cuda when available), "cpu" or "cuda" (each rank
     # uses cuda:LOCAL_RANK). precision: "fp32", or "bf16": bf16 weights and activations, fp32 gradients
     # accumulated over micro-batches, fp32 master weights and Adam moments in each rank's optimizer shard; or
-    # "fp8": bf16 as above, with the dense and expert GEMMs in blockwise-scaled FP8 (parallel/fp8.py; emulated
+    # "fp8": bf16 as above, with the dense and expert GEMMs in blockwise-scaled FP8 (parallel/kernels/fp8.py; emulated
     # where the device has no blockwise FP8 GEMM). compile: regional torch.compile of each decoder layer.
     device: str = "auto"
     precision: str = "fp32"

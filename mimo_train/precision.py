@@ -2,7 +2,7 @@
 
 The engine casts the parameters to `param_dtype` and keeps fp32 main gradients and masters where the precision asks
 for them; the optimizer keeps masters when `has_masters`; checkpoints save the name and read it back with
-`precision(name)`; the planner sizes each kind of state from the byte counts below; `parallel/fp8.py` converts the
+`precision(name)`; the planner sizes each kind of state from the byte counts below; `parallel/kernels/fp8.py` converts the
 linears in `fp8_gemms` scope and leaves `fp8_exclusions` alone.
 
 - fp32: everything fp32; the parameters are their own masters.
@@ -35,7 +35,7 @@ class Precision:
     reduce: str  # the data-parallel gradient reduction
     master: str | None  # the optimizer's copy of its shard; None: the parameters are the masters
     moment: str  # each of Adam's two moments
-    fp8_gemms: bool  # dense and expert GEMMs in blockwise-scaled FP8 (parallel/fp8.py)
+    fp8_gemms: bool  # dense and expert GEMMs in blockwise-scaled FP8 (parallel/kernels/fp8.py)
     fp8_exclusions: tuple[str, ...] = ()  # linears (by module name) left in the parameter dtype under fp8_gemms
 
     @property

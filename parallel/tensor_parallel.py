@@ -26,7 +26,7 @@ def _rows(weight: torch.Tensor, rows: slice) -> nn.Parameter:
 
 
 def _linear_function(linear: nn.Module):
-    """The matmul of the wrapped linear: its own (an FP8 linear's, parallel/fp8.py) or F.linear."""
+    """The matmul of the wrapped linear: its own (an FP8 linear's, parallel/kernels/fp8.py) or F.linear."""
     return getattr(linear, "linear_function", F.linear)
 
 

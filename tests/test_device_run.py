@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel import fp8
-from parallel.kernels.metadata import AttentionMetadata, document_ids
+from parallel.kernels import fp8
+from mimo_train.model.kernels.metadata import AttentionMetadata, document_ids
 
 REPO = Path(__file__).resolve().parents[1]
 

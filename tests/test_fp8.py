@@ -1,4 +1,4 @@
-"""Blockwise FP8 (`train.precision=fp8`, parallel/fp8.py), on the CPU: quantisation, the scaled matmuls torch runs
+"""Blockwise FP8 (`train.precision=fp8`, parallel/kernels/fp8.py), on the CPU: quantisation, the scaled matmuls torch runs
 on a CPU, cuBLAS's block-scale layouts on the meta device, the FP8 linear and grouped GEMM against dequantised
 references, the module swap, and training runs that track bf16.
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from parallel import fp8
-from parallel.fp8 import (
+from parallel.kernels import fp8
+from parallel.kernels.fp8 import (
     E4M3,
     block_scale_layout,
     convert_to_fp8,
@@ -109,7 +109,7 @@ def test_tensorwise_and_rowwise_scaled_mm_on_cpu_equal_dequantised_matmuls():
 @pytest.mark.parametrize("M,K,N", [(256, 768, 512), (128, 4096, 1024), (512, 1024, 768)])
 def test_block_scale_layouts_accepted_on_meta(M, K, N):
     """The scales of the forward (1x128 x 128x128), dgrad (same, K and N swapped) and wgrad (1x128 x 1x128 along
-    the tokens) GEMMs, in parallel/fp8.py's layouts, pass F.scaled_mm's checks; K/128 = 6 needs the L4 padding."""
+    the tokens) GEMMs, in parallel/kernels/fp8.py's layouts, pass F.scaled_mm's checks; K/128 = 6 needs the L4 padding."""
     import torch.nn.functional as F
     from torch.nn.functional import ScalingType as S
 
@@ -141,7 +141,7 @@ def test_block_scale_layouts_accepted_on_meta(M, K, N):
 
 
 def _reference_linear(x, w, dy):
-    """The recipe by hand: each GEMM of dequantised operands, tiles as parallel/fp8.py's docstring says."""
+    """The recipe by hand: each GEMM of dequantised operands, tiles as parallel/kernels/fp8.py's docstring says."""
     x2, dy2 = x.reshape(-1, x.shape[-1]).float(), dy.reshape(-1, dy.shape[-1]).float()
     y = round_trip(x2, 1) @ round_trip(w.float(), 128).t()
     dx = round_trip(dy2, 1) @ round_trip(w.float().t(), 128).t()

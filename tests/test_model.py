@@ -12,7 +12,7 @@ from transformers import MiMoV2FlashForCausalLM
 from mimo_train.interop import hf
 from mimo_train.model import IGNORE_INDEX
 from mimo_train.training.trainer import update_expert_bias
-from parallel.kernels import torch_backend
+from mimo_train.model.kernels import torch_backend
 from tests.helpers import randomised_model, tiny_model_config
 
 

@@ -37,7 +37,7 @@ BASE = ["train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_siz
         "train.async_save=false", "data.num_workers=0",
         "parallel.grad_bucket_mb=0.25"]  # ~10 gradient buckets per group, reduced while the backward runs
 BF16 = [*BASE, "train.precision=bf16"]
-FP8 = [*BASE, "train.precision=fp8"]  # emulated on the CPU (parallel/fp8.py); tests/test_fp8.py has the rest
+FP8 = [*BASE, "train.precision=fp8"]  # emulated on the CPU (parallel/kernels/fp8.py); tests/test_fp8.py has the rest
 NO_OVERLAP = ["parallel.overlap_grad_reduce=false"]
 NO_MTP = ["model.mtp.num_blocks=0"]
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import parallel.kernels.te as te_spec
 from mimo_train.config import ConfigError, load_config
-from parallel.kernels import te_rules, torch_backend
+from mimo_train.model.kernels import torch_backend
+from parallel.kernels import get_spec, te_rules
 from tests.helpers import randomised_model, tiny_model_config
 
 
@@ -181,7 +182,7 @@ def test_te_spec_equals_the_reference_with_the_same_checkpoint_names(stand_ins):
 def te_spec_model(cfg, state, backend="te"):
     from mimo_train.model import MiMoForCausalLM
 
-    model = MiMoForCausalLM(cfg, backend=backend)
+    model = MiMoForCausalLM(cfg, spec=get_spec(backend))
     if backend == "te":
         te_spec.convert_to_te(model, fp8=False)
     model.load_state_dict(state)
@@ -192,7 +193,7 @@ def test_fp8_region_leaves_out_o_proj_head_embedding_and_router(stand_ins):
     cfg = tiny_model_config()
     from mimo_train.model import MiMoForCausalLM
 
-    model = MiMoForCausalLM(cfg, backend="te")
+    model = MiMoForCausalLM(cfg, spec=get_spec("te"))
     in_fp8 = te_spec.convert_to_te(model, fp8=True)
     reference = randomised_model(cfg)
     model.load_state_dict(reference.state_dict())

@@ -1,6 +1,6 @@
 """Section 6: one full-width decoder layer of each type with routed experts (SWA + MoE: layer 1; GA + MoE: layer 5
 of configs/model/mimo_v2_flash.yaml, 256 experts top-8), B=1, S=32k, forward + backward, bf16 and FP8
-(parallel/fp8.py), activation recompute none and selective (parallel/recompute.py).
+(parallel/kernels/fp8.py), activation recompute none and selective (parallel/recompute.py).
 
 Reported: tokens/s, model TFLOP/s (the layer's training FLOPs from `mimo_train.model.info.model_report`, the window
 counted as O(S W)), MFU against the H200's dense bf16 peak (mimo_train/planning/planner.py's GPU table; FP8 runs are held to
@@ -54,7 +54,7 @@ def build_layer(cfg, index: int, precision: str, recompute: str, device, backend
         for b in layer.buffers():
             b.zero_()
     if PRECISIONS[precision].fp8_gemms:
-        from parallel.fp8 import convert_to_fp8
+        from parallel.kernels.fp8 import convert_to_fp8
         convert_to_fp8(layer)
     apply_recompute(layer, recompute)
     return layer

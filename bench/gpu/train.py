@@ -49,11 +49,12 @@ def build_model(cfg, precision: str, recompute: str, device):
     from mimo_train.config import ParallelConfig
     from mimo_train.precision import PRECISIONS
     from mimo_train.model import MiMoForCausalLM
+    from parallel.kernels import get_spec
     from parallel.parallelize import build_parallel_model
     from parallel.topology import Topology
 
     with torch.device("meta"):
-        model = MiMoForCausalLM(cfg, backend=KERNEL_BACKEND)
+        model = MiMoForCausalLM(cfg, spec=get_spec(KERNEL_BACKEND))
     build_parallel_model(model, Topology(), ParallelConfig(backend=KERNEL_BACKEND, recompute=recompute),
                          fp8=PRECISIONS[precision].fp8_gemms)
     model.to_empty(device=device)
@@ -112,7 +113,8 @@ def run(h: Harness) -> None:
 
 
 def _train(h: Harness, cfg, precision: str, seq: int):
-    from mimo_train.training.forward_backward import LossSpec, forward_backward
+    from mimo_train.model.loss import LossSpec
+    from mimo_train.training.forward_backward import forward_backward
 
     model = build_model(cfg, precision, "none", h.device)
     optimizer = MixedPrecisionAdamW(model, lr=h.pick(1e-3, 3e-3))

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mimo_train.config import ModelConfig, MTPConfig
+from mimo_train.model import MiMoForCausalLM
+from parallel.kernels import get_spec
 
 _SINK_HUB = "self_attn.attention_sink_bias"
 _SINK_OURS = "self_attn.sinks"
@@ -283,14 +285,12 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(path: str | Path, backend: str = "torch"):
     """Build our model from a Hugging Face directory (the released layout or transformers' own)."""
-    from mimo_train.model import MiMoForCausalLM
-
     path = Path(path)
     hf_cfg = json.loads((path / "config.json").read_text())
     state = from_hub_state_dict(read_hf_weights(path))
     n_mtp = len({m.group(1) for k in state if (m := re.match(r"^model\.mtp\.layers\.(\d+)\.", k))})
     cfg = from_hf_config(hf_cfg, num_mtp_blocks=n_mtp)
-    model = MiMoForCausalLM(cfg, backend=backend)
+    model = MiMoForCausalLM(cfg, spec=get_spec(backend))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")

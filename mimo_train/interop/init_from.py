@@ -18,6 +18,8 @@ from torch.distributed.tensor import DTensor
 from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import ConfigError
 from mimo_train.precision import precision
+from parallel.state_dict import (copy_loaded_model_state, model_state, optimizer_state,
+                                 read_fp32_values_from_saved_place)
 
 HF = "hugging face directory"
 CHECKPOINT = "checkpoint"
@@ -69,9 +71,6 @@ def _global_shape(t: torch.Tensor) -> tuple[int, ...]:
 
 def load_initial_weights(trainer) -> None:
     """Fill the trainer's parameters (and fp32 masters) from `train.init_from` (collective)."""
-    from parallel.state_dict import (copy_loaded_model_state, model_state, optimizer_state,
-                                     read_fp32_values_from_saved_place)
-
     world = getattr(trainer, "world", 1)
     agree = trainer._first_problem if world > 1 else ckpt._alone
     kind, path = resolve_source(trainer.cfg.train.init_from, (getattr(trainer, "rank", 0), world), agree)

@@ -53,6 +53,39 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
     against nodes x tasks-per-node first, so a bad submission fails here, not after queueing."""
     workdir = (workdir or Path.cwd()).resolve()
     cfg = load_config(args.config, args.overrides)
+    tasks_per_node, ntasks = _check_allocation(args, cfg)
+    run_dir = Path(cfg.run.dir)
+    run_dir = run_dir if run_dir.is_absolute() else workdir / run_dir
+    config = Path(args.config)
+    config = config if config.is_absolute() else workdir / config
+    container = bool(args.container_image)
+    train = [*_task_command(args, container), "train", "--config", str(config), "--resume", "auto", *args.overrides]
+    values = {
+        "job_name": args.job_name or f"mimo-{run_dir.name}",
+        "nodes": args.nodes,
+        "tasks_per_node": tasks_per_node,
+        "ntasks": ntasks,
+        "sbatch_lines": "\n".join(f"#SBATCH {line}" for line in _sbatch_options(args))
+                        or "# (no further #SBATCH options)",
+        "signal_lead": args.signal_lead,
+        "log_file": run_dir / "slurm-%j.out",
+        "workdir": workdir,
+        "run_dir": _q(run_dir),
+        "total_steps": cfg.train.steps,
+        "max_requeues": args.max_requeues,
+        "resend_s": DEFAULT_RESEND_S,
+        "train_command": " ".join(_q(a) for a in train),
+        "srun_extra": " ".join(_q(a) for a in _srun_options(args, container, workdir)),
+        "env_lines": "\n".join(_env_lines(args)) or "# (no --env settings)",
+    }
+    for key in ("log_file", "workdir"):
+        if any(c.isspace() for c in str(values[key])):
+            raise ConfigError(f"{key} {values[key]!r}: #SBATCH lines cannot hold whitespace in paths")
+    return render(TEMPLATE.read_text(), values), run_dir
+
+
+def _check_allocation(args, cfg) -> tuple[int, int]:
+    """(tasks per node, tasks) of the submission, once the config's layouts, batches and memory fit them."""
     if args.nodes < 1:
         raise ConfigError(f"--nodes: must be >= 1 (got {args.nodes})")
     if args.gpus_per_node < 0:
@@ -82,14 +115,10 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         check_memory(cfg, ntasks, gpu_type(getattr(args, "gpu_type", "h100")))  # before queueing for the GPUs
     if args.signal_lead < 1:
         raise ConfigError(f"--signal-lead: must be >= 1 second (got {args.signal_lead})")
+    return tasks_per_node, ntasks
 
-    run_dir = Path(cfg.run.dir)
-    run_dir = run_dir if run_dir.is_absolute() else workdir / run_dir
-    config = Path(args.config)
-    config = config if config.is_absolute() else workdir / config
-    container = bool(args.container_image)
-    train = [*_task_command(args, container), "train", "--config", str(config), "--resume", "auto", *args.overrides]
 
+def _sbatch_options(args) -> list[str]:
     sbatch = []
     if args.gpus_per_node:
         sbatch.append(f"--gpus-per-node={args.gpus_per_node}")
@@ -99,8 +128,10 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
             sbatch.append(f"--{flag}={value}")
     if args.exclusive:
         sbatch.append("--exclusive")
-    sbatch += args.sbatch_arg
+    return sbatch + args.sbatch_arg
 
+
+def _srun_options(args, container: bool, workdir: Path) -> list[str]:
     srun = []
     if args.cpus_per_task:
         srun.append(f"--cpus-per-task={args.cpus_per_task}")  # srun no longer inherits it from the job (22.05+)
@@ -108,36 +139,17 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         srun += [f"--container-image={args.container_image}", f"--container-workdir={workdir}"]
         if args.container_mounts:
             srun.append(f"--container-mounts={args.container_mounts}")
-    srun += args.srun_arg
+    return srun + args.srun_arg
 
-    env_lines = []
+
+def _env_lines(args) -> list[str]:
+    lines = []
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"--env {item!r}: expected NAME=VALUE")
-        env_lines.append(f"export {key}={_q(value)}")
-
-    values = {
-        "job_name": args.job_name or f"mimo-{run_dir.name}",
-        "nodes": args.nodes,
-        "tasks_per_node": tasks_per_node,
-        "ntasks": ntasks,
-        "sbatch_lines": "\n".join(f"#SBATCH {line}" for line in sbatch) or "# (no further #SBATCH options)",
-        "signal_lead": args.signal_lead,
-        "log_file": run_dir / "slurm-%j.out",
-        "workdir": workdir,
-        "run_dir": _q(run_dir),
-        "total_steps": cfg.train.steps,
-        "max_requeues": args.max_requeues,
-        "resend_s": DEFAULT_RESEND_S,
-        "train_command": " ".join(_q(a) for a in train),
-        "srun_extra": " ".join(_q(a) for a in srun),
-        "env_lines": "\n".join(env_lines) or "# (no --env settings)",
-    }
-    for key in ("log_file", "workdir"):
-        if any(c.isspace() for c in str(values[key])):
-            raise ConfigError(f"{key} {values[key]!r}: #SBATCH lines cannot hold whitespace in paths")
-    return render(TEMPLATE.read_text(), values), run_dir
+        lines.append(f"export {key}={_q(value)}")
+    return lines
 
 
 def submit(args) -> int:

@@ -235,7 +235,7 @@ def kernel_path(shards: RankShards):
     whose meta kernels give the shapes autograd saves; the `torch` backend runs the same everywhere."""
     import contextlib
 
-    from parallel.kernels.fused import simulated_gpu
+    from parallel.kernels.choice import simulated_gpu
 
     return simulated_gpu() if shards.model.spec.name == "fused" else contextlib.nullcontext()
 

@@ -22,6 +22,7 @@ from parallel.data_parallel import ShardedAdamW, fill_missing_gradients
 from parallel.initialize import materialize
 from parallel.mixed_precision import MainGradients, cast_parameters
 from parallel.parallelize import build_parallel_model, sequence_layout
+from parallel.kernels import get_spec
 from parallel.topology import build_topology
 
 
@@ -80,7 +81,7 @@ def build_engine(model_cfg: ModelConfig, p: ParallelConfig, seq_len: int, *, pre
     topo = build_topology(p, model_cfg, seq_len)
     torch.manual_seed(seed)
     with torch.device("meta"):  # no rank ever holds the whole model
-        model = MiMoForCausalLM(copy.deepcopy(model_cfg), backend=p.backend)
+        model = MiMoForCausalLM(copy.deepcopy(model_cfg), spec=get_spec(p.backend))
     layouts, pipeline = build_parallel_model(model, topo, p, fp8=prec.fp8_gemms, compile=compile)
     if device is not None:
         materialize(model, layouts, seed=seed, device=device)

@@ -32,12 +32,13 @@ from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.training.engine import AdamSettings, build_engine
 from mimo_train.training.evaluation import Evaluator
-from mimo_train.training.forward_backward import LossSpec, forward_backward
+from mimo_train.model.loss import LossSpec
+from mimo_train.training.forward_backward import forward_backward
 from mimo_train.model.info import startup_banner
 from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.precision import precision as precision_named
-from mimo_train.launch.preflight import check_resume_config
+from mimo_train.training.resume_config import check_resume_config
 from mimo_train.training.stages import BatchSchedule, Stage, StagePlan, StageStart
 from mimo_train.training.stopping import StopRequest
 from parallel import comm

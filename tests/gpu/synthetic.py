@@ -16,7 +16,8 @@ import torch.distributed as dist
 from bench.gpu.train import synthetic_batch
 from mimo_train.config import CONFIG_ROOT, load_config
 from mimo_train.training.engine import AdamSettings, build_engine
-from mimo_train.training.forward_backward import LossSpec, forward_backward
+from mimo_train.model.loss import LossSpec
+from mimo_train.training.forward_backward import forward_backward
 from parallel import comm
 
 TINY = CONFIG_ROOT / "train" / "tiny_cpu.yaml"

@@ -34,6 +34,9 @@ from torch.nn.functional import ScalingType  # torch >= 2.10, with F.scaled_mm
 
 from mimo_train.precision import PRECISIONS
 
+from mimo_train.model.layers import Experts
+from parallel.kernels.grouped_experts import GroupedExperts
+
 TILE = 128
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -317,8 +320,6 @@ class Fp8Linear(nn.Linear):
 def fp8_experts(experts: nn.Module) -> nn.Module:
     """The routed experts of any layer spec as grouped experts whose two GEMMs are `fp8_grouped_mm`; the same
     Parameters (names, initialisation and optimizer state unchanged)."""
-    from parallel.kernels.grouped_experts import GroupedExperts
-
     new = GroupedExperts.__new__(GroupedExperts)
     nn.Module.__init__(new)
     new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
@@ -335,8 +336,6 @@ def fp8_linear_filter(name: str, module: nn.Module) -> bool:
 def convert_to_fp8(model: nn.Module, *, experts: bool = True) -> list[str]:
     """Swap the chosen linears for `Fp8Linear` and the routed experts for FP8 grouped experts, in place (before
     tensor/expert parallelism wraps them). Returns the names of the converted modules."""
-    from mimo_train.model.layers import Experts
-
     converted = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
