@@ -32,7 +32,8 @@ _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 
 def to_hf_config(cfg: ModelConfig) -> dict:
     """Our model config as config.json: the Hub's field names, plus the explicit fields transformers reads
-    (`rope_parameters`, `layer_types`), since transformers ignores `rope_theta`/`swa_rope_theta` in this model."""
+    (`rope_parameters`, `layer_types`), since transformers ignores `rope_theta`/`swa_rope_theta` in this model.
+    Long by nature: one line per config.json field, in the Hub file's order."""
     if cfg.swa_kv_head_factor != 2:
         raise ValueError("hf-export: transformers' MiMo-V2-Flash requires model.swa_kv_head_factor == 2")
     window = cfg.window_keys - 1  # the Hub's sliding_window_size: keys before the query
@@ -148,6 +149,13 @@ def from_hf_config(hf: dict, num_mtp_blocks: int | None = None) -> ModelConfig:
             apply_value_scale=ours.get("mtp_apply_value_scale", True),
         ),
     )
+    _read_layer_types(hf, cfg)
+    cfg.validate("config.json")
+    return cfg
+
+
+def _read_layer_types(hf: dict, cfg: ModelConfig) -> None:
+    """Check config.json's attention layer types against the GA rule, and take its leading dense FFN layers."""
     layer_types = hf.get("layer_types")
     if layer_types is None and hf.get("hybrid_layer_pattern") is not None:
         layer_types = ["full_attention" if p == 0 else "sliding_attention" for p in hf["hybrid_layer_pattern"]]
@@ -161,8 +169,6 @@ def from_hf_config(hf: dict, num_mtp_blocks: int | None = None) -> ModelConfig:
         if dense != list(range(len(dense))):
             raise ValueError(f"config.json: dense FFN layers {dense} must be the leading layers")
         cfg.first_dense_layers = len(dense)
-    cfg.validate("config.json")
-    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------
