@@ -1,6 +1,6 @@
 """Benchmark: sliding-window attention with sink, forward plus backward, ours against transformers' eager reference.
 
-Ours is `parallel.kernels.torch_backend.sliding_window_attention` (banded: query blocks against their own keys and
+Ours is `mimo_train.model.kernels.torch_backend.sliding_window_attention` (banded: query blocks against their own keys and
 the window before them, O(S x W)). The reference is `eager_attention_forward` from transformers' MiMo-V2-Flash
 (`repeat_kv`, a full S x S score matrix plus the additive mask, a sink column, softmax), fed the float mask that
 transformers builds for eager attention: `masking_utils.eager_mask` with `sliding_window_causal_mask_function(W)`
@@ -31,7 +31,7 @@ from bench.common import machine_note, result_line, set_threads  # noqa: I001
 import torch
 import torch.nn as nn
 
-from parallel.kernels.torch_backend import sliding_window_attention
+from mimo_train.model.kernels.torch_backend import sliding_window_attention
 
 
 class _EagerModule(nn.Module):

@@ -2,7 +2,7 @@
 
 1. Throughput. A synthetic model of the MiMo structure (the tiny config widened: hidden 512, vocab 8192; about
    34M parameters) with its AdamW state after one step, about 390 MiB of tensors, is saved with
-   `mimo_train.checkpoint.save_checkpoint` (DCP plus the atomic publish) and loaded back in place with
+   `mimo_train.training.checkpoint.save_checkpoint` (DCP plus the atomic publish) and loaded back in place with
    `load_checkpoint`. The reference, in the same directory on the same disk and interleaved with ours, writes the
    same number of bytes to one file with `write` + `fsync` (+ fsync of the directory, as our publish does) and
    reads them back with `readinto` into a preallocated buffer. Both reads come right after the writes, so they are
@@ -18,7 +18,7 @@
    process-based executor needs it). The training stall is the time `async_save` blocks the training loop
    (staging a CPU copy of the state, handing it to the writer), as a fraction of one step; the steps that run
    while the writer works in the background are timed too (on two cores the writer competes with training).
-   The saved tensors are checked against a copy taken at the time of the save. `mimo_train.checkpoint` has no
+   The saved tensors are checked against a copy taken at the time of the save. `mimo_train.training.checkpoint` has no
    asynchronous path yet: this measures DCP's, which it would use (the publish would follow the future).
 
 Run from the checkout: ``python -m bench.checkpoint``. The last line is
@@ -46,14 +46,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from mimo_train import checkpoint as ckpt
+from data_pipeline.labels import IGNORE_INDEX
+from mimo_train.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIG = REPO / "configs/model/mimo_tiny.yaml"
 TRAIN_CONFIG = REPO / "configs/train/tiny_cpu.yaml"
 WIDE = ["model.hidden_size=512", "model.vocab_size=8192", "model.moe_intermediate_size=128",
         "model.intermediate_size=1536"]
-IGNORE_INDEX = -100
 # A single-process dcp.save/load without a process group says so on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 

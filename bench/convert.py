@@ -34,7 +34,7 @@ def _release_dir(model, out: Path) -> None:
     """`model` in the released format (quantised by the code under test: the inputs, not what is measured)."""
     from safetensors.torch import save_file
 
-    from mimo_train import fp8_release, hf
+    from mimo_train.interop import fp8_release, hf
 
     state = hf.to_hub_state_dict({k: v.detach() for k, v in model.state_dict().items()})
     out.mkdir(parents=True)
@@ -89,7 +89,7 @@ def raw_round(inputs: list[Path], out_bytes: int, work: Path) -> float:
 
 
 def measure(model, work: Path, say) -> dict:
-    from mimo_train import hf_stream
+    from mimo_train.interop import hf_stream
 
     release = work / "release"
     _release_dir(model, release)

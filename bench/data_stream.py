@@ -62,7 +62,7 @@ def planner_demand() -> dict:
     import io
     import json
 
-    from mimo_train.cli import main as cli
+    from mimo_train.launch.cli import main as cli
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -83,7 +83,7 @@ def demo_data_wait(steps: int, cache_dir: str) -> tuple[float, float]:
     import statistics
 
     from mimo_train.config import load_config
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config("configs/train/tiny_cpu.yaml", [f"train.steps={steps}", f"run.dir={run_dir}",

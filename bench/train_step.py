@@ -1,10 +1,10 @@
 """Benchmark: one training step (forward, backward, clipping, AdamW) of the tiny model, ours against transformers.
 
 The tiny model (configs/model/mimo_tiny.yaml) is built with `mtp.num_blocks=0`, since transformers'
-`MiMoV2FlashForCausalLM` has no MTP, and exported with `mimo_train.hf.save_hf`. Both implementations then load
+`MiMoV2FlashForCausalLM` has no MTP, and exported with `mimo_train.interop.hf.save_hf`. Both implementations then load
 that same export (ours with `hf.load_pretrained`, transformers with `from_pretrained(attn_implementation="eager",
 dtype=float32)`, its experts with its default implementation), so the weights are identical; they get the same
-batch (random tokens, B x S) and the same optimizer (`mimo_train.trainer.build_optimizer` with the CPU demo's train
+batch (random tokens, B x S) and the same optimizer (`mimo_train.training.trainer.build_optimizer` with the CPU demo's train
 settings, gradient clipping at its clip_grad). The loss is the mean next-token cross-entropy for both (transformers
 has no balance loss; ours still computes its balance-loss statistics in the forward, and that time is included).
 
@@ -34,16 +34,17 @@ from bench.common import current_rss_bytes, machine_note, mib, peak_rss_bytes, r
 
 import torch
 
+from data_pipeline.labels import IGNORE_INDEX
+
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CONFIG = REPO / "configs/model/mimo_tiny.yaml"
 TRAIN_CONFIG = REPO / "configs/train/tiny_cpu.yaml"
-IGNORE_INDEX = -100
 
 
 def export_tiny_model(out_dir: str | Path, seed: int = 0) -> None:
     """The tiny model without MTP, randomly initialised, written in the Hub layout transformers loads."""
-    from mimo_train import hf
+    from mimo_train.interop import hf
     from mimo_train.config import load_model_config
     from mimo_train.model import MiMoForCausalLM
 
@@ -55,10 +56,10 @@ def export_tiny_model(out_dir: str | Path, seed: int = 0) -> None:
 
 
 def build_adamw(model: torch.nn.Module, train_cfg) -> tuple[torch.optim.Optimizer, str]:
-    """The trainer's single-process optimizer: `mimo_train.trainer.build_optimizer` where it exists, else the same
+    """The trainer's single-process optimizer: `mimo_train.training.trainer.build_optimizer` where it exists, else the same
     AdamW built here (no weight decay on vectors; the per-tensor loop, foreach=False)."""
     try:
-        from mimo_train.trainer import build_optimizer
+        from mimo_train.training.trainer import build_optimizer
     except ImportError:
         t = train_cfg.train
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -67,7 +68,7 @@ def build_adamw(model: torch.nn.Module, train_cfg) -> tuple[torch.optim.Optimize
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, foreach=False)
         return opt, "torch AdamW (foreach=False, no decay on vectors)"
-    return build_optimizer(model, train_cfg), "mimo_train.trainer.build_optimizer"
+    return build_optimizer(model, train_cfg), "mimo_train.training.trainer.build_optimizer"
 
 
 def make_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:
@@ -81,7 +82,7 @@ def measure_impl(impl: str, model_dir: str | Path, batch: int, seq_len: int, ste
     threads = set_threads(threads)
     train_cfg = load_config(TRAIN_CONFIG)
     if impl == "ours":
-        from mimo_train.hf import load_pretrained
+        from mimo_train.interop.hf import load_pretrained
 
         model = load_pretrained(model_dir)
         vocab = model.cfg.vocab_size

@@ -21,7 +21,7 @@ from .config import DataConfig, SourceConfig
 # The rest is imported on first use: `mimo_train.config` needs only the config classes, and importing the shard
 # reader would pull in webdataset, which the one-GPU benchmark machine does not have (bench/gpu).
 _LAZY = {
-    "IGNORE_INDEX": "packing", "windows_to_batch": "packing",
+    "IGNORE_INDEX": "labels", "windows_to_batch": "packing",
     "add_prepare_data_parser": "prepare", "ensure_builtin_corpus": "prepare", "prepare_dataset": "prepare",
     "DataWarning": "source",
     "GlobalSampleStream": "stream", "combine_sample_digests": "stream", "digest_token_windows": "stream",

@@ -1,7 +1,8 @@
 """The builtin corpus: the Python standard library's source files, real text present on every machine.
 
-The first use trains the builtin byte-level BPE on it and prepares it as shards in the cache directory; later
-uses (and the other ranks, which wait on a file lock meanwhile) find them there. The corpus is capped to the
+The first use trains the builtin byte-level BPE on it (here) and prepares it as shards in the cache directory
+(`prepare.ensure_builtin_corpus`); later uses (and the other ranks, which wait on a file lock meanwhile) find them
+there. The corpus is capped to the
 first ``CORPUS_BYTES`` of the sorted ``.py`` files so that preparing it takes seconds; the next ``HELDOUT_BYTES``
 are the held-out source ``builtin:stdlib-heldout`` (validation on text the corpus does not contain).
 """
@@ -12,9 +13,7 @@ import os
 import sys
 import sysconfig
 
-from .config import BUILTIN_TOKENIZER
 from .locking import file_lock
-from .shards import MANIFEST_NAME
 
 CORPUS_BYTES = 8 << 20
 HELDOUT_BYTES = 256 << 10  # the held-out source (validation): the files after the corpus, this many bytes
@@ -55,21 +54,3 @@ def ensure_builtin_tokenizer(cache_dir: str, vocab_size: int) -> str:
             texts = (open(p, encoding="utf-8", errors="replace").read() for p in stdlib_source_files())
             write_atomically(path, train_byte_level_bpe(texts, vocab_size).to_str().encode())
     return path
-
-
-def ensure_builtin_corpus(cache_dir: str, vocab_size: int, tokenizer: str = BUILTIN_TOKENIZER,
-                          heldout: bool = False) -> tuple[str, str]:
-    """(shard_dir, tokenizer_path) of the builtin corpus tokenized with ``tokenizer`` ('builtin' or a path); with
-    ``heldout``, of the held-out files that follow it (``builtin:stdlib-heldout``, for validation)."""
-    from .prepare import prepare_dataset
-    from .tokenizer import file_sha256
-
-    tokenizer_path = ensure_builtin_tokenizer(cache_dir, vocab_size) if tokenizer == BUILTIN_TOKENIZER else tokenizer
-    tag = f"{CORPUS_TAG}-heldout{HELDOUT_BYTES >> 10}k" if heldout else CORPUS_TAG
-    files = stdlib_source_files(HELDOUT_BYTES, skip_bytes=CORPUS_BYTES) if heldout else stdlib_source_files()
-    shard_dir = os.path.join(cache_dir, "corpora", f"{tag}-{file_sha256(tokenizer_path)[:12]}")
-    with file_lock(os.path.join(cache_dir, "builtin.lock")):
-        if not os.path.exists(os.path.join(shard_dir, MANIFEST_NAME)):
-            prepare_dataset(files, shard_dir, tokenizer_path, workers=min(2, os.cpu_count() or 1),
-                            shard_docs=SHARD_DOCUMENTS, progress=sys.stderr.isatty())
-    return shard_dir, tokenizer_path

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .labels import IGNORE_INDEX  # noqa: F401 (re-exported: the pipeline's labels)
 
 
 def windows_to_batch(windows, eos_ids) -> dict[str, torch.Tensor]:

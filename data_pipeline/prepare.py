@@ -30,7 +30,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
+from .builtin_corpus import CORPUS_BYTES, CORPUS_TAG, HELDOUT_BYTES, SHARD_DOCUMENTS, ensure_builtin_tokenizer, \
+    stdlib_source_files
 from .config import BUILTIN_TOKENIZER, CACHE_ENV_VAR
+from .locking import file_lock
 from .shards import MANIFEST_NAME, Manifest, ShardInfo, write_atomically, write_token_shard
 from .tokenizer import eos_token_id, file_sha256, load_tokenizer
 
@@ -373,8 +376,6 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
 def resolve_tokenizer(spec: str, cache_dir: str, vocab_size: int) -> str:
     """A tokenizer.json path for "builtin" (trained and cached on first use) or a given path."""
     if spec == BUILTIN_TOKENIZER:
-        from .builtin_corpus import ensure_builtin_tokenizer
-
         return ensure_builtin_tokenizer(cache_dir, vocab_size)
     return spec
 
@@ -422,8 +423,16 @@ def run_prepare_data(args) -> int:
     return 0
 
 
-def ensure_builtin_corpus(cache_dir: str, vocab_size: int, tokenizer: str = BUILTIN_TOKENIZER) -> tuple[str, str]:
-    """(shard_dir, tokenizer_path) of the builtin stdlib corpus, prepared on first use (see builtin_corpus.py)."""
-    from .builtin_corpus import ensure_builtin_corpus as ensure
-
-    return ensure(cache_dir, vocab_size, tokenizer)
+def ensure_builtin_corpus(cache_dir: str, vocab_size: int, tokenizer: str = BUILTIN_TOKENIZER,
+                          heldout: bool = False) -> tuple[str, str]:
+    """(shard_dir, tokenizer_path) of the builtin corpus tokenized with ``tokenizer`` ('builtin' or a path); with
+    ``heldout``, of the held-out files that follow it (``builtin:stdlib-heldout``, for validation)."""
+    tokenizer_path = ensure_builtin_tokenizer(cache_dir, vocab_size) if tokenizer == BUILTIN_TOKENIZER else tokenizer
+    tag = f"{CORPUS_TAG}-heldout{HELDOUT_BYTES >> 10}k" if heldout else CORPUS_TAG
+    files = stdlib_source_files(HELDOUT_BYTES, skip_bytes=CORPUS_BYTES) if heldout else stdlib_source_files()
+    shard_dir = os.path.join(cache_dir, "corpora", f"{tag}-{file_sha256(tokenizer_path)[:12]}")
+    with file_lock(os.path.join(cache_dir, "builtin.lock")):
+        if not os.path.exists(os.path.join(shard_dir, MANIFEST_NAME)):
+            prepare_dataset(files, shard_dir, tokenizer_path, workers=min(2, os.cpu_count() or 1),
+                            shard_docs=SHARD_DOCUMENTS, progress=sys.stderr.isatty())
+    return shard_dir, tokenizer_path

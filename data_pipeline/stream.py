@@ -195,7 +195,7 @@ class GlobalSampleStream:
     def _source_directory(path: str, data: DataConfig, cache_dir: str) -> str:
         if path not in BUILTIN_SOURCES:
             return path
-        from .builtin_corpus import ensure_builtin_corpus  # imported here: preparing needs the tokenizer stack
+        from .prepare import ensure_builtin_corpus  # imported here: preparing needs the tokenizer stack
 
         shard_dir, _ = ensure_builtin_corpus(cache_dir, data.vocab_size, tokenizer=data.tokenizer,
                                              heldout=path == BUILTIN_HELDOUT)

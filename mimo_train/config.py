@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from data_pipeline.config import DataConfig, SourceConfig
+from mimo_train.hardware import PEAK_TFLOPS
+from mimo_train.precision import NAMES as PRECISION_NAMES
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 # `parallel.backend`: the layer specs of parallel/kernels (`te`: Transformer Engine, checked before launch by
@@ -152,7 +153,6 @@ class ParallelConfig:
     cp: int = 1
     ep: int = 1
     etp: int = 1
-    sequence_parallel: bool = True
     backend: str = "torch"  # layer spec: "torch" (the reference, runs everywhere) or "fused" (torch's fused kernels)
     # Pipeline: the schedule, the number of (virtual) stages each rank holds, and the decoder layers of each
     # stage in order (empty: an even split). zbv and dualpipev place 2 stages per rank in a V.
@@ -346,12 +346,11 @@ class TrainConfig:
     # Where and in which precision to train. device: "auto" (cuda when available), "cpu" or "cuda" (each rank
     # uses cuda:LOCAL_RANK). precision: "fp32", or "bf16": bf16 weights and activations, fp32 gradients
     # accumulated over micro-batches, fp32 master weights and Adam moments in each rank's optimizer shard; or
-    # "fp8": bf16 as above, with the dense and expert GEMMs in blockwise-scaled FP8 (parallel/fp8.py; emulated
+    # "fp8": bf16 as above, with the dense and expert GEMMs in blockwise-scaled FP8 (parallel/kernels/fp8.py; emulated
     # where the device has no blockwise FP8 GEMM). compile: regional torch.compile of each decoder layer.
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
-    bf16: bool | None = None  # deprecated alias: bf16=true means precision=bf16
     log_interval: int = 1
     save_interval: int = 0  # checkpoint every N steps (0: only at stage boundaries and when the run ends)
     # Checkpoints: asynchronous writes (training goes on while DCP writes; published when complete), retention.
@@ -361,7 +360,7 @@ class TrainConfig:
     # Faults: a non-finite loss or gradient norm skips the update; this many in a row stop the run (0: never).
     max_consecutive_skips: int = 5
     # Validation on data.eval_sources every `eval_interval` steps (0: never), over each source's first
-    # `eval_samples` sequences (mimo_train/evaluation.py).
+    # `eval_samples` sequences (mimo_train/training/evaluation.py).
     eval_interval: int = 0
     eval_samples: int = 8
     # Continued pre-training: a new run (step 0, fresh optimizer, schedule and data position) starts from the
@@ -372,17 +371,10 @@ class TrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
 
     DEVICES = ("auto", "cpu", "cuda")
-    PRECISIONS = ("fp32", "bf16", "fp8")
+    PRECISIONS = PRECISION_NAMES
 
     def validate(self, prefix: str = "train") -> None:
         p = prefix
-        if self.bf16 is not None:
-            _require(not (self.bf16 is False and self.precision == "bf16"), f"{p}.bf16",
-                     f"conflicts with {p}.precision=bf16; drop the deprecated {p}.bf16", self.bf16)
-            warnings.warn(f"{p}.bf16 is deprecated: use {p}.precision=bf16 (or fp32)", FutureWarning, stacklevel=2)
-            if self.bf16:
-                self.precision = "bf16"
-            self.bf16 = None
         _require(self.device in self.DEVICES, f"{p}.device", f"must be one of {', '.join(self.DEVICES)}", self.device)
         _require(self.precision in self.PRECISIONS, f"{p}.precision", f"must be one of {', '.join(self.PRECISIONS)}",
                  self.precision)
@@ -430,10 +422,7 @@ class TrainConfig:
                              f"must be a multiple of micro_batch_size ({mbs})", getattr(r, name))
 
 
-# Dense BF16 peak TFLOP/s per device (vendor datasheets, without sparsity). "cpu" is a nominal figure for the
-# demo (a few AVX2 cores); set run.peak_tflops for a real CPU.
-DEFAULT_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0,
-                       "B200": 2250.0, "GB200": 2500.0, "B300": 2500.0, "L40S": 362.0, "cpu": 0.2}
+DEFAULT_PEAK_TFLOPS = PEAK_TFLOPS
 
 
 @dataclass
@@ -575,10 +564,20 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
+# Keys that once existed, with what replaces them (an unknown-key error would not say).
+REMOVED_KEYS = {
+    "train.bf16": "use train.precision=bf16 (or fp32)",
+    "parallel.sequence_parallel": "tensor parallelism always shards the sequence (the MoE layers need it): drop the key",
+}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
+    for key in unknown:
+        if _join(prefix, key) in REMOVED_KEYS:
+            raise ConfigError(f"{_join(prefix, key)}: removed; {REMOVED_KEYS[_join(prefix, key)]}")
     if unknown:
         raise ConfigError(f"{_join(prefix, unknown[0])}: unknown key (valid keys: {', '.join(sorted(known))})")
     kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in values.items()}

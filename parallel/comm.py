@@ -1,14 +1,31 @@
 """Differentiable collectives, Megatron style: each forward collective has the matching backward collective.
 
-They run on any backend (gloo on CPU, NCCL on GPU): only `all_reduce`, `all_gather_into_tensor`,
-`reduce_scatter_tensor` and `all_to_all_single` with split sizes are used, the forms verified on gloo
-(shared/docs/cpu_parallel_facts.md, item 1). A group of size 1 makes every op the identity.
+They run on any backend (gloo on CPU, NCCL on GPU): only `all_reduce`, the flat-tensor all-gather and
+reduce-scatter, and `all_to_all_single` with split sizes are used, the forms that gloo runs (and that the fake
+backend of `mimo-train simulate` records). A group of size 1 makes every op the identity.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+# torch 2.13 renamed the flat-tensor collectives (`all_gather_into_tensor` -> `all_gather_single`, `reduce_scatter_tensor`
+# -> `reduce_scatter_single`) and warns on every call of the old names; torch 2.11 has only the old ones. Looked up
+# at each call, so that a test can wrap `torch.distributed.<name>`.
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
+
+def all_gather_flat(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """`out` = the concatenation of every rank's `x` along dim 0 (torch's all_gather_into_tensor)."""
+    return getattr(dist, ALL_GATHER)(out, x, group=group, async_op=async_op)
+
+
+def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """`out` = this rank's dim-0 slice of the sum of every rank's `x` (torch's reduce_scatter_tensor)."""
+    return getattr(dist, REDUCE_SCATTER)(out, x, group=group, async_op=async_op)
 
 
 def group_size(group) -> int:
@@ -21,7 +38,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((n * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group)
+    all_gather_flat(out, x, group)
     return out.movedim(0, dim)
 
 
@@ -33,7 +50,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if x.shape[0] % n:
         raise ValueError(f"reduce-scatter: size {x.shape[0]} along dim {dim} is not divisible by the group size {n}")
     out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=group)
+    reduce_scatter_flat(out, x, group)
     return out.movedim(0, dim)
 
 

@@ -207,7 +207,7 @@ class ShardedAdamW:
         names = buckets[b]
         flat = torch.cat([_blocks(gradient(self.params[n]), self.shards[n]) for n in names], dim=1)
         out = flat.new_empty(flat.shape[1])
-        work = dist.reduce_scatter_tensor(out, flat.reshape(-1), group=group, async_op=True)
+        work = comm.reduce_scatter_flat(out, flat.reshape(-1), group, async_op=True)
         self._in_flight.append((work, out, names))
 
     def reduce_gradients(self) -> None:
@@ -280,7 +280,7 @@ class ShardedAdamW:
                 continue
             mine = torch.cat([_own_block(self.params[n].detach(), self.shards[n]) for n in names])
             out = mine.new_empty(comm.group_size(group) * mine.numel())
-            pending.append((dist.all_gather_into_tensor(out, mine, group=group, async_op=True), out, names))
+            pending.append((comm.all_gather_flat(out, mine, group, async_op=True), out, names))
         with torch.no_grad():
             for work, out, names in pending:
                 work.wait()

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import torch
 
-# fp8 stores bf16 parameters like bf16: only the chosen GEMMs quantise their operands on the fly (parallel/fp8.py).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
-
-
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Parameters (not buffers: RoPE frequencies and expert biases stay fp32) to `dtype`, in place."""
     with torch.no_grad():

@@ -15,8 +15,11 @@ import torch.nn as nn
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.model.transformer import WholeSequence
 from mimo_train.model.layers import Attention, DenseMLP, MoE
+from parallel.compile import compile_layers
 from parallel.context_parallel import ChunkLayout, ContextParallelAttention
 from parallel.expert_parallel import ExpertParallelMoE
+from parallel.kernels.choice import swap_modules
+from parallel.pipeline import PipelineRunner, prune_to_local_stages
 from parallel.recompute import apply_recompute
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -148,19 +151,11 @@ def _shard_mlp(mlp: DenseMLP, topo: Topology, sharded) -> None:
 def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p, *, fp8: bool = False, compile: bool = False):
     """Everything a training rank needs: keep this rank's pipeline stages, (FP8 GEMMs), shard them, (recompute,
     compile), tie the embedding copies. Returns (layouts, pipeline runner or None)."""
-    from parallel.pipeline import PipelineRunner, prune_to_local_stages
-
     local = prune_to_local_stages(model, p, topo.rank_in("pp")) if topo.pp > 1 else None
-    if p.backend == "te":  # TE's linears (FP8 through TE's autocast), same parameters; before sharding, as FP8
-        from parallel.kernels.te import convert_to_te
-        convert_to_te(model, fp8=fp8)
-    elif fp8:  # before sharding: the tensor-parallel wrappers keep the FP8 matmul of the linears they wrap
-        from parallel.fp8 import convert_to_fp8
-        convert_to_fp8(model)
+    swap_modules(model, p.backend, fp8)
     layouts = parallelize(model, topo)
     apply_recompute(model, p.recompute)
     if compile:
-        from parallel.compile import compile_layers
         compile_layers(model)
     if local is None:
         return layouts, None

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
-from mimo_train.forward_backward import LossSpec, StepResult, empty_parts, micro_batch_loss
+from mimo_train.model.loss import LossSpec, StepResult, empty_parts, micro_batch_loss
 
 SCHEDULES = {
     "1f1b": "Schedule1F1B",

@@ -6,7 +6,7 @@
 - `selective`: the attention core (the local kernel: under context parallelism inside the halo exchange and the
   K/V gather, which are not repeated) and the SwiGLU intermediates (the routed experts' local GEMMs, and the dense
   FFNs of layer 0 and the MTP blocks) are recomputed; everything else is saved. This is what the planner's
-  `selective` means (mimo_train/planner.py).
+  `selective` means (mimo_train/planning/planner.py).
 
 Parameters keep their names: only bound methods are replaced, no module is wrapped.
 """
@@ -18,11 +18,12 @@ from functools import wraps
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from mimo_train.config import ParallelConfig
 from mimo_train.model.layers import Attention, DenseMLP, MoE
 from mimo_train.model.transformer import DecoderLayer
 from parallel.context_parallel import ContextParallelAttention
 
-MODES = ("none", "selective", "full")
+MODES = ParallelConfig.RECOMPUTE
 
 
 def _recomputed(fn):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_pipeline.labels import IGNORE_INDEX
 from parallel import comm
 
 SEQ_DIM = 1
@@ -25,7 +26,7 @@ def _rows(weight: torch.Tensor, rows: slice) -> nn.Parameter:
 
 
 def _linear_function(linear: nn.Module):
-    """The matmul of the wrapped linear: its own (an FP8 linear's, parallel/fp8.py) or F.linear."""
+    """The matmul of the wrapped linear: its own (an FP8 linear's, parallel/kernels/fp8.py) or F.linear."""
     return getattr(linear, "linear_function", F.linear)
 
 
@@ -128,7 +129,7 @@ class VocabParallelCrossEntropySum(nn.Module):
     It needs nothing but the group: no global parallel state, so it runs on any process group (the fake one of
     `mimo-train simulate` included) and wherever megatron-core is not installed."""
 
-    def __init__(self, group, ignore_index: int = -100) -> None:
+    def __init__(self, group, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.group = group
         self.ignore_index = ignore_index

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
 from parallel.device import backend_for, resolve_device, use_device
+from parallel.pipeline import stage_ranks
 
 
 def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_len: int | None = None) -> None:
@@ -41,8 +42,6 @@ def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_
     need(p.etp == 1, f"parallel.etp={p.etp}: expert-tensor parallelism is not implemented yet (use 1)")
     need((p.dp * p.cp * p.tp) % (p.ep * p.etp) == 0,
          f"parallel.ep x etp = {p.ep * p.etp} must divide dp x cp x tp = {p.dp * p.cp * p.tp} (MoE folding)")
-    need(p.tp == 1 or p.sequence_parallel,
-         "parallel.sequence_parallel: must be true when tp > 1 (MoE layers run on sequence-parallel shards)")
     if p.pp > 1:
         n_stages = p.pp * p.pp_virtual
         need(n_stages <= model.num_layers, f"parallel.pp x pp_virtual = {n_stages} stages: more than the "
@@ -129,6 +128,13 @@ def init_distributed(timeout_s: int = 120, device: str = "auto") -> tuple[int, i
     use_device(rank_device)
     dist.init_process_group(backend=backend_for(rank_device), timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def checkpoint_group():
+    """The process group of background checkpoint writes: a gloo group of every rank, made when the first
+    asynchronous save needs it (so a run that never saves asynchronously makes none), or None (the default group)
+    on the fake backend, which hosts no gloo group and whose collectives do nothing. Collective."""
+    return None if dist.get_backend() == "fake" else dist.new_group(backend="gloo")
 
 
 def communication_device_type() -> str:
@@ -225,8 +231,6 @@ def _tied_embedding_group(p: ParallelConfig, model: ModelConfig, grid: torch.Ten
     """The pair of ranks holding the first stage's and the last stage's copy of the embedding (same dp/cp/tp place),
     or None when there is no second copy: without MTP the last stage does not keep the embedding, and when both
     stages sit on one rank (a V) they share one parameter."""
-    from parallel.pipeline import stage_ranks
-
     if p.pp == 1 or model.mtp.num_blocks == 0 or stage_ranks(p)[-1] == 0:
         return None
     pairs = torch.stack([grid[0].reshape(-1), grid[stage_ranks(p)[-1]].reshape(-1)], dim=1)

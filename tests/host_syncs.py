@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import mimo_train.trainer as trainer_module
+import mimo_train.training.trainer as trainer_module
 
 
 class HostSyncCounter(TorchDispatchMode):

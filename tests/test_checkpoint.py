@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import load_config
-from mimo_train.trainer import Trainer
+from mimo_train.training.trainer import Trainer
 from tests.scripts.staged import REPO, env, metrics, reference_run, strip_timing, write_config, single_thread
 
 
@@ -225,7 +225,7 @@ def test_sigkill_at_any_point_never_leaves_a_loadable_incomplete_checkpoint(tmp_
         assert _loadable(root) == expected, pause
         if pause.startswith("before_latest"):
             assert (root / "latest").read_text() == "step_00000006"
-    final = subprocess.run([sys.executable, "-m", "mimo_train.cli", "train", "--config", str(config),
+    final = subprocess.run([sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", str(config),
                             f"run.dir={run_dir}"], env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert "resumed from" in final.stdout and "step_00000009" in final.stdout

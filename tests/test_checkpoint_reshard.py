@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from tests.scripts.staged import cli, max_rel_diff, metrics, reference_run, write_config
 
 SAVED_AT = 4

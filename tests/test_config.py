@@ -46,6 +46,7 @@ def test_train_config_and_overrides():
         ("parallel.grad_bucket_mb=0", "parallel.grad_bucket_mb: must be a number of megabytes > 0"),
         ("parallel.grad_bucket_mb=-4", "parallel.grad_bucket_mb: must be a number of megabytes > 0"),
         ("parallel.overlap_grad_reduce=sometimes", "parallel.overlap_grad_reduce: must be"),
+        ("parallel.sequence_parallel=false", "parallel.sequence_parallel: removed; tensor parallelism always shards"),
     ],
 )
 def test_invalid_values_name_the_field_and_rule(override, message):
@@ -79,7 +80,7 @@ def test_help_documents_every_subcommand_and_option():
     option and positional argument a help text."""
     import argparse
 
-    from mimo_train.cli import build_parser
+    from mimo_train.launch.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

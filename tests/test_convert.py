@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mimo_train import checkpoint as ckpt
-from mimo_train import cli, hf, hf_stream
+from mimo_train.training import checkpoint as ckpt
+from mimo_train.launch import cli
+from mimo_train.interop import hf, hf_stream
 from mimo_train.config import load_config
-from mimo_train.fp8_release import BLOCK, Fp8FormatError, quantised_in_release
+from mimo_train.interop.fp8_release import BLOCK, Fp8FormatError, quantised_in_release
 from tests.helpers import randomised_model, tiny_model_config
 
 E4M3_MAX = 448.0
@@ -223,7 +224,7 @@ def test_the_demo_checkpoint_exports_from_any_directory_and_loads_in_transformer
     non-empty directory and a failed export leave nothing behind."""
     from transformers import MiMoV2FlashForCausalLM
 
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     run_dir = tmp_path / "runs" / "demo"
     cfg = load_config("configs/train/tiny_cpu.yaml", ["train.steps=1", "train.seq_len=64", "train.global_batch_size=2",
@@ -236,7 +237,7 @@ def test_the_demo_checkpoint_exports_from_any_directory_and_loads_in_transformer
     _copy_tokenizer_into_run(cfg, run_dir)
     env = {k: v for k, v in os.environ.items() if k != "MIMO_TRAIN_CACHE"}
     out = tmp_path / "exported"
-    r = subprocess.run([sys.executable, "-m", "mimo_train.cli", "hf-export", str(run_dir / "checkpoints"), str(out),
+    r = subprocess.run([sys.executable, "-m", "mimo_train.launch.cli", "hf-export", str(run_dir / "checkpoints"), str(out),
                         "--nproc", "2", "--shard-mb", "1"], capture_output=True, text=True, timeout=300, env=env,
                        cwd="/")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -297,7 +298,7 @@ def _fails_mid_export(src: Path, out: Path) -> bool:
 def test_init_from_starts_a_new_run_and_its_resume_ignores_it(release, tmp_path):
     """A bf16 run from the FP8 release's import (another precision, fresh optimizer, step 0): the fp32 masters
     equal the import, the bf16 weights are cast from them; its resume continues from its own checkpoint."""
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     model, _, root, imported = release
     overrides = ["train.steps=1", "train.seq_len=64", "train.global_batch_size=2", "train.micro_batch_size=2",
@@ -331,8 +332,8 @@ def test_init_from_starts_a_new_run_and_its_resume_ignores_it(release, tmp_path)
     from types import SimpleNamespace
 
     from mimo_train.config import ConfigError
-    from mimo_train.engine import AdamSettings, build_engine
-    from mimo_train.init_from import load_initial_weights
+    from mimo_train.training.engine import AdamSettings, build_engine
+    from mimo_train.interop.init_from import load_initial_weights
 
     other = load_config("configs/train/tiny_cpu.yaml", [f"train.init_from={root / 'ckpt'}"])
     e = build_engine(other.model, dataclasses.replace(other.parallel, dp=1), 64, precision="fp32",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mimo_train import cli
+from mimo_train.launch import cli
 from tests.data_helpers import write_source
 
 BASE = ["train", "--config", "configs/train/tiny_cpu.yaml", "train.steps=1", "run.wandb_mode=disabled"]
@@ -13,7 +13,7 @@ BASE = ["train", "--config", "configs/train/tiny_cpu.yaml", "train.steps=1", "ru
 @pytest.fixture
 def train(tmp_path, capsys, monkeypatch):
     built = []
-    monkeypatch.setattr("mimo_train.trainer.Trainer._build", lambda self, stage: built.append(stage))
+    monkeypatch.setattr("mimo_train.training.trainer.Trainer._build", lambda self, stage: built.append(stage))
 
     def run(*overrides):
         code = cli.main([*BASE, f"run.dir={tmp_path / 'run'}", *overrides])

@@ -80,7 +80,7 @@ def upload(fs, local_dir, prefix) -> str:
 def train_digests(tmp_path, name, data_path, env):
     """batch digests of a 3-step single-process run of the tiny model on one data source."""
     run_dir = tmp_path / name
-    command = [sys.executable, "-m", "mimo_train.cli", "train", "--config", "configs/train/tiny_cpu.yaml",
+    command = [sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", "configs/train/tiny_cpu.yaml",
                "train.steps=3", "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
                "run.wandb_mode=disabled", f"run.dir={run_dir}", "model.vocab_size=4096",
                f"data.sources=[{{name: docs, path: '{data_path}', weight: 1.0}}]", "data.shuffle_group_shards=4"]

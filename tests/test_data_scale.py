@@ -134,7 +134,7 @@ def test_verify_data_command_checks_every_shard_and_fills_the_ledger(tmp_path):
         f.write(b"\xff" * 16)
     os.remove(tmp_path / "src" / "shard-000005.tar")
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "mimo_train.cli", "verify-data", str(tmp_path / "src"), "--workers", "2",
+    command = [sys.executable, "-m", "mimo_train.launch.cli", "verify-data", str(tmp_path / "src"), "--workers", "2",
                "--cache-dir", str(tmp_path / "cache")]
     half = subprocess.run([*command, "--part", "1/2"], capture_output=True, text=True, env=env, timeout=120)
     assert half.returncode == 1 and "2 of 3 shards sound (part 1/2)" in half.stdout  # shards 1, 3, 5: 5 is missing

@@ -33,7 +33,7 @@ def test_device_and_precision_fields_are_validated():
         load_config("configs/train/tiny_cpu.yaml", ["train.device=gpu"])
     with pytest.raises(ConfigError, match="train.precision: must be one of fp32, bf16"):
         load_config("configs/train/tiny_cpu.yaml", ["train.precision=fp16"])
-    with pytest.raises(ConfigError, match="train.bf16: conflicts with train.precision=bf16"):
+    with pytest.raises(ConfigError, match="train.bf16: removed; use train.precision=bf16"):
         load_config("configs/train/tiny_cpu.yaml", ["train.bf16=false", "train.precision=bf16"])
 
 

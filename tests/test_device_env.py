@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+from parallel import comm
 from tests.gpu_machine_env import REPO, environment
 
 STEPS = """
@@ -54,6 +55,6 @@ def test_training_steps_of_the_gpu_tests_run_without_the_data_pipeline():
     assert result["imported"] == []
     for layout in ("dp2", "tp2"):  # the fake group's collectives all ran, all on the training device
         kinds = {kind for kind, _ in result["seen"][layout]}
-        assert {"all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor"} <= kinds, result["seen"]
+        assert {"all_reduce", comm.REDUCE_SCATTER, comm.ALL_GATHER} <= kinds, result["seen"]
         assert {device for _, device in result["seen"][layout]} == {"cpu"}
     assert len(result["losses"]) == 2 and all(7 < loss < 9.5 for loss in result["losses"])  # ~ln(4096) = 8.3

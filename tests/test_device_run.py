@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel import fp8
-from parallel.kernels.metadata import AttentionMetadata, document_ids
+from parallel.kernels import fp8
+from mimo_train.model.kernels.metadata import AttentionMetadata, document_ids
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_vocab_parallel_cross_entropy_equals_unsharded_and_megatron_on_two_ranks
 def test_no_gloo_group_on_the_fake_process_group(tmp_path, monkeypatch):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from mimo_train.checkpoint import CheckpointManager
+    from mimo_train.training.checkpoint import CheckpointManager
 
     made = []
     monkeypatch.setattr(dist, "new_group", lambda *a, **k: made.append(k) or None)

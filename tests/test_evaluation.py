@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from mimo_train.config import ConfigError, load_config
-from mimo_train.evaluation import Evaluator
-from mimo_train.trainer import Trainer
+from mimo_train.training.evaluation import Evaluator
+from mimo_train.training.trainer import Trainer
 from tests.data_helpers import write_source
 from tests.scripts.staged import single_thread
 

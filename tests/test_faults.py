@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-import mimo_train.trainer as trainer_module
-from mimo_train import checkpoint as ckpt
+import mimo_train.training.trainer as trainer_module
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import load_config
-from mimo_train.trainer import EXIT_DIVERGED, Trainer
+from mimo_train.training.trainer import EXIT_DIVERGED, Trainer
 from tests.scripts.staged import REPO, env, single_thread
 
 
@@ -72,7 +72,7 @@ def test_non_finite_steps_are_skipped_and_n_in_a_row_stop_the_run(tmp_path, monk
 
 
 def _start_and_wait_for_steps(tmp_path, *extra, steps=2):
-    cmd = [sys.executable, "-m", "mimo_train.cli", "train", "--config", "configs/train/tiny_cpu.yaml", *TINY,
+    cmd = [sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", "configs/train/tiny_cpu.yaml", *TINY,
            "train.steps=10000", f"run.dir={tmp_path}", *extra]
     proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = tmp_path / "metrics.jsonl"

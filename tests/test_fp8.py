@@ -1,4 +1,4 @@
-"""Blockwise FP8 (`train.precision=fp8`, parallel/fp8.py), on the CPU: quantisation, the scaled matmuls torch runs
+"""Blockwise FP8 (`train.precision=fp8`, parallel/kernels/fp8.py), on the CPU: quantisation, the scaled matmuls torch runs
 on a CPU, cuBLAS's block-scale layouts on the meta device, the FP8 linear and grouped GEMM against dequantised
 references, the module swap, and training runs that track bf16.
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from parallel import fp8
-from parallel.fp8 import (
+from parallel.kernels import fp8
+from parallel.kernels.fp8 import (
     E4M3,
     block_scale_layout,
     convert_to_fp8,
@@ -109,7 +109,7 @@ def test_tensorwise_and_rowwise_scaled_mm_on_cpu_equal_dequantised_matmuls():
 @pytest.mark.parametrize("M,K,N", [(256, 768, 512), (128, 4096, 1024), (512, 1024, 768)])
 def test_block_scale_layouts_accepted_on_meta(M, K, N):
     """The scales of the forward (1x128 x 128x128), dgrad (same, K and N swapped) and wgrad (1x128 x 1x128 along
-    the tokens) GEMMs, in parallel/fp8.py's layouts, pass F.scaled_mm's checks; K/128 = 6 needs the L4 padding."""
+    the tokens) GEMMs, in parallel/kernels/fp8.py's layouts, pass F.scaled_mm's checks; K/128 = 6 needs the L4 padding."""
     import torch.nn.functional as F
     from torch.nn.functional import ScalingType as S
 
@@ -141,7 +141,7 @@ def test_block_scale_layouts_accepted_on_meta(M, K, N):
 
 
 def _reference_linear(x, w, dy):
-    """The recipe by hand: each GEMM of dequantised operands, tiles as parallel/fp8.py's docstring says."""
+    """The recipe by hand: each GEMM of dequantised operands, tiles as parallel/kernels/fp8.py's docstring says."""
     x2, dy2 = x.reshape(-1, x.shape[-1]).float(), dy.reshape(-1, dy.shape[-1]).float()
     y = round_trip(x2, 1) @ round_trip(w.float(), 128).t()
     dx = round_trip(dy2, 1) @ round_trip(w.float().t(), 128).t()
@@ -258,7 +258,7 @@ def test_fp8_training_tracks_bf16_over_30_steps(tmp_path, capsys, monkeypatch):
     import json
 
     from mimo_train.config import load_config
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     common = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=4", "train.steps=30",
               "train.lr=1.5e-3", "train.warmup_steps=5", "run.wandb_mode=disabled", "train.async_save=false",
@@ -285,15 +285,11 @@ def test_fp8_training_tracks_bf16_over_30_steps(tmp_path, capsys, monkeypatch):
     assert max(gaps) < 1.5e-2
 
 
-@pytest.mark.parametrize("api", ["F.scaled_mm", "torch._scaled_mm"])
 @pytest.mark.parametrize("M,K,N", [(256, 768, 512), (200, 1024, 768)])
-def test_cublas_path_builds_valid_calls_on_meta(M, K, N, api, monkeypatch):
+def test_cublas_path_builds_valid_calls_on_meta(M, K, N):
     """The GPU code path itself (pad, quantise, lay out the scales, call F.scaled_mm) on meta tensors, for the three
     GEMMs of fp8_linear as its forward and backward form them (200 tokens: the wgrad contraction is padded to whole
-    tiles, the output rows to 16): every call passes torch's checks, through F.scaled_mm (torch >= 2.10) and through
-    torch._scaled_mm, which older builds use."""
-    if api == "torch._scaled_mm":
-        monkeypatch.delattr(torch.nn.functional, "scaled_mm")
+    tiles, the output rows to 16): every call passes torch's checks."""
     x, w, dy = (torch.empty(*s, device="meta", dtype=torch.bfloat16) for s in ((M, K), (N, K), (M, N)))
     cases = [(x, w, fp8.TILE, (M, N)), (dy, w.t(), fp8.TILE, (M, K)), (dy.t(), x.t(), 1, (N, K))]
     for a, b, b_rows, shape in cases:

@@ -12,7 +12,7 @@ from mimo_train.config import ConfigError, load_config
 from parallel.kernels import get_spec
 from parallel.kernels.flex import document_block_mask, document_mask_mod, flex_sink_attention
 from parallel.kernels.grouped_experts import group_offsets, grouped_mm
-from parallel.kernels.metadata import AttentionMetadata, document_ids
+from mimo_train.model.kernels.metadata import AttentionMetadata, document_ids
 from tests.helpers import randomised_model, tiny_model_config
 
 TOL = 1e-5
@@ -253,7 +253,7 @@ def test_fused_model_keeps_parameter_names_and_matches_the_reference():
     ref = randomised_model(cfg, seed=3)
     from mimo_train.model import MiMoForCausalLM
 
-    fused = MiMoForCausalLM(tiny_model_config(), backend="fused")
+    fused = MiMoForCausalLM(tiny_model_config(), spec=get_spec("fused"))
     assert list(fused.state_dict()) == list(ref.state_dict())
     fused.load_state_dict(ref.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (2, 80), generator=torch.Generator().manual_seed(0))
@@ -271,7 +271,7 @@ def test_fused_model_keeps_parameter_names_and_matches_the_reference():
 
 
 def test_fused_training_run_equals_the_torch_backend(tmp_path):
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     common = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4",
               "train.warmup_steps=1", "run.wandb_mode=disabled", "train.async_save=false", "data.num_workers=0"]

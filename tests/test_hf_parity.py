@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import MiMoV2FlashForCausalLM
 
-from mimo_train import hf
+from mimo_train.interop import hf
 from tests.helpers import randomised_model, tiny_model_config
 
 

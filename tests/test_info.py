@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mimo_train.config import load_model_config
-from mimo_train.info import add_info_parser, format_report, model_report
+from mimo_train.model.info import add_info_parser, format_report, model_report
 from mimo_train.model import MiMoForCausalLM
 
 FULL = "configs/model/mimo_v2_flash.yaml"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from mimo_train import cli
+from mimo_train.launch import cli
 from tests.scripts.staged import single_thread, write_config
 
 

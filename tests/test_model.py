@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MiMoV2FlashForCausalLM
 
-from mimo_train import hf
+from mimo_train.interop import hf
 from mimo_train.model import IGNORE_INDEX
-from mimo_train.trainer import update_expert_bias
-from parallel.kernels import torch_backend
+from mimo_train.training.trainer import update_expert_bias
+from mimo_train.model.kernels import torch_backend
 from tests.helpers import randomised_model, tiny_model_config
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from mimo_train.config import load_config
-from mimo_train.info import model_report
-from mimo_train.metrics import peak_tflops, resolve_wandb_mode
-from mimo_train.trainer import Trainer
+from mimo_train.model.info import model_report
+from mimo_train.training.metrics import peak_tflops, resolve_wandb_mode
+from mimo_train.training.trainer import Trainer
 from tests.scripts.staged import write_config, single_thread
 
 
@@ -134,7 +134,7 @@ def test_startup_banner_log_file_skipped_shards_and_wandb_mode_from_the_environm
     skipped shard in metrics.jsonl, wandb and the final summary, and train.log with the console's lines."""
     import os
 
-    from mimo_train import cli
+    from mimo_train.launch import cli
     from tests.data_helpers import write_source
 
     write_source(tmp_path / "src", shards=4, docs_per_shard=10, first_token=1, seed=3, max_len=20)
@@ -144,7 +144,7 @@ def test_startup_banner_log_file_skipped_shards_and_wandb_mode_from_the_environm
                       f"  num_workers: 0\n  cache_dir: {tmp_path / 'cache'}\n")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    import mimo_train.trainer as trainer_module
+    import mimo_train.training.trainer as trainer_module
 
     timeouts = []
     monkeypatch.setattr(trainer_module, "init_distributed", lambda timeout_s, **_: timeouts.append(timeout_s) or (0, 1))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mimo_train.config import load_config
-from mimo_train.planner import (
+from mimo_train.planning.planner import (
     GPUS,
     PRECISIONS,
     Assumptions,
@@ -153,7 +153,7 @@ def test_ranking_puts_non_fitting_layouts_last():
 
 
 def test_plan_cli_json():
-    r = subprocess.run([sys.executable, "-m", "mimo_train.cli", "plan", "--config", "configs/model/mimo_v2_flash.yaml",
+    r = subprocess.run([sys.executable, "-m", "mimo_train.launch.cli", "plan", "--config", "configs/model/mimo_v2_flash.yaml",
                         "--gpus", "64", "--gpu", "h200", "--top", "3", "--json"],
                        capture_output=True, text=True, timeout=300, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -183,14 +183,14 @@ RECIPE = "configs/train/mimo_v2_flash_pretrain.yaml"
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "mimo_train.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mimo_train.launch.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_the_worst_rank_is_over_every_pipeline_rank():
     """Under 1F1B rank r holds pp - r micro-batches in flight and the last rank the head and MTP: at 64 H200s a
     middle rank needs the most, and the estimate is the maximum over every pipeline rank."""
-    from mimo_train.planner import ActShape, pipeline_split, rank_memory
+    from mimo_train.planning.planner import ActShape, pipeline_split, rank_memory
 
     cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
     geo = geometry(cfg)
@@ -208,7 +208,7 @@ def test_the_worst_rank_is_over_every_pipeline_rank():
 def test_halo_sends_follow_the_chunk_placement():
     """The SWA halos a CP rank puts on the wire, from the chunk placement of parallel/context_parallel.py (each
     chunk's tail goes to the next chunk's owner; a send to oneself stays local)."""
-    from mimo_train.planner import cp_positions, halo_sends
+    from mimo_train.planning.planner import cp_positions, halo_sends
     from parallel.context_parallel import ChunkLayout
 
     for cp in (2, 3, 4, 8):
@@ -222,7 +222,7 @@ def test_halo_sends_follow_the_chunk_placement():
 
 def test_readme_table_is_the_planners():
     """The README's recommendations are what `mimo-train plan --readme-table` prints now."""
-    from mimo_train.plan_table import readme_section, readme_table
+    from mimo_train.planning.plan_table import readme_section, readme_table
 
     cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
     readme = readme_section((REPO / "README.md").read_text())
@@ -254,7 +254,8 @@ def test_train_checks_memory_on_cuda_only(monkeypatch):
     """The pre-launch check reads the GPU on CUDA and refuses a layout that does not fit; on the CPU it skips."""
     import torch
 
-    from mimo_train import plan_check, preflight
+    from mimo_train.planning import plan_check
+    from mimo_train.launch import preflight
     from mimo_train.config import ConfigError
 
     cfg = load_config(REPO / RECIPE, ["parallel.backend=torch"])

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from mimo_train.config import load_config
-from mimo_train.trainer import Trainer
+from mimo_train.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ BASE = ["train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_siz
         "train.async_save=false", "data.num_workers=0",
         "parallel.grad_bucket_mb=0.25"]  # ~10 gradient buckets per group, reduced while the backward runs
 BF16 = [*BASE, "train.precision=bf16"]
-FP8 = [*BASE, "train.precision=fp8"]  # emulated on the CPU (parallel/fp8.py); tests/test_fp8.py has the rest
+FP8 = [*BASE, "train.precision=fp8"]  # emulated on the CPU (parallel/kernels/fp8.py); tests/test_fp8.py has the rest
 NO_OVERLAP = ["parallel.overlap_grad_reduce=false"]
 NO_MTP = ["model.mtp.num_blocks=0"]
 
@@ -179,14 +179,15 @@ def _final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     """The last checkpoint's parameters in one process (DCP reshards whatever layout wrote them)."""
     import torch.distributed.checkpoint as dcp
 
-    from mimo_train import checkpoint as ckpt
+    from mimo_train.training import checkpoint as ckpt
     from mimo_train.model import MiMoForCausalLM
 
-    from parallel.mixed_precision import DTYPES, cast_parameters
+    from mimo_train.precision import precision
+    from parallel.mixed_precision import cast_parameters
 
     cfg = load_config(run_dir / "config.yaml")
     model = MiMoForCausalLM(cfg.model)
-    cast_parameters(model, DTYPES[cfg.train.precision])
+    cast_parameters(model, precision(cfg.train.precision).param_dtype)
     state = model.state_dict()
     dcp.load({"model": state}, checkpoint_id=str(ckpt.find_latest(run_dir / "checkpoints")))
     return state
@@ -226,10 +227,11 @@ def test_bf16_tracks_fp32_over_30_steps(tmp_path):
     assert max(gaps) < 1e-2
 
 
-def test_deprecated_bf16_flag_means_precision_bf16():
-    with pytest.warns(FutureWarning, match="train.bf16 is deprecated: use train.precision=bf16"):
-        cfg = load_config("configs/train/tiny_cpu.yaml", ["train.bf16=true"])
-    assert cfg.train.precision == "bf16"
+def test_removed_bf16_flag_names_its_replacement():
+    from mimo_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train.bf16: removed; use train.precision=bf16 \(or fp32\)$"):
+        load_config("configs/train/tiny_cpu.yaml", ["train.bf16=true"])
 
 
 @pytest.mark.parametrize("backend", ["torch", "fused"])
@@ -276,7 +278,7 @@ def _saved_fp32(run_dir: Path, masters: bool) -> dict[str, torch.Tensor]:
     """The newest checkpoint's fp32 parameters (`masters`: its fp32 master weights), read in one process."""
     import torch.distributed.checkpoint as dcp
 
-    from mimo_train import checkpoint as ckpt
+    from mimo_train.training import checkpoint as ckpt
     from mimo_train.model import MiMoForCausalLM
 
     names = dict(MiMoForCausalLM(load_config(run_dir / "config.yaml").model).named_parameters())

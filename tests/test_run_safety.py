@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from mimo_train import checkpoint as ckpt
-from mimo_train import cli
+from mimo_train.training import checkpoint as ckpt
+from mimo_train.launch import cli
 from mimo_train.config import load_config
-from mimo_train.launcher import launch_local
-from mimo_train.run_lock import LOCK_NAME, RunLock, RunLocked
+from mimo_train.launch.launcher import launch_local
+from mimo_train.training.run_lock import LOCK_NAME, RunLock, RunLocked
 from tests.data_helpers import write_source
 from tests.scripts.staged import REPO, env
 from tests.test_launch_checks import CONFIG, TINY, _main, _one_thread  # noqa: F401 (an autouse fixture)
@@ -41,7 +41,7 @@ def _one_line(err: str) -> str:
 def test_a_second_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path, capsys):
     """Before: the second run trained beside the first (metrics steps 35, 36, 37, 1, 38, 2, ...)."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mimo_train.cli", "train", "--config", CONFIG, *TINY, "train.steps=10000",
+    cmd = [sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", CONFIG, *TINY, "train.steps=10000",
            f"run.dir={run_dir}"]
     first = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -219,7 +219,7 @@ def test_first_hour_mistakes_fail_in_one_line(tmp_path, capsys):
     rc, _, err = _main(capsys, "verify-data", tmp_path / "nope")
     assert rc == 2 and f"{tmp_path / 'nope'}: no such directory" in _one_line(err)
     assert load_config(CONFIG, ["model=mimo_tiny", "model.num_layers=3"]).model.num_layers == 3
-    help_text = subprocess.run([sys.executable, "-m", "mimo_train.cli", "prepare-data", "--help"], env=env(),
+    help_text = subprocess.run([sys.executable, "-m", "mimo_train.launch.cli", "prepare-data", "--help"], env=env(),
                                cwd=REPO, capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and '"\\ud800"' in help_text.stdout, help_text.stderr[-2000:]
 

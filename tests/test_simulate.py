@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mimo_train import planner as P
+from mimo_train.planning import planner as P
 from mimo_train.config import load_config
-from mimo_train.info import model_report
-from mimo_train.plan_table import readme_layouts
-from mimo_train.simulate import layer_activations, parallel_config, parse_layout, simulate, simulate_rank
+from mimo_train.model.info import model_report
+from mimo_train.planning.plan_table import readme_layouts
+from mimo_train.planning.simulate import layer_activations, parallel_config, parse_layout, simulate, simulate_rank
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = REPO / "configs/model/mimo_v2_flash.yaml"
@@ -137,7 +137,7 @@ def test_activations_per_layer_match_the_plan(big):
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "mimo_train.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mimo_train.launch.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
@@ -215,7 +215,7 @@ def test_a_group_serving_two_roles_labels_each_collective_by_its_caller(monkeypa
     """When ep == tp the expert group has the tensor-parallel group's ranks, and torch may hand back one group for
     both: the traffic per kind must be the same as with two groups (each collective labelled by the module that
     issued it, not by whichever name the group got last)."""
-    import mimo_train.engine as engine_module
+    import mimo_train.training.engine as engine_module
     from parallel.topology import build_topology
 
     cfg = load_config(REPO / "configs/model/mimo_tiny.yaml", ["model.mtp.num_blocks=1"]).model

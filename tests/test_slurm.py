@@ -39,7 +39,7 @@ BASE = ["train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_siz
 # Deterministic metrics compared between runs (not timings).
 KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "tokens", "batch_digest",
         "expert_bias_norm", "expert_load/cv")
-CLI = [sys.executable, "-m", "mimo_train.cli"]
+CLI = [sys.executable, "-m", "mimo_train.launch.cli"]
 JOB_TIMEOUT_S = 240
 
 
@@ -151,7 +151,7 @@ def task_pids(job_id: str, procid: int) -> list[int]:
         except (OSError, ValueError):
             continue
         if (env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(procid)
-                and Path(cmdline[0]).name.startswith("python") and "mimo_train.cli" in cmdline and "train" in cmdline):
+                and Path(cmdline[0]).name.startswith("python") and "mimo_train.launch.cli" in cmdline and "train" in cmdline):
             found[int(d.name)] = ppid
     return [pid for pid, ppid in found.items() if ppid not in found]
 
@@ -217,7 +217,7 @@ def test_submit_dry_run_renders_a_valid_script(tmp_path):
     cpu = _dry_run("--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "parallel.dp=2")
     assert cpu.returncode == 0, cpu.stderr
     assert "--gpus-per-node" not in cpu.stdout.split("#SBATCH --requeue")[0].split("#SBATCH --job-name")[1]
-    assert f"TRAIN=({sys.executable} -m mimo_train.cli train" in cpu.stdout
+    assert f"TRAIN=({sys.executable} -m mimo_train.launch.cli train" in cpu.stdout
 
 
 def test_submit_rejects_a_layout_that_does_not_fit_the_allocation():
@@ -234,7 +234,7 @@ class TestOneNode:
         run_requeue_scenario(one_node, tmp_path / "run", 1, 2, reference)
 
     def test_killed_task_fails_the_job_and_keeps_the_last_checkpoint(self, one_node, reference, tmp_path):
-        from mimo_train import checkpoint as ckpt
+        from mimo_train.training import checkpoint as ckpt
 
         run_dir = tmp_path / "run"
         job = Job(one_node, run_dir, 1, 2, "train.save_interval=5")

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from data_pipeline.stream import GlobalSampleStream
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import ConfigError, load_config
-from mimo_train.stages import BatchSchedule, StagePlan, StageStart, rampup_batch_size
-from mimo_train.trainer import Trainer
+from mimo_train.training.stages import BatchSchedule, StagePlan, StageStart, rampup_batch_size
+from mimo_train.training.trainer import Trainer
 from tests.scripts.staged import BASE_CONFIG, write_config, single_thread
 
 
@@ -54,11 +54,25 @@ def test_recipe_config_is_the_spec():
     assert lr(s3, 1) == pytest.approx(3.0e-5) and lr(s3, 1 * T) == pytest.approx(1.0e-5)
     # Batch ramp-up: megatron-core's calculator, over the first 500B tokens.
     ramp_samples = 500 * B // 32768
-    calculator = BatchSchedule(s1, s1.parallel.dp)
+    calculator = _megatron_rampup(s1)
+    ours = BatchSchedule(s1, s1.parallel.dp)
     for samples in [0, 1, ramp_samples // 3, ramp_samples // 2, ramp_samples - 1, ramp_samples, ramp_samples + 1]:
-        assert calculator.global_batch_size(samples) == rampup_batch_size(s1, samples)
-    assert calculator.global_batch_size(0) == 256 and calculator.global_batch_size(ramp_samples + 1) == 2048
+        calculator.update(samples, consistency_check=True)
+        assert ours.global_batch_size(samples) == calculator.get_current_global_batch_size(), samples
+        assert rampup_batch_size(s1, samples) == ours.global_batch_size(samples)
+    assert ours.global_batch_size(0) == 256 and ours.global_batch_size(ramp_samples + 1) == 2048
     assert 400_000 < plan.planned_steps() < 420_000
+
+
+def _megatron_rampup(stage):
+    """The reference: megatron-core's ramp-up calculator for `stage`."""
+    from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+    start, increment, samples = stage.rampup
+    return RampupBatchsizeNumMicroBatchesCalculator(
+        global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
+        data_parallel_size=stage.parallel.dp, decrease_batch_size_if_needed=False, rank=0,
+        start_global_batch_size=start, batch_size_increment=increment, ramup_samples=samples)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import parallel.kernels.te as te_spec
 from mimo_train.config import ConfigError, load_config
-from parallel.kernels import te_rules, torch_backend
+from mimo_train.model.kernels import torch_backend
+from parallel.kernels import get_spec, te_rules
 from tests.helpers import randomised_model, tiny_model_config
 
 
@@ -181,7 +182,7 @@ def test_te_spec_equals_the_reference_with_the_same_checkpoint_names(stand_ins):
 def te_spec_model(cfg, state, backend="te"):
     from mimo_train.model import MiMoForCausalLM
 
-    model = MiMoForCausalLM(cfg, backend=backend)
+    model = MiMoForCausalLM(cfg, spec=get_spec(backend))
     if backend == "te":
         te_spec.convert_to_te(model, fp8=False)
     model.load_state_dict(state)
@@ -192,7 +193,7 @@ def test_fp8_region_leaves_out_o_proj_head_embedding_and_router(stand_ins):
     cfg = tiny_model_config()
     from mimo_train.model import MiMoForCausalLM
 
-    model = MiMoForCausalLM(cfg, backend="te")
+    model = MiMoForCausalLM(cfg, spec=get_spec("te"))
     in_fp8 = te_spec.convert_to_te(model, fp8=True)
     reference = randomised_model(cfg)
     model.load_state_dict(reference.state_dict())
@@ -285,9 +286,9 @@ def test_machine_check_probes_te_only_on_a_cuda_device(monkeypatch):
 
 
 def test_layout_rules_apply_to_te_stages_only_and_at_submit_too():
-    from mimo_train import preflight
+    from mimo_train.launch import preflight
 
-    bad = ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2", "train.seq_len=128"]
+    bad = ["parallel.tp=2", "parallel.cp=2", "train.seq_len=128"]
     for backend, refused in (("te", True), ("torch", False)):
         cfg = load_config("configs/train/tiny_cpu.yaml", [*bad, f"parallel.backend={backend}"])
         if refused:  # the tiny model's 2 SWA KV heads cannot split over tp x cp = 4 (TE's all-to-all)
@@ -298,7 +299,7 @@ def test_layout_rules_apply_to_te_stages_only_and_at_submit_too():
 
 
 def test_train_command_on_a_cpu_refuses_backend_te_in_one_line(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "mimo_train.cli", "train", "--config", "configs/train/tiny_cpu.yaml",
+    run = subprocess.run([sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", "configs/train/tiny_cpu.yaml",
                           "parallel.backend=te", f"run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2, run.stderr[-2000:]
@@ -311,7 +312,7 @@ def test_a_checkpoint_resumes_under_te_then_fused(tmp_path, stand_ins):
     """A torch run stopped after step 1, resumed under te (stand-ins) for step 2, then under fused for step 3: the
     losses of the uninterrupted torch run, step by step (the checkpoint's names and values suit every backend).
     The learning rate is constant after warm-up (min_lr = lr), so a leg's train.steps does not change it."""
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
     from tests.scripts.staged import metrics
 
     common = ["train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",

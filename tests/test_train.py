@@ -10,7 +10,7 @@ import sys
 import torch
 
 from mimo_train.config import load_config
-from mimo_train.trainer import Trainer
+from mimo_train.training.trainer import Trainer
 
 BASE = ["train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=2",
         "run.wandb_mode=disabled"]
@@ -73,7 +73,7 @@ def test_loss_falls_on_real_text(tmp_path):
 
 
 def test_cli_trains_resumes_and_reports_completion(tmp_path):
-    cmd = [sys.executable, "-m", "mimo_train.cli", "train", "--config", "configs/train/tiny_cpu.yaml", *BASE,
+    cmd = [sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", "configs/train/tiny_cpu.yaml", *BASE,
            "train.steps=2", f"run.dir={tmp_path / 'cli'}"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -88,7 +88,7 @@ def test_cli_trains_resumes_and_reports_completion(tmp_path):
 def test_hf_export_and_import_commands(tmp_path):
     """Export (under umask 077) gives a directory anyone can read, with the run's tokenizer; import round-trips."""
     run(tmp_path, "exp", 1)
-    cli = [sys.executable, "-m", "mimo_train.cli"]
+    cli = [sys.executable, "-m", "mimo_train.launch.cli"]
     out = subprocess.run(cli + ["hf-export", str(tmp_path / "exp" / "checkpoints"), str(tmp_path / "hf"),
                                 "--dtype", "fp32"],
                          capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o077))
@@ -109,8 +109,8 @@ def test_hf_export_and_import_commands(tmp_path):
     back = subprocess.run(cli + ["hf-import", str(tmp_path / "hf"), str(tmp_path / "imported")],
                           capture_output=True, text=True, timeout=300)
     assert back.returncode == 0, back.stderr
-    from mimo_train import checkpoint as ckpt
-    from mimo_train.hf import load_pretrained
+    from mimo_train.training import checkpoint as ckpt
+    from mimo_train.interop.hf import load_pretrained
 
     trained = Trainer(load_config(tmp_path / "exp" / "config.yaml"), resume="auto").model
     exported = load_pretrained(tmp_path / "hf")

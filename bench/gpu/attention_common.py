@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from bench.gpu.harness import Harness, relative_error
-from parallel.kernels.metadata import AttentionMetadata, document_ids
+from mimo_train.model.kernels.metadata import AttentionMetadata, document_ids
 
 
 def packed_positions(seq_len: int, device) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Section 1: the environment: torch, CUDA, cuDNN and Triton versions, the GPU and its SM count, and whether
-blockwise FP8 runs and equals the recipe (parallel/fp8.py's probe: both blockwise recipes through cuBLAS on 256 x 256
+blockwise FP8 runs and equals the recipe (parallel/kernels/fp8.py's probe: both blockwise recipes through cuBLAS on 256 x 256
 operands whose tiles and blocks each have their own scale, against the emulated recipe)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import platform
 import torch
 
 from bench.gpu.harness import Harness
-from parallel import fp8
+from parallel.kernels import fp8
 
 
 def _triton_version() -> str | None:

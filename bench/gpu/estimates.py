@@ -2,7 +2,7 @@
 budget the run (bench/gpu/device_run.py). Estimates, not measurements: no part has been timed on a GPU yet.
 
 Each estimate is `fixed + compiles x COMPILE_S + TFLOP / (ASSUMED_EFFICIENCY x PEAK)`:
-- PEAK: the H200's dense bf16 datasheet rate, 989 TFLOP/s; ASSUMED_EFFICIENCY 25 %, half the planner's assumed
+- PEAK: the H200's dense bf16 datasheet rate (mimo_train/hardware.py); ASSUMED_EFFICIENCY 25 %, half the planner's assumed
   50 %, since none of these kernels has been measured (the reference kernels are slower than the fused ones).
 - COMPILE_S per torch.compile'd flex_attention graph (forward + backward, Inductor and Triton from a cold cache
   on 16 cores); the only compiled code of the run.
@@ -14,7 +14,9 @@ Each estimate is `fixed + compiles x COMPILE_S + TFLOP / (ASSUMED_EFFICIENCY x P
 
 from __future__ import annotations
 
-PEAK_TFLOPS = 989.0
+from mimo_train.hardware import GPUS
+
+PEAK_TFLOPS = GPUS["h200"].peak_tflops
 ASSUMED_EFFICIENCY = 0.25
 COMPILE_S = 20.0
 PROCESS_S = 15.0

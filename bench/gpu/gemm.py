@@ -1,5 +1,5 @@
 """Section 5: the model's GEMMs (configs/model/mimo_v2_flash.yaml) in training form, forward + dgrad + wgrad of
-`y = x W^T`: bf16 (`F.linear`) vs blockwise FP8 (parallel/fp8.py: cuBLAS 1x128 / 128x128 scaling on sm90, emulated
+`y = x W^T`: bf16 (`F.linear`) vs blockwise FP8 (parallel/kernels/fp8.py: cuBLAS 1x128 / 128x128 scaling on sm90, emulated
 elsewhere) vs torchao's float8 training (tensorwise and rowwise, when torchao imports).
 
 For each: TFLOP/s (3 x 2 M N K per fwd+bwd, quantisation included) and the relative error (Frobenius) of y and of
@@ -17,14 +17,14 @@ import torch
 import torch.nn as nn
 
 from bench.gpu.harness import Harness, relative_error
-from parallel import fp8
+from parallel.kernels import fp8
 
 FP8_ERROR_BOUND = 2.0 ** -4  # relative Frobenius error of an FP8 GEMM of random operands (see above)
 BF16_ERROR_BOUND = 2.0 ** -7  # bf16 operands are exact; only the bf16 output rounds (u = 2^-8), with slack
 
 
 def model_gemms(cfg) -> list[tuple[str, int, int]]:
-    """(name, N out, K in) of every GEMM of a decoder layer, as parallel/fp8.py applies FP8 (o_proj stays bf16 and
+    """(name, N out, K in) of every GEMM of a decoder layer, as parallel/kernels/fp8.py applies FP8 (o_proj stays bf16 and
     is measured for comparison)."""
     h, hd, vd = cfg.hidden_size, cfg.head_dim, cfg.v_head_dim
     swa_kv = cfg.num_key_value_heads * cfg.swa_kv_head_factor

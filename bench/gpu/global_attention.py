@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bench.gpu import attention_common as common
 from bench.gpu.harness import Harness
-from parallel.kernels import fused as fused_spec
+from parallel.kernels import choice
 from parallel.kernels import get_spec
 from parallel.kernels.flex import flex_sink_attention
 from parallel.kernels.sink_attention import efficient_varlen_attention, flash_varlen_attention
@@ -84,7 +84,7 @@ def run(h: Harness) -> None:
     scale = D**-0.5
     candidates, gpu_only = _candidates(h, scale)
     dtype = torch.bfloat16 if h.cuda else torch.float32
-    chosen = fused_spec.GPU_GLOBAL_KERNEL if h.cuda else "cpu_flash"
+    chosen = choice.GPU_GLOBAL_KERNEL if h.cuda else "cpu_flash"
     for S in h.pick((4096, 32768), (96, 256)):
         positions = common.packed_positions(S, h.device)
         q, k, v, _, dout = common.inputs(h, S, Hq, Hkv, D, Dv, dtype)

@@ -1,9 +1,9 @@
 """Section 6: one full-width decoder layer of each type with routed experts (SWA + MoE: layer 1; GA + MoE: layer 5
 of configs/model/mimo_v2_flash.yaml, 256 experts top-8), B=1, S=32k, forward + backward, bf16 and FP8
-(parallel/fp8.py), activation recompute none and selective (parallel/recompute.py).
+(parallel/kernels/fp8.py), activation recompute none and selective (parallel/recompute.py).
 
-Reported: tokens/s, model TFLOP/s (the layer's training FLOPs from `mimo_train.info.model_report`, the window
-counted as O(S W)), MFU against the H200's dense bf16 peak (mimo_train/planner.py's GPU table; FP8 runs are held to
+Reported: tokens/s, model TFLOP/s (the layer's training FLOPs from `mimo_train.model.info.model_report`, the window
+counted as O(S W)), MFU against the H200's dense bf16 peak (mimo_train/planning/planner.py's GPU table; FP8 runs are held to
 the same bf16 peak), and the peak memory above the layer's weights and gradients next to the planner's estimate of
 the layer's saved activations plus its backward working memory (`planner.layer_bytes` + `planner.layer_transient`
 for the same kernel, shape and recompute). A case that runs out of memory is reported as such and the rest go on.
@@ -35,6 +35,7 @@ def build_layer(cfg, index: int, precision: str, recompute: str, device, backend
     """Decoder layer `index` in bf16 on `device` with the trainer's initialisation scale, FP8 and recompute applied
     from outside as build_parallel_model does."""
     from mimo_train.model.transformer import DecoderLayer
+    from mimo_train.precision import PRECISIONS
     from parallel.recompute import apply_recompute
 
     from parallel.mixed_precision import cast_parameters
@@ -52,8 +53,8 @@ def build_layer(cfg, index: int, precision: str, recompute: str, device, backend
                 p.normal_(0.0, cfg.init_std, generator=gen)
         for b in layer.buffers():
             b.zero_()
-    if precision == "fp8":
-        from parallel.fp8 import convert_to_fp8
+    if PRECISIONS[precision].fp8_gemms:
+        from parallel.kernels.fp8 import convert_to_fp8
         convert_to_fp8(layer)
     apply_recompute(layer, recompute)
     return layer
@@ -70,25 +71,25 @@ def rope_tables(cfg, layer_type: str, seq: int, device):
 
 def planner_estimate_bytes(cfg, index: int, seq: int, recompute: str, backend: str) -> float:
     """The planner's saved activations + backward working memory of this layer (one micro-batch, no parallelism)."""
-    from mimo_train import planner
+    from mimo_train.planning import planner
 
     shape = planner.LayerShape(sliding=not cfg.is_global_layer(index), moe=cfg.is_moe_layer(index),
                                kv_heads=cfg.num_key_value_heads * (1 if cfg.is_global_layer(index)
                                                                    else cfg.swa_kv_head_factor))
     s = planner.ActShape(tokens=seq, sp_tokens=seq, seq=seq, cp=1, tp=1, mbs=1)
-    A = planner.Assumptions(kernel="torch" if backend == "torch" else "fused", packed_documents=False)
+    A = planner.Assumptions(kernel=planner.kernel_of(backend), packed_documents=False)
     return planner.layer_bytes(cfg, shape, s, 2, A, recompute) + planner.layer_transient(cfg, shape, s, 2, A)
 
 
 def layer_flops_per_token(cfg, index: int, seq: int) -> float:
-    from mimo_train.info import model_report
+    from mimo_train.model.info import model_report
 
     row = model_report(cfg, seq)["layers"][index]
     return row["attention_flops_per_token"] + row["dense_flops_per_token"]
 
 
 def run(h: Harness) -> None:
-    from mimo_train.planner import GPUS
+    from mimo_train.hardware import GPUS
 
     cfg = full_width_config(h.smoke)
     seq = h.pick(32768, 64)

@@ -3,7 +3,7 @@
 
 The step is the trainer's own pieces without its data pipeline and checkpointing (which import webdataset and the
 distributed optimizer): `build_parallel_model` (FP8 and recompute applied as the trainer applies them), bf16
-parameters with fp32 main gradients (`parallel.mixed_precision.MainGradients`), `mimo_train.forward_backward` with
+parameters with fp32 main gradients (`parallel.mixed_precision.MainGradients`), `mimo_train.training.forward_backward` with
 the MiMo loss, gradient clipping and AdamW on fp32 master weights. The batch is one fixed sequence of random tokens,
 so the loss must fall fast (the model memorises it): a check that the whole step learns. Reported: the losses, the
 median step time after the first two steps, tokens/s and MFU (the model's training FLOPs from `model_report`,
@@ -47,14 +47,16 @@ def synthetic_batch(vocab_size: int, rows: int, seq: int, device, seed: int) -> 
 
 def build_model(cfg, precision: str, recompute: str, device):
     from mimo_train.config import ParallelConfig
+    from mimo_train.precision import PRECISIONS
     from mimo_train.model import MiMoForCausalLM
+    from parallel.kernels import get_spec
     from parallel.parallelize import build_parallel_model
     from parallel.topology import Topology
 
     with torch.device("meta"):
-        model = MiMoForCausalLM(cfg, backend=KERNEL_BACKEND)
+        model = MiMoForCausalLM(cfg, spec=get_spec(KERNEL_BACKEND))
     build_parallel_model(model, Topology(), ParallelConfig(backend=KERNEL_BACKEND, recompute=recompute),
-                         fp8=precision == "fp8")
+                         fp8=PRECISIONS[precision].fp8_gemms)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():  # initialised on the device (the trainer's CPU streams per name would take minutes)
@@ -92,8 +94,8 @@ class MixedPrecisionAdamW:
 
 
 def run(h: Harness) -> None:
-    from mimo_train.info import model_report
-    from mimo_train.planner import GPUS
+    from mimo_train.model.info import model_report
+    from mimo_train.hardware import GPUS
 
     cfg = reduced_config(h.smoke)
     seq = h.pick(4096, 64)
@@ -111,7 +113,8 @@ def run(h: Harness) -> None:
 
 
 def _train(h: Harness, cfg, precision: str, seq: int):
-    from mimo_train.forward_backward import LossSpec, forward_backward
+    from mimo_train.model.loss import LossSpec
+    from mimo_train.training.forward_backward import forward_backward
 
     model = build_model(cfg, precision, "none", h.device)
     optimizer = MixedPrecisionAdamW(model, lr=h.pick(1e-3, 3e-3))

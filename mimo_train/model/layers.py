@@ -1,8 +1,8 @@
 """The building blocks of MiMo-V2-Flash: RMSNorm, partial rotary embeddings, attention, dense and MoE FFNs.
 
 Parameter names follow the Hugging Face implementation (`transformers.models.mimo_v2_flash`) so that a state dict
-maps one to one. The attention cores and the expert GEMMs come from a layer spec (`parallel.kernels`, chosen by
-`parallel.backend`): the model asks it for them by layer type and stays the same whatever kernels run.
+maps one to one. The attention cores and the expert GEMMs come from a layer spec (the interface and the reference
+in `mimo_train.model.kernels.spec`; the one `parallel.backend` chooses is handed in by whoever builds the model): the model asks it for them by layer type and stays the same whatever kernels run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mimo_train.config import ModelConfig
-from parallel.kernels import get_spec
+from mimo_train.model.kernels.spec import Experts, LayerSpec  # Experts: the spec's expert module type
 
 
 class RMSNorm(nn.Module):
@@ -72,7 +72,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, sliding: bool, apply_value_scale: bool = True, spec=None):
         super().__init__()
-        spec = spec or get_spec("torch")
+        spec = spec or LayerSpec()
         self.sliding = sliding
         self.layer_type = "sliding_attention" if sliding else "full_attention"
         self.num_heads = cfg.num_attention_heads
@@ -162,21 +162,6 @@ class TopKRouter(nn.Module):
         return scores, weights * self.routed_scaling_factor, indices
 
 
-class Experts(nn.Module):
-    """The routed experts' SwiGLU weights as stacked 3-D tensors, ready for a grouped GEMM. The layer spec gives a
-    subclass whose forward runs them (a loop in the reference, a grouped GEMM in `fused`)."""
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor | list[int]) -> torch.Tensor:
-        """x_sorted [N, H]: rows grouped by expert in order; tokens_per_expert [E]: how many rows each expert has
-        (a device tensor, or a host list where it is already known, under expert parallelism). Returns [N, H]."""
-        raise NotImplementedError
-
-
 class MoE(nn.Module):
     """Top-k routed experts without shared experts. Also computes the sequence-wise balance loss and counts the
     tokens each expert received (for the bias update and for logging)."""
@@ -186,7 +171,7 @@ class MoE(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.gate = TopKRouter(cfg)
-        self.experts = (spec or get_spec("torch")).experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = (spec or LayerSpec()).experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
 
     def forward(self, x: torch.Tensor):
         """x: [B, S, H] -> (y [B, S, H], seq_aux_loss_sum (scalar, summed over the B sequences), tokens_per_expert [E])."""

@@ -15,12 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_pipeline.labels import IGNORE_INDEX
 from mimo_train.config import ModelConfig
 from mimo_train.model.layers import Attention, DenseMLP, MoE, RMSNorm, RotaryEmbedding
-from parallel.kernels import get_spec
-from parallel.kernels.metadata import document_ids
-
-IGNORE_INDEX = -100
+from mimo_train.model.kernels.metadata import document_ids
+from mimo_train.model.kernels.spec import LayerSpec
 
 
 @dataclass
@@ -125,11 +124,12 @@ def shift_within_documents(t: torch.Tensor, doc_ids: torch.Tensor, d: int, fill:
 
 
 class MiMoForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str = "torch") -> None:
-        """backend: the layer spec's name (`parallel.backend`: torch | fused)."""
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec | None = None) -> None:
+        """spec: the kernels of the attention cores and experts (`parallel.kernels.get_spec(parallel.backend)`);
+        the reference when None."""
         super().__init__()
         self.cfg = cfg
-        self.spec = get_spec(backend)
+        self.spec = spec or LayerSpec()
         self.model = MiMoModel(cfg, self.spec)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cross_entropy = CrossEntropySum()
@@ -273,7 +273,7 @@ class MiMoForCausalLM(nn.Module):
 class Batch:
     """A micro-batch as every piece of the forward sees it: token ids, positions, labels and document ids of the
     whole sequence, the rotary tables of this rank's part of it, which part that is (`layout.local`), and the
-    attention metadata every layer shares (`parallel.kernels.metadata.AttentionMetadata`, from the layer spec)."""
+    attention metadata every layer shares (`mimo_train.model.kernels.metadata.AttentionMetadata`, from the layer spec)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor

@@ -11,7 +11,7 @@ In the spirit of Megatron-Core's `ModuleSpec` / `TESpecProvider`, the model asks
 - `metadata(doc_ids, batch, seq_len, device, max_documents=None)`: the per-micro-batch `AttentionMetadata` every
   layer shares (built in `MiMoForCausalLM.prepare`; `max_documents`, a host-known bound, shortens varlen tables).
 
-Specs: `torch` (the reference, `parallel/kernels/spec.py`, runs everywhere) and `fused` (torch's fused kernels:
+Specs: `torch` (the reference, `mimo_train/model/kernels/spec.py`, runs everywhere) and `fused` (torch's fused kernels:
 flash / efficient / flex attention with the sink folded into the log-sum-exp, `torch._grouped_mm` experts;
 `parallel/kernels/fused.py`); and `te` (Transformer Engine's DotProductAttention, Linear and GroupedLinear
 bound to our parameters, `parallel/kernels/te.py`, its TE-free rules in `te_rules.py`). Tensors are laid out
@@ -21,6 +21,7 @@ bound to our parameters, `parallel/kernels/te.py`, its TE-free rules in `te_rule
 from __future__ import annotations
 
 from mimo_train.config import KERNEL_BACKENDS
+from mimo_train.model.kernels.spec import LayerSpec
 
 _SPECS: dict = {}
 
@@ -29,7 +30,6 @@ def get_spec(name: str = "torch"):
     """The layer spec named by `parallel.backend` (one instance per name; specs hold no state)."""
     if name not in _SPECS:
         if name == "torch":
-            from parallel.kernels.spec import LayerSpec
             spec = LayerSpec()
         elif name == "fused":
             from parallel.kernels.fused import FusedSpec

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
-from parallel.kernels.metadata import AttentionMetadata
+from mimo_train.model.kernels.metadata import AttentionMetadata
 
 BLOCK = 128
 _compiled = None

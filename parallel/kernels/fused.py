@@ -12,49 +12,24 @@ see which spec built the model.
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
-from parallel.kernels import torch_backend
+from mimo_train.model.kernels import torch_backend
+from parallel.kernels.choice import global_kernel, sliding_kernel
 from parallel.kernels.flex import flex_sink_attention
 from parallel.kernels.grouped_experts import GroupedExperts
-from parallel.kernels.metadata import AttentionMetadata
+from mimo_train.model.kernels.metadata import AttentionMetadata
 from parallel.kernels.sink_attention import blocked_sliding_window, cpu_global_attention, flash_varlen_attention
-from parallel.kernels.spec import SLIDING, LayerSpec
-
-# Which kernel the global core uses on a GPU; "flex" until bench/gpu/global_attention has measured the others.
-GPU_GLOBAL_KERNEL = "flex"
-HALF = (torch.bfloat16, torch.float16)
-# `mimo-train simulate` runs the GPU path on fake host tensors (the flash / efficient ops have meta kernels):
-# while set, every tensor counts as a GPU one. Flex cannot run there (its eager backward refuses host tensors, its
-# compiled one needs a GPU), so the global core takes the flash kernel instead.
-_SIMULATED_GPU = False
-
-
-@contextlib.contextmanager
-def simulated_gpu():
-    global _SIMULATED_GPU
-    before, _SIMULATED_GPU = _SIMULATED_GPU, True
-    try:
-        yield
-    finally:
-        _SIMULATED_GPU = before
-
-
-def on_gpu(t: torch.Tensor) -> bool:
-    return t.is_cuda or _SIMULATED_GPU
-
+from mimo_train.model.kernels.spec import SLIDING, LayerSpec
 
 class FusedSlidingWindowCore:
     def __init__(self, window_keys: int, scale: float) -> None:
         self.window_keys, self.scale = window_keys, scale
 
     def __call__(self, q, k, v, attn_meta: AttentionMetadata, sink=None):
-        if on_gpu(q) and q.dtype in HALF:
+        kernel = sliding_kernel(q)
+        if kernel == "flash_varlen":
             return flash_varlen_attention(q, k, v, attn_meta, scale=self.scale, sink=sink,
                                           window_keys=self.window_keys)
-        if on_gpu(q):  # fp32 on a GPU: the flash kernel has no fp32 path
+        if kernel == "reference":
             return torch_backend.sliding_window_attention(q, k, v, window_keys=self.window_keys, scale=self.scale,
                                                           sink=sink, doc_ids=attn_meta.doc_ids)
         return blocked_sliding_window(q, k, v, attn_meta, window_keys=self.window_keys, scale=self.scale, sink=sink)
@@ -68,9 +43,10 @@ class FusedGlobalCore:
         return self.at(q, k, v, attn_meta, q_start=0)
 
     def at(self, q, k, v, attn_meta: AttentionMetadata, *, q_start: int, sink=None):
-        if on_gpu(q):
-            if (GPU_GLOBAL_KERNEL == "flash" or _SIMULATED_GPU) and q.dtype in HALF:
-                return flash_varlen_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
+        kernel = global_kernel(q)
+        if kernel == "flash_varlen":
+            return flash_varlen_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
+        if kernel == "flex":
             return flex_sink_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
         return cpu_global_attention(q, k, v, attn_meta, scale=self.scale, q_start=q_start)
 

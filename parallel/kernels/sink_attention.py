@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from parallel.kernels.metadata import AttentionMetadata
+from mimo_train.model.kernels.metadata import AttentionMetadata
 
 
 class SinkFoldedAttention(torch.autograd.Function):

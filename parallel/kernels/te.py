@@ -28,8 +28,8 @@ import torch.nn as nn
 
 from mimo_train.model.layers import Experts
 from parallel.kernels import te_rules
-from parallel.kernels.metadata import AttentionMetadata
-from parallel.kernels.spec import SLIDING, LayerSpec
+from mimo_train.model.kernels.metadata import AttentionMetadata
+from mimo_train.model.kernels.spec import SLIDING, LayerSpec
 
 
 def load_te() -> SimpleNamespace:

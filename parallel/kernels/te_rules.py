@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from mimo_train.config import ConfigError
-from parallel.fp8 import BF16_LINEARS
+from parallel.device import resolve_device
+from parallel.kernels.fp8 import BF16_LINEARS
 
 TE_PINNED = "2.17.1"  # the version the calls below are written against (megatron-core 0.19 pins it too)
 TE_MIN = (2, 15)  # sinks with thd (2.12) and QK != V head dims under context parallelism (2.15)
@@ -301,20 +302,17 @@ def check_layout(tp: int, cp: int, num_heads: int, swa_kv_heads: int, ga_kv_head
 def check_machine(parallels, device_setting: str, probe=None, *, fp8: bool = False, fp8_probe=None) -> None:
     """Where a run with `parallel.backend=te` in some stage starts (not where it is submitted from): the device,
     TE and cuDNN, and with `fp8` (train.precision=fp8) TE's blockwise FP8 on this GPU. `probe() -> (TE version,
-    cuDNN version, import error)`, `fp8_probe() -> (available, reason)` (default: ask TE)."""
+    cuDNN version, import error)`, `fp8_probe() -> (available, reason)`: the caller hands them in (`te.probe_te`,
+    `te.probe_blockwise_fp8` ask the installed TE), so these rules never import the module that loads TE."""
     if not any(p.backend == "te" for p in parallels):
         return
-    from parallel.device import resolve_device
-
     device = resolve_device(device_setting)
     if device.type != "cuda":
         check_environment(device.type, None, None)
-    if probe is None:
-        from parallel.kernels.te import probe_te as probe
+    if probe is None or (fp8 and fp8_probe is None):
+        raise ValueError("check_machine: pass probe (and fp8_probe with fp8), e.g. te.probe_te, te.probe_blockwise_fp8")
     check_environment(device.type, *probe())
     if fp8:
-        if fp8_probe is None:
-            from parallel.kernels.te import probe_blockwise_fp8 as fp8_probe
         available, reason = fp8_probe()
         if not available:
             raise ConfigError(f"train.precision=fp8 with parallel.backend=te: this GPU has no blockwise FP8 (TE: "

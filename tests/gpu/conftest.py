@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from parallel import fp8
+from parallel.kernels import fp8
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""Training steps of the tiny model on synthetic batches: the trainer's own engine (`mimo_train.engine`: topology,
+"""Training steps of the tiny model on synthetic batches: the trainer's own engine (`mimo_train.training.engine`: topology,
 model shard, sharded optimizer, fp32 main gradients, gradient reduction) and step (`forward_backward`, the
 global gradient norm, clipping, the update), without its data pipeline, checkpoints or metrics writers, which need
 packages a bare GPU machine lacks (numpy, webdataset, tokenizers, wandb). Used by the GPU training tests and, on a
@@ -15,12 +15,14 @@ import torch.distributed as dist
 
 from bench.gpu.train import synthetic_batch
 from mimo_train.config import CONFIG_ROOT, load_config
-from mimo_train.engine import AdamSettings, build_engine
-from mimo_train.forward_backward import LossSpec, forward_backward
+from mimo_train.training.engine import AdamSettings, build_engine
+from mimo_train.model.loss import LossSpec
+from mimo_train.training.forward_backward import forward_backward
+from parallel import comm
 
 TINY = CONFIG_ROOT / "train" / "tiny_cpu.yaml"
 SHAPE = ["train.seq_len=128", "train.global_batch_size=4", "train.micro_batch_size=2"]
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+COLLECTIVES = ("all_reduce", "broadcast", comm.ALL_GATHER, comm.REDUCE_SCATTER, "all_to_all_single")
 
 
 def _sum_over(t: torch.Tensor, group) -> torch.Tensor:

@@ -24,11 +24,11 @@ import math
 import pytest
 import torch
 
-from parallel import fp8
-from parallel.kernels import fused, get_spec
+from parallel.kernels import fp8
+from parallel.kernels import choice, get_spec
 from parallel.kernels.flex import flex_sink_attention
 from parallel.kernels.grouped_experts import GroupedExperts, group_offsets, grouped_mm
-from parallel.kernels.metadata import AttentionMetadata, document_ids
+from mimo_train.model.kernels.metadata import AttentionMetadata, document_ids
 from parallel.kernels.sink_attention import efficient_varlen_attention, flash_varlen_attention
 
 pytestmark = pytest.mark.gpu
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 BF16_REL = 2e-2
 # The GPU's blockwise FP8 GEMM against its emulation (the same quantised operands multiplied in fp32): they differ
-# only in accumulation and output rounding (parallel/fp8.py: EMULATION_REL_TOLERANCE says why 2e-3).
+# only in accumulation and output rounding (parallel/kernels/fp8.py: EMULATION_REL_TOLERANCE says why 2e-3).
 FP8_REL = fp8.EMULATION_REL_TOLERANCE
 REFERENCE, FUSED = get_spec("torch"), get_spec("fused")
 SWA, GLOBAL = "sliding_attention", "full_attention"
@@ -154,7 +154,7 @@ def _global_candidates():
     function, all called (q, k, v, meta, q_start)."""
     core = FUSED.attention_core(GLOBAL, window_keys=0, scale=SCALE)
     return {
-        f"core ({fused.GPU_GLOBAL_KERNEL})": lambda q, k, v, meta, q_start: core.at(q, k, v, meta, q_start=q_start),
+        f"core ({choice.GPU_GLOBAL_KERNEL})": lambda q, k, v, meta, q_start: core.at(q, k, v, meta, q_start=q_start),
         "flex": lambda q, k, v, meta, q_start: flex_sink_attention(q, k, v, meta, scale=SCALE, q_start=q_start),
         "flash_varlen": lambda q, k, v, meta, q_start: flash_varlen_attention(q, k, v, meta, scale=SCALE,
                                                                               q_start=q_start),

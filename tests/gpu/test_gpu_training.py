@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel import fp8
-from parallel.kernels import fused
+from parallel.kernels import fp8
+from parallel.kernels import choice, fused
 from parallel.kernels.grouped_experts import GroupedExperts
 from tests.gpu.synthetic import collective_devices, train
 
@@ -78,7 +78,7 @@ def test_fused_bf16_training_equals_the_torch_backend_bf16(fused_bf16_run):
     assert any(isinstance(m, GroupedExperts) for m in model.modules())
     # the GPU fast paths really ran: flash for the SWA layers, the GPU global kernel for the global ones
     assert calls["flash_varlen"] > 0, calls
-    assert calls["flex" if fused.GPU_GLOBAL_KERNEL == "flex" else "flash_varlen"] > 0, calls
+    assert calls["flex" if choice.GPU_GLOBAL_KERNEL == "flex" else "flash_varlen"] > 0, calls
     _, torch_records = train(["parallel.backend=torch", "train.precision=bf16"], CUDA)
     _assert_losses_close(fused_records, torch_records, LOSS_TOLERANCE, "fused vs torch bf16")
 

@@ -51,9 +51,10 @@ def _batch(cfg, device, S=256):
 
 def _run(backend, state, cfg, *, fp8=False):
     from mimo_train.model import MiMoForCausalLM
+    from parallel.kernels import get_spec
     from parallel.kernels.te import convert_to_te
 
-    model = MiMoForCausalLM(cfg, backend=backend)
+    model = MiMoForCausalLM(cfg, spec=get_spec(backend))
     if backend == "te":
         convert_to_te(model, fp8=fp8)
     model.load_state_dict(state)

@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 def _engine(cfg, ep: int):
     import dataclasses
 
-    from mimo_train.engine import AdamSettings, build_engine
+    from mimo_train.training.engine import AdamSettings, build_engine
 
     p = dataclasses.replace(cfg.parallel, dp=4, ep=ep, tp=1)
     return build_engine(cfg.model, p, 64, precision="fp32", adam=AdamSettings(lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
@@ -37,7 +37,7 @@ def _compare(engine, reference) -> list[str]:
     """Names of the tensors this rank holds that differ from the EP4 checkpoint's (its part of each)."""
     from torch.distributed.tensor import DTensor
 
-    from mimo_train.init_from import full_part
+    from mimo_train.interop.init_from import full_part
     from parallel.state_dict import model_state
 
     wrong = []
@@ -52,11 +52,11 @@ def _compare(engine, reference) -> list[str]:
 def rank_main(out: Path) -> int:
     import torch.distributed as dist
 
-    from mimo_train import checkpoint as ckpt
-    from mimo_train import cli
+    from mimo_train.training import checkpoint as ckpt
+    from mimo_train.launch import cli
     from mimo_train.config import Config, load_config, save_config
-    from mimo_train.hf_stream import CheckpointTensors
-    from mimo_train.init_from import load_initial_weights
+    from mimo_train.interop.hf_stream import CheckpointTensors
+    from mimo_train.interop.init_from import load_initial_weights
     from parallel.state_dict import model_state
     from parallel.topology import init_distributed
 
@@ -93,7 +93,7 @@ def main() -> int:
     out = Path(sys.argv[1]).resolve()
     if "RANK" in os.environ:
         return rank_main(out)
-    from mimo_train.launcher import launch_local
+    from mimo_train.launch.launcher import launch_local
 
     return launch_local(4, [str(out)], command=[sys.executable, os.path.abspath(__file__)])
 

@@ -40,7 +40,7 @@ def _measured(fn) -> int:
 
 
 def main(work: Path) -> dict:
-    from mimo_train import hf, hf_stream
+    from mimo_train.interop import hf, hf_stream
     from tests.helpers import randomised_model, tiny_model_config
 
     dims = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, vocab_size=1024, num_experts=4)

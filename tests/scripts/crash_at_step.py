@@ -8,9 +8,9 @@ import sys
 
 
 def main() -> int:
-    import mimo_train.trainer as trainer_module
-    from mimo_train import cli
-    from mimo_train.launcher import launch_local
+    import mimo_train.training.trainer as trainer_module
+    from mimo_train.launch import cli
+    from mimo_train.launch.launcher import launch_local
 
     if "--nproc" in sys.argv and "RANK" not in os.environ:
         i = sys.argv.index("--nproc")

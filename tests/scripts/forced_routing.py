@@ -8,7 +8,7 @@ import sys
 import torch
 
 from mimo_train.config import load_config
-from mimo_train.trainer import Trainer
+from mimo_train.training.trainer import Trainer
 
 
 def main(run_dir: str, overrides: list[str]) -> None:

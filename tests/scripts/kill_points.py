@@ -1,7 +1,7 @@
 """`mimo-train train` that pauses at a chosen point of a checkpoint save, so a test can SIGKILL it right there.
 
 MIMO_TEST_PAUSE_AT=POINT:STEP, where POINT is "write" (inside DCP's write of the files, on the background
-thread of an asynchronous save) or one of `mimo_train.checkpoint.fault_point`'s names ("before_meta",
+thread of an asynchronous save) or one of `mimo_train.training.checkpoint.fault_point`'s names ("before_meta",
 "before_rename", "before_latest", "during_retention"). On reaching it the process creates
 MIMO_TEST_PAUSE_MARKER and sleeps (until killed). Arguments are those of `mimo-train train`.
 """
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from mimo_train import checkpoint
+from mimo_train.training import checkpoint
 
 
 def _pause(point: str, step: int) -> None:
@@ -46,6 +46,6 @@ def install() -> None:
 
 if __name__ == "__main__":
     install()
-    from mimo_train.cli import main
+    from mimo_train.launch.cli import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

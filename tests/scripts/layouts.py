@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from mimo_train.config import load_config
-from mimo_train.trainer import Trainer
+from mimo_train.training.trainer import Trainer
+from parallel import comm
 from tests.host_syncs import count_host_syncs, sync_budget
 
 
@@ -25,7 +26,7 @@ class OverlapRecorder:
     def __init__(self, model):
         self.events: list[str] = []
         self.parameters = sum(p.requires_grad for p in model.parameters())
-        self._real = dist.reduce_scatter_tensor
+        self._real = getattr(dist, comm.REDUCE_SCATTER)
         for p in model.parameters():
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(lambda _: self.events.append("grad"))
@@ -36,11 +37,11 @@ class OverlapRecorder:
             return self._real(*args, **kwargs)
 
         self.events.clear()
-        torch.distributed.reduce_scatter_tensor = recorded
+        setattr(torch.distributed, comm.REDUCE_SCATTER, recorded)
         return self
 
     def __exit__(self, *exc):
-        torch.distributed.reduce_scatter_tensor = self._real
+        setattr(torch.distributed, comm.REDUCE_SCATTER, self._real)
 
     def summary(self) -> dict:
         """How many gradients arrived after the step's first reduce-scatter launch (0: none overlapped)."""

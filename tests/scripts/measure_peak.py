@@ -78,7 +78,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from mimo_train.config import load_config
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.overrides)

@@ -39,7 +39,7 @@ def env() -> dict:
 
 def cli(config: Path, run_dir: Path, *overrides: str, nproc: int = 1, resume: str = "auto",
         timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mimo_train.cli", "train", "--config", str(config), "--resume", resume,
+    cmd = [sys.executable, "-m", "mimo_train.launch.cli", "train", "--config", str(config), "--resume", resume,
            "--nproc", str(nproc), f"run.dir={run_dir}", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
 

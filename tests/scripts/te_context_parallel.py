@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from parallel.context_parallel import ChunkLayout
 from parallel.kernels import get_spec
-from parallel.kernels.metadata import AttentionMetadata
+from mimo_train.model.kernels.metadata import AttentionMetadata
 from parallel.kernels.te import TEAttentionCore
 from parallel.kernels.te_rules import CP_COMM_TYPE, GLOBAL, SLIDING
 

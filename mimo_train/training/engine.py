@@ -17,10 +17,12 @@ import torch
 
 from mimo_train.config import ModelConfig, ParallelConfig
 from mimo_train.model import MiMoForCausalLM
+from mimo_train.precision import precision as precision_named
 from parallel.data_parallel import ShardedAdamW, fill_missing_gradients
 from parallel.initialize import materialize
-from parallel.mixed_precision import DTYPES, MainGradients, cast_parameters
+from parallel.mixed_precision import MainGradients, cast_parameters
 from parallel.parallelize import build_parallel_model, sequence_layout
+from parallel.kernels import get_spec
 from parallel.topology import build_topology
 
 
@@ -75,19 +77,19 @@ def build_engine(model_cfg: ModelConfig, p: ParallelConfig, seq_len: int, *, pre
     parameter name) alone, so every layout starts from exactly the single-process weights. Without one (the
     simulator) nothing is allocated. (The model gets its own config: stages change its RoPE base.) `compile`:
     regional torch.compile of each decoder layer (`train.compile`)."""
+    prec = precision_named(precision)
     topo = build_topology(p, model_cfg, seq_len)
     torch.manual_seed(seed)
     with torch.device("meta"):  # no rank ever holds the whole model
-        model = MiMoForCausalLM(copy.deepcopy(model_cfg), backend=p.backend)
-    layouts, pipeline = build_parallel_model(model, topo, p, fp8=precision == "fp8", compile=compile)
+        model = MiMoForCausalLM(copy.deepcopy(model_cfg), spec=get_spec(p.backend))
+    layouts, pipeline = build_parallel_model(model, topo, p, fp8=prec.fp8_gemms, compile=compile)
     if device is not None:
         materialize(model, layouts, seed=seed, device=device)
-    low_precision = precision != "fp32"
     optimizer = ShardedAdamW(model, layouts, lr=adam.lr, betas=adam.betas, eps=adam.eps,
-                             weight_decay=adam.weight_decay, master_weights=low_precision, bucket_mb=p.grad_bucket_mb)
+                             weight_decay=adam.weight_decay, master_weights=prec.has_masters, bucket_mb=p.grad_bucket_mb)
     main_grads = None
-    if low_precision:
-        cast_parameters(model, DTYPES[precision])
+    if prec.has_masters:  # low-precision parameters: fp32 gradients accumulate beside them
+        cast_parameters(model, prec.param_dtype)
         main_grads = MainGradients(model)
     if p.overlap_grad_reduce:
         optimizer.overlap_with_backward()

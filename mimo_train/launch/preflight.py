@@ -13,17 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError
-from mimo_train.evaluation import check_eval_config
-from mimo_train.stages import StagePlan
-
-# What a resume may change (README "Resuming"): the layout (DCP reshards), batch sizes, stages not yet reached,
-# the learning-rate schedule, logging, checkpointing and data-loading knobs. What it may not: the model, the seeds
-# and the tokenization, and the stages already completed.
-FROZEN_ON_RESUME = ("model", "train.seed", "data.seed", "data.tokenizer", "data.vocab_size")
-# Fields of a completed stage that may still change (they do not alter what was trained).
-STAGE_FIELDS_FREE = ("micro_batch_size", "parallel")
+from mimo_train.precision import precision
+from mimo_train.training.evaluation import check_eval_config
+from mimo_train.training.stages import StagePlan
 
 
 class RelaunchNeeded(ConfigError):
@@ -70,21 +64,22 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
 def check_machine(cfg: Config) -> None:
     """What the machine a run starts on must have for the config (parallel.backend=te: a GPU, TE, cuDNN, and
     blockwise FP8 with train.precision=fp8)."""
-    from parallel.kernels import te_rules
+    from parallel.kernels import te, te_rules
 
     te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device,
-                           fp8=cfg.train.precision == "fp8")
+                           te.probe_te, fp8=precision(cfg.train.precision).fp8_gemms,
+                           fp8_probe=te.probe_blockwise_fp8)
 
 
 def check_memory_on_cuda(cfg: Config, world_size: int) -> None:
     """Training on CUDA: every stage's layout must fit this machine's GPU by the planner's estimate
-    (`mimo_train.plan_check`), else a one-line ConfigError (exit 2) naming the stage, rank, need and budget. On the
+    (`mimo_train.planning.plan_check`), else a one-line ConfigError (exit 2) naming the stage, rank, need and budget. On the
     CPU there is nothing to check (the host's memory is not the planner's model)."""
     from parallel.device import resolve_device
 
     if resolve_device(cfg.train.device).type != "cuda":
         return
-    from mimo_train.plan_check import check_memory, local_gpu
+    from mimo_train.planning.plan_check import check_memory, local_gpu
 
     check_memory(cfg, world_size, local_gpu())
 
@@ -161,46 +156,3 @@ def prepare_run_dir(cfg: Config, resume: str, overwrite: bool) -> Path | None:
     shutil.move(str(run_dir), str(aside))
     print(f"--overwrite: moved the old run {run_dir} aside to {aside}", flush=True)
     return aside
-
-
-# ---- the config of a resumed run ---------------------------------------------------------------------------------
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
-def config_differences(saved: dict[str, Any], current: Config, completed_stages: int) -> list[str]:
-    """The fields that may not change on a resume and did, each as `field: checkpoint X, config Y`."""
-    now = current.to_dict()
-    old_flat, new_flat = _flatten(saved), _flatten(now)
-    frozen = set()
-    for key in old_flat:  # fields added to the schema since the checkpoint was written are not compared
-        if any(key == f or key.startswith(f + ".") for f in FROZEN_ON_RESUME):
-            frozen.add(key)
-    old_stages, new_stages = saved.get("train", {}).get("stages", []), now["train"]["stages"]
-    diffs = [f"{k}: checkpoint {old_flat.get(k, '(absent)')!r}, config {new_flat.get(k, '(absent)')!r}"
-             for k in sorted(frozen) if old_flat.get(k, "(absent)") != new_flat.get(k, "(absent)")]
-    for i in range(min(completed_stages, len(old_stages))):
-        old = old_stages[i]
-        new = new_stages[i] if i < len(new_stages) else {}
-        for k in sorted(set(old) | set(new)):
-            if k not in STAGE_FIELDS_FREE and old.get(k) != new.get(k):
-                diffs.append(f"train.stages[{i}].{k} (a completed stage): checkpoint {old.get(k)!r}, "
-                             f"config {new.get(k)!r}")
-    return diffs
-
-
-def check_resume_config(saved: dict[str, Any] | None, current: Config, completed_stages: int, path: Path) -> None:
-    if saved is None:  # an imported (model-only) checkpoint or one from before configs were stored
-        return
-    diffs = config_differences(saved, current, completed_stages)
-    if diffs:
-        raise ConfigError(f"resuming from {path}: the config differs from the checkpoint's in fields that cannot "
-                          f"change mid-run: {'; '.join(diffs)} (use the original values, or start a new run.dir; the "
-                          f"fields that may change are listed in README 'Resuming')")

@@ -23,14 +23,14 @@ def _world_size_from_environment(nproc: int) -> int:
 
 
 def _train(args) -> int:
-    from mimo_train import preflight
+    from mimo_train.launch import preflight
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: must be >= 1 (got {args.nproc})")
     # Everything that can be checked without a process group is checked here, before any rank starts.
     cfg = load_config(args.config, args.overrides)
     preflight.check_resume_path(args.resume)
-    from mimo_train.init_from import check_before_launch
+    from mimo_train.interop.init_from import check_before_launch
 
     check_before_launch(cfg, args.resume)
     world = _world_size_from_environment(args.nproc)
@@ -47,12 +47,12 @@ def _train(args) -> int:
     if not args.skip_memory_check:
         preflight.check_memory_on_cuda(cfg, world)
     # The process that owns the launch holds the run directory's lock before any rank starts, until all ended.
-    from mimo_train.run_lock import HELD_ENV
+    from mimo_train.training.run_lock import HELD_ENV
 
     lock = _lock_run_dir(cfg, args.resume, args.overwrite)
     try:
         if launcher:
-            from mimo_train.launcher import launch_local
+            from mimo_train.launch.launcher import launch_local
 
             os.environ[HELD_ENV] = str(Path(cfg.run.dir).resolve())  # inherited by the ranks
             # --overwrite is not passed on: the old run is already aside, and the ranks must not move the new one.
@@ -67,8 +67,8 @@ def _train(args) -> int:
 def _lock_run_dir(cfg, resume: str, overwrite: bool):
     """The run directory's lock (refused when another run holds it), taken before `--overwrite` moves an old
     run aside, so a live run is never moved; then taken again on the new, empty directory."""
-    from mimo_train import preflight
-    from mimo_train.run_lock import RunLock
+    from mimo_train.launch import preflight
+    from mimo_train.training.run_lock import RunLock
 
     lock = RunLock(cfg.run.dir).acquire()
     try:
@@ -98,8 +98,8 @@ def _train_rank(cfg, resume: str, world: int) -> int:
 
 
 def _run_trainer(cfg, resume: str):
-    from mimo_train.console_log import tee_console
-    from mimo_train.trainer import Trainer
+    from mimo_train.training.console_log import tee_console
+    from mimo_train.training.trainer import Trainer
 
     with tee_console(cfg.run.dir, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))):
         trainer = Trainer(cfg, resume=resume)
@@ -125,7 +125,7 @@ def _conversion_ranks(args, argv: list[str], staging) -> tuple[int, int, bool] |
         raise ConfigError(f"--nproc: must be >= 1 (got {args.nproc})")
     world = _world_size_from_environment(args.nproc)
     if args.nproc > 1 and "RANK" not in os.environ:
-        from mimo_train.launcher import launch_local
+        from mimo_train.launch.launcher import launch_local
 
         status = launch_local(args.nproc, argv)
         if status != 0:
@@ -143,8 +143,8 @@ def _conversion_ranks(args, argv: list[str], staging) -> tuple[int, int, bool] |
 
 def _hf_import(args) -> int:
     """HF directory (bf16/fp32, or the release's FP8 blocks) -> our checkpoint (model only, step 0), streamed."""
-    from mimo_train import checkpoint as ckpt
-    from mimo_train import hf_stream
+    from mimo_train.training import checkpoint as ckpt
+    from mimo_train.interop import hf_stream
 
     out = Path(args.ckpt_dir).resolve()
     hf_stream.HubReader(args.hf_dir)  # config and quantization_config checked before any rank starts
@@ -171,7 +171,7 @@ def _checkpoint_and_config(src: Path):
     """The checkpoint to export (a step directory, or a checkpoints/ directory's newest complete one; its checksums
     are verified by the converting ranks, see `_verify_shared`) and the config.yaml of the run that wrote it, with
     the run directory it belongs to."""
-    from mimo_train import checkpoint as ckpt
+    from mimo_train.training import checkpoint as ckpt
 
     path = src if (src / ckpt.META).is_file() else ckpt.find_latest(src)
     if path is None:
@@ -185,7 +185,7 @@ def _checkpoint_and_config(src: Path):
 
 
 def _hf_export(args) -> int:
-    from mimo_train import hf, hf_stream
+    from mimo_train.interop import hf, hf_stream
 
     src, out = Path(args.ckpt_dir).resolve(), Path(args.hf_dir).resolve()
     path, cfg, run_dir = _checkpoint_and_config(src)
@@ -233,7 +233,7 @@ def _leave_group(joined: bool) -> None:
 def _verify_shared(path: Path, rank: int, world: int) -> None:
     """Every file's checksum checked before the export reads it, each rank a share of the files (so N ranks read
     the checkpoint once between them); every rank raises the first problem any rank found."""
-    from mimo_train import checkpoint as ckpt
+    from mimo_train.training import checkpoint as ckpt
 
     problem = ckpt.verify(path, (rank, world))
     if world > 1:
@@ -250,7 +250,7 @@ def _export_shards(path, cfg, out: Path, dtype: str, rank: int, world: int, max_
     """Every rank writes its shards into the staging directory; rank 0 gets every rank's file records."""
     import torch.distributed as dist
 
-    from mimo_train import hf_stream
+    from mimo_train.interop import hf_stream
 
     if rank == 0:
         hf_stream.discard_staging(out)
@@ -266,7 +266,7 @@ def _export_shards(path, cfg, out: Path, dtype: str, rank: int, world: int, max_
 
 
 def _hf_verify(args) -> int:
-    from mimo_train import hf_stream
+    from mimo_train.interop import hf_stream
 
     problems = hf_stream.verify_export(args.hf_dir)
     for p in problems:
@@ -351,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="a directory written by hf-export")
     p.set_defaults(func=_hf_verify)
 
-    from mimo_train.info import add_info_parser
+    from mimo_train.model.info import add_info_parser
 
     add_info_parser(sub)
     from data_pipeline.prepare import add_prepare_data_parser
@@ -360,13 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     from data_pipeline.verify import add_verify_data_parser
 
     add_verify_data_parser(sub)
-    from mimo_train.slurm import add_submit_parser
+    from mimo_train.launch.slurm import add_submit_parser
 
     add_submit_parser(sub)
-    from mimo_train.planner import add_plan_parser
+    from mimo_train.planning.planner import add_plan_parser
 
     add_plan_parser(sub)
-    from mimo_train.simulate import add_simulate_parser
+    from mimo_train.planning.simulate import add_simulate_parser
 
     add_simulate_parser(sub)
     return parser
@@ -381,12 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from mimo_train.checkpoint import CheckpointError
-    from mimo_train.fp8_release import Fp8FormatError
-    from mimo_train.hf_stream import ConversionError
+    from mimo_train.training.checkpoint import CheckpointError
+    from mimo_train.interop.fp8_release import Fp8FormatError
+    from mimo_train.interop.hf_stream import ConversionError
 
-    from mimo_train.preflight import RelaunchNeeded
-    from mimo_train.run_lock import RunLocked
+    from mimo_train.launch.preflight import RelaunchNeeded
+    from mimo_train.training.run_lock import RunLocked
     from data_pipeline.source import UnusableSource, one_line
 
     try:
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mimo-train: {e}", file=sys.stderr)
         return 2
     except BaseException as e:
-        from mimo_train.stopping import interrupted_now
+        from mimo_train.training.stopping import interrupted_now
 
         # A second Ctrl-C (the handler said so), whatever it interrupted and however that wrapped it: one line.
         if isinstance(e, KeyboardInterrupt) or interrupted_now():

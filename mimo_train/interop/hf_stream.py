@@ -26,11 +26,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
 
-from mimo_train import checkpoint as ckpt
-from mimo_train import fp8_release as fp8
-from mimo_train.config import ModelConfig
-from mimo_train.hf import _SINK_HUB, _SINK_OURS, from_hf_config, to_hf_config
-from mimo_train.safetensors_io import SafetensorsFile, TensorInfo, write_file
+from mimo_train.training import checkpoint as ckpt
+from mimo_train.interop import fp8_release as fp8
+from mimo_train.config import Config, ModelConfig, save_config
+from mimo_train.interop.hf import _SINK_HUB, _SINK_OURS, from_hf_config, to_hf_config
+from mimo_train.interop.safetensors_io import SafetensorsFile, TensorInfo, write_file
+from mimo_train.model import MiMoForCausalLM
 
 MODEL_PREFIX = "model."  # our checkpoints keep the model under "model" (DCP flattens it to "model.<name>")
 MASTER_KEY = "optimizer.optim.{}.master"  # a bf16/fp8 run's fp32 master weight of parameter {}
@@ -127,8 +128,6 @@ def hub_names(name: str, shape: tuple[int, ...]) -> list[str]:
 
 def model_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Our state dict's names, shapes and dtypes, from a model built on the meta device (nothing allocated)."""
-    from mimo_train.model import MiMoForCausalLM
-
     with torch.device("meta"):
         model = MiMoForCausalLM(cfg)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
@@ -202,8 +201,6 @@ def import_hf(hf_dir: str | Path, ckpt_root: str | Path, dtype: str = "fp32", ra
               progress: bool = True) -> Path:
     """Write `hf_dir` as checkpoint step 0 (model only) under `ckpt_root`, with its config.yaml beside it.
     Collective when `world` > 1: each rank reads and writes its share of the tensors."""
-    from mimo_train.config import Config, save_config
-
     reader = HubReader(hf_dir)
     cfg = reader.model_config()
     shapes = model_shapes(cfg)

@@ -1,8 +1,9 @@
 """The reference layer spec (`parallel.backend: torch`): plain PyTorch cores that run on any device.
 
 Its cores call `torch_backend`'s functions with the micro-batch's document ids; it is what every other spec is
-tested against, and what CPU runs use by default. (Imported lazily by `get_spec`: the model imports
-`parallel.kernels`, and the specs import the model's `Experts`.)
+tested against, and what the model uses when it is built without one. The interface (the methods of `LayerSpec`
+and the `Experts` base class) lives here with the model; other specs (`parallel.kernels`) subclass it and are
+handed to the model by whoever builds it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,25 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mimo_train.model.layers import Experts
-from parallel.kernels import torch_backend
-from parallel.kernels.metadata import AttentionMetadata
+from mimo_train.model.kernels import torch_backend
+from mimo_train.model.kernels.metadata import AttentionMetadata
 
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
+
+
+class Experts(nn.Module):
+    """The routed experts' SwiGLU weights as stacked 3-D tensors, ready for a grouped GEMM. The layer spec gives a
+    subclass whose forward runs them (a loop in the reference, a grouped GEMM in `fused`)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor | list[int]) -> torch.Tensor:
+        """x_sorted [N, H]: rows grouped by expert in order; tokens_per_expert [E]: how many rows each expert has
+        (a device tensor, or a host list where it is already known, under expert parallelism). Returns [N, H]."""
+        raise NotImplementedError
 
 
 class SlidingWindowCore:

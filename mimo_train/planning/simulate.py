@@ -5,7 +5,7 @@ report what each rank holds and sends.
         [--layout tp=2,pp=16,cp=4,dp=4,ep=8,pp_schedule=dualpipev,pp_virtual=2] [--seq 32768] [--json]
 
 Each simulated rank joins torch's fake process group as rank r of the job (`parallel/fake_group.py`) and builds its
-engine with the trainer's own builder (`mimo_train/engine.py`): the model on the meta device, sharded by
+engine with the trainer's own builder (`mimo_train/training/engine.py`): the model on the meta device, sharded by
 `build_topology` and `build_parallel_model`, the optimizer and the gradient buffers. Nothing is allocated.
 
 - **Memory**: parameters, gradient buffers and optimizer state are the bytes of the tensors the engine created,
@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
-from mimo_train.engine import AdamSettings, Engine, build_engine
-from mimo_train.planner import model_config, pipeline_sends
-from parallel.mixed_precision import DTYPES
+from mimo_train.precision import PRECISIONS
+from mimo_train.training.engine import AdamSettings, Engine, build_engine
+from mimo_train.planning.planner import Layout, model_config, pipeline_sends
 from parallel.fake_group import BalancedRouting, CollectiveCounter, fake_world
 
 GB = 1e9
@@ -235,7 +235,7 @@ def kernel_path(shards: RankShards):
     whose meta kernels give the shapes autograd saves; the `torch` backend runs the same everywhere."""
     import contextlib
 
-    from parallel.kernels.fused import simulated_gpu
+    from parallel.kernels.choice import simulated_gpu
 
     return simulated_gpu() if shards.model.spec.name == "fused" else contextlib.nullcontext()
 
@@ -281,8 +281,8 @@ def run_layer(shards: RankShards, index: int, seq: int, mbs: int = 1) -> dict[st
 def run_ends(shards: RankShards, seq: int, mbs: int = 1) -> dict[str, float]:
     """Communication of one micro-batch forward and backward through what a stage holds besides decoder layers:
     the embedding (first stage), the final norm and LM head, and the MTP blocks with their embedding lookups and
-    head (last stage). The losses are left out: their vocab-parallel kernel is megatron-core's, which needs
-    megatron's own process groups (it sends a few fp32 scalars per token)."""
+    head (last stage). The losses are left out: the vocab-parallel cross-entropy sends only a few fp32 scalars per
+    token."""
     model, topo = shards.model, shards.topo
     m = model.model
     counter = CollectiveCounter(group_names(shards))
@@ -332,13 +332,6 @@ def cp_position(cp_rank: int, cp: int) -> str:
     return "first_cp_rank" if cp_rank == 0 else "last_cp_rank" if cp_rank == cp - 1 else "middle_cp_rank"
 
 
-def _planner_layout(p: ParallelConfig):
-    from mimo_train.planner import Layout
-
-    return Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp, pp_schedule=p.pp_schedule,
-                  pp_virtual=p.pp_virtual, recompute=p.recompute)
-
-
 def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micro_batches: int, precision: str,
                   layer_runs: dict[str, dict] | None = None) -> dict[str, Any]:
     """Build `rank` and account for it. `layer_runs` ({kind: run_layer result}) supplies each layer type's
@@ -370,7 +363,7 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
                     comm[k] += v * len(indices) * micro_batches
             if p.pp > 1 and kinds:
                 boundary = layer_runs[f"{next(iter(kinds))}/{place}"]["output_bytes"]
-                comm["pp"] += boundary * pipeline_sends(_planner_layout(p), report["pp_rank"], micro_batches)
+                comm["pp"] += boundary * pipeline_sends(Layout.of(p), report["pp_rank"], micro_batches)
             if shards.model.model.embed_tokens is not None or shards.model.lm_head is not None:
                 for k, v in run_ends(shards, seq).items():
                     comm[k] += v * micro_batches
@@ -469,11 +462,11 @@ def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str
     activations of its layers times the micro-batches its schedule holds in flight, plus the planner's head, MTP
     and backward working memory of its pipeline rank (not simulated). The worst rank against the GPU's memory less
     the reserve."""
-    from mimo_train import planner as P
+    from mimo_train.planning import planner as P
 
-    L = _planner_layout(p)
-    A = P.Assumptions(kernel="torch" if p.backend == "torch" else "fused", reserve_gb=reserve_gb)
-    prec = P.PRECISIONS["bf16" if s["precision"] == "fp8" else s["precision"]]
+    L = P.Layout.of(p)
+    A = P.Assumptions(kernel=P.kernel_of(p.backend), reserve_gb=reserve_gb)
+    prec = P.PRECISIONS[s["precision"]]
     geo = P.geometry(cfg)
     seq, m = s["seq"], s["micro_batches"]
     shape = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
@@ -529,7 +522,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         if args.layout:
             p = parallel_config(parse_layout(args.layout), args.gpus)
         else:
-            from mimo_train.planner import top_pick
+            from mimo_train.planning.planner import top_pick
 
             p = top_pick(cfg, args.gpus, args.gpu, args.seq, args.global_batch)
         if args.gpus is None:
@@ -552,14 +545,14 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
-    from mimo_train.planner import GPUS
+    from mimo_train.planning.planner import GPUS
 
     p = subparsers.add_parser(
         "simulate", help="build every rank class of a parallel layout on a fake process group: memory and traffic",
         description="Build the real shards of each distinct rank of a layout on torch's fake process group and the "
                     "meta device, and report per rank the parameters, gradient and optimizer bytes, process groups "
                     "and the collectives of one training step, and per layer type the activation bytes "
-                    "(see mimo_train/simulate.py).")
+                    "(see mimo_train/planning/simulate.py).")
     p.add_argument("--config", required=True, help="a model YAML (configs/model/*.yaml) or a training YAML")
     p.add_argument("--gpus", type=int, default=None, help="world size (default: the layout's)")
     p.add_argument("--layout", default="", help="keys of parallel.*, e.g. tp=2,pp=16,cp=4,dp=4,ep=8,"
@@ -570,7 +563,7 @@ def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=32768, help="sequence length (default 32768)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per step (default 2^26 tokens / seq)")
     p.add_argument("--mtp-blocks", type=int, default=1, help="MTP blocks (default 1, as plan; -1: the config's)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16",
                    help="weights/gradients/optimizer precision to account for (default bf16, as train.precision)")
     p.add_argument("--ranks", choices=("classes", "all"), default="classes",
                    help="classes: first and last rank of each pipeline stage; all: every rank")

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from mimo_train.config import Config, ConfigError, LRScheduleConfig, ParallelConfig
-from mimo_train.schedule import learning_rate, stage_learning_rate
+from mimo_train.training.schedule import learning_rate, stage_learning_rate
 
 
 @dataclass
@@ -56,31 +56,22 @@ class StageStart:
 
 
 class BatchSchedule:
-    """Global batch size of a step from the samples consumed since the stage started."""
+    """Global batch size of a step from the samples consumed since the stage started, split over `dp` ranks."""
 
     def __init__(self, stage: Stage, dp: int):
-        self.stage = stage
-        self.calculator = None
-        if stage.rampup is not None:
-            # megatron-core (device-agnostic, verified on CPU). Imported only when a ramp-up is configured: the
-            # import costs a few seconds per process.
-            from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
-
-            start, increment, samples = stage.rampup
-            self.calculator = RampupBatchsizeNumMicroBatchesCalculator(
-                global_batch_size=stage.global_batch_size, micro_batch_size=stage.micro_batch_size,
-                data_parallel_size=dp, decrease_batch_size_if_needed=False, rank=0,
-                start_global_batch_size=start, batch_size_increment=increment, ramup_samples=samples)
+        self.stage, self.dp = stage, dp
 
     def global_batch_size(self, samples_in_stage: int) -> int:
-        if self.calculator is None:
-            return self.stage.global_batch_size
-        self.calculator.update(samples_in_stage, consistency_check=True)
-        return self.calculator.get_current_global_batch_size()
+        gbs = rampup_batch_size(self.stage, samples_in_stage)
+        if self.stage.rampup is not None and gbs % (self.stage.micro_batch_size * self.dp):  # StagePlan rules it out
+            raise RuntimeError(f"global batch {gbs} does not split into micro-batches of "
+                               f"{self.stage.micro_batch_size} over {self.dp} data-parallel ranks")
+        return gbs
 
 
 def rampup_batch_size(stage: Stage, samples_in_stage: int) -> int:
-    """The same rule as megatron-core's calculator, without importing it (for planning the step count)."""
+    """The ramp-up rule, megatron-core's (its RampupBatchsizeNumMicroBatchesCalculator; tests/test_stages.py
+    compares the two): from `start`, `increment` more sequences after each equal share of the ramp's samples."""
     if stage.rampup is None:
         return stage.global_batch_size
     start, increment, samples = stage.rampup

@@ -110,105 +110,103 @@ def model_report(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]
         raise ValueError(f"seq_len must be >= 1 (got {seq_len})")
     model = build_meta_model(cfg)
     trunk = model.model
-
-    embedding = _count(trunk.embed_tokens)
-    head = _count(model.lm_head)
-    final_norm = _count(trunk.norm)
-
-    layers: list[dict[str, Any]] = []
-    attn_flops = {"swa": 0.0, "ga": 0.0}
-    naive_attn_main = 0.0
-    sums = {"attention": 0, "ffn": 0, "norms": 0, "active": 0, "matmul": 0}
-    for i, layer in enumerate(model.decoder_layers()):
-        attn = _count(layer.self_attn)
-        ffn = _count(layer.mlp)
-        whole = _count(layer)
-        norms = whole["total"] - attn["total"] - ffn["total"]
-        core, core_full = _attention_core_flops(layer.self_attn, seq_len)
-        kind = "swa" if layer.self_attn.sliding else "ga"
-        attn_flops[kind] += core
-        naive_attn_main += core_full
-        is_moe = isinstance(layer.mlp, MoE)
-        layers.append({
-            "index": i,
-            "attention": kind.upper(),
-            "ffn": "MoE" if is_moe else "dense",
-            "kv_heads": layer.self_attn.num_kv_heads,
-            "attention_params": attn["total"],
-            "ffn_params": ffn["total"],
-            "norm_params": norms,
-            "total_params": whole["total"],
-            "active_params": whole["active"],
-            "ffn_active_params": ffn["active"],
-            "router_params": sum(p.numel() for p in layer.mlp.gate.parameters()) if is_moe else 0,
-            "attention_flops_per_token": core,
-            "dense_flops_per_token": 6 * whole["matmul"],
-        })
-        sums["attention"] += attn["total"]
-        sums["ffn"] += ffn["total"]
-        sums["norms"] += norms
-        sums["active"] += whole["active"]
-        sums["matmul"] += whole["matmul"]
-
-    main_total = embedding["total"] + sum(l["total_params"] for l in layers) + final_norm["total"] + head["total"]
-    active_body = sums["active"] + final_norm["active"]  # layers + final norm
-    active_matmul_main = sums["matmul"] + head["matmul"]
-
+    parts = {"embedding": _count(trunk.embed_tokens), "head": _count(model.lm_head), "final_norm": _count(trunk.norm)}
+    rows = [_layer_row(i, layer, seq_len) for i, layer in enumerate(model.decoder_layers())]
+    layers = [row for row, _, _ in rows]
     # MTP blocks: their own parameters, plus a use of the shared LM head each (and the shared embedding lookup).
-    mtp_blocks: list[dict[str, Any]] = []
-    mtp_flops = mtp_naive = 0.0
-    if trunk.mtp is not None:
-        for d, block in enumerate(trunk.mtp.layers):
-            c = _count(block)
-            core, core_full = _attention_core_flops(block.self_attn, seq_len)
-            dense = 6 * (c["matmul"] + head["matmul"])
-            mtp_blocks.append({
-                "index": d,
-                "params": c["total"],
-                "attention_params": _count(block.self_attn)["total"],
-                "ffn_params": _count(block.mlp)["total"],
-                "eh_proj_params": _count(block.eh_proj)["total"],
-                "active_matmul_params_with_head": c["matmul"] + head["matmul"],
-                "dense_flops_per_token": dense,
-                "attention_flops_per_token": core,
-                "flops_per_token": dense + core,
-            })
-            mtp_flops += dense + core
-            mtp_naive += dense + core_full
-    mtp_total = sum(b["params"] for b in mtp_blocks)
-
+    blocks = ([_mtp_row(d, block, parts["head"], seq_len) for d, block in enumerate(trunk.mtp.layers)]
+              if trunk.mtp is not None else [])
+    mtp = [row for row, _ in blocks]
+    main_total = (parts["embedding"]["total"] + sum(l["total_params"] for l in layers) + parts["final_norm"]["total"]
+                  + parts["head"]["total"])
+    mtp_total = sum(b["params"] for b in mtp)
     all_params = sum(p.numel() for p in model.parameters())
     if all_params != main_total + mtp_total:  # a parameter outside the buckets above: the report would be wrong
         raise RuntimeError(f"parameter buckets ({main_total + mtp_total}) do not add up to the model ({all_params})")
-
-    dense_flops = 6 * active_matmul_main
-    total_flops = dense_flops + attn_flops["swa"] + attn_flops["ga"] + mtp_flops
-    naive_flops = dense_flops + naive_attn_main + mtp_naive
-    swa_layers = [l for l in layers if l["attention"] == "SWA"]
+    active_matmul_main = sum(matmul for _, _, matmul in rows) + parts["head"]["matmul"]
     window_keys = trunk.layers["0"].self_attn.window_keys if layers else cfg.window_keys
-
     return {
-        "config": {
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.hidden_size,
-            "num_layers": len(layers),
-            "ga_layers": [l["index"] for l in layers if l["attention"] == "GA"],
-            "num_swa_layers": len(swa_layers),
-            "num_moe_layers": sum(l["ffn"] == "MoE" for l in layers),
-            "num_experts": cfg.num_experts,
-            "num_experts_per_tok": cfg.num_experts_per_tok,
-            "window_keys": window_keys,
-            "mtp_blocks": len(mtp_blocks),
-        },
+        "config": _config_section(cfg, layers, len(mtp), window_keys),
+        **_param_sections(parts, layers, mtp, main_total, mtp_total, active_matmul_main),
+        "flops_per_token": _flops_section(rows, blocks, 6 * active_matmul_main, seq_len, window_keys),
+        "layers": layers,
+        "mtp": mtp,
+    }
+
+
+def _layer_row(i: int, layer: nn.Module, seq_len: int) -> tuple[dict[str, Any], float, int]:
+    """A decoder layer's row of the report, its attention core's FLOPs over the whole causal sequence (the naive
+    count) and its active matmul parameters."""
+    attn, ffn, whole = _count(layer.self_attn), _count(layer.mlp), _count(layer)
+    core, core_full = _attention_core_flops(layer.self_attn, seq_len)
+    is_moe = isinstance(layer.mlp, MoE)
+    row = {
+        "index": i,
+        "attention": "SWA" if layer.self_attn.sliding else "GA",
+        "ffn": "MoE" if is_moe else "dense",
+        "kv_heads": layer.self_attn.num_kv_heads,
+        "attention_params": attn["total"],
+        "ffn_params": ffn["total"],
+        "norm_params": whole["total"] - attn["total"] - ffn["total"],
+        "total_params": whole["total"],
+        "active_params": whole["active"],
+        "ffn_active_params": ffn["active"],
+        "router_params": sum(p.numel() for p in layer.mlp.gate.parameters()) if is_moe else 0,
+        "attention_flops_per_token": core,
+        "dense_flops_per_token": 6 * whole["matmul"],
+    }
+    return row, core_full, whole["matmul"]
+
+
+def _mtp_row(d: int, block: nn.Module, head: dict[str, int], seq_len: int) -> tuple[dict[str, Any], float]:
+    """An MTP block's row of the report (its FLOPs include a use of the shared LM head), and its naive FLOPs."""
+    c = _count(block)
+    core, core_full = _attention_core_flops(block.self_attn, seq_len)
+    dense = 6 * (c["matmul"] + head["matmul"])
+    row = {
+        "index": d,
+        "params": c["total"],
+        "attention_params": _count(block.self_attn)["total"],
+        "ffn_params": _count(block.mlp)["total"],
+        "eh_proj_params": _count(block.eh_proj)["total"],
+        "active_matmul_params_with_head": c["matmul"] + head["matmul"],
+        "dense_flops_per_token": dense,
+        "attention_flops_per_token": core,
+        "flops_per_token": dense + core,
+    }
+    return row, dense + core_full
+
+
+def _config_section(cfg: ModelConfig, layers: list[dict], mtp_blocks: int, window_keys: int) -> dict[str, Any]:
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_layers": len(layers),
+        "ga_layers": [l["index"] for l in layers if l["attention"] == "GA"],
+        "num_swa_layers": sum(l["attention"] == "SWA" for l in layers),
+        "num_moe_layers": sum(l["ffn"] == "MoE" for l in layers),
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "window_keys": window_keys,
+        "mtp_blocks": mtp_blocks,
+    }
+
+
+def _param_sections(parts: dict, layers: list[dict], mtp: list[dict], main_total: int, mtp_total: int,
+                    active_matmul_main: int) -> dict[str, Any]:
+    """The report's "params" and "active_params"."""
+    embedding, head, final_norm = parts["embedding"], parts["head"], parts["final_norm"]
+    active_body = sum(l["active_params"] for l in layers) + final_norm["active"]  # layers + final norm
+    return {
         "params": {
             "total": main_total,  # main model, MTP excluded
             "embedding": embedding["total"],
             "lm_head": head["total"],
             "final_norm": final_norm["total"],
-            "attention": sums["attention"],
-            "ffn": sums["ffn"],
-            "layer_norms": sums["norms"],
-            "mtp_per_block": mtp_blocks[0]["params"] if mtp_blocks else 0,
+            "attention": sum(l["attention_params"] for l in layers),
+            "ffn": sum(l["ffn_params"] for l in layers),
+            "layer_norms": sum(l["norm_params"] for l in layers),
+            "mtp_per_block": mtp[0]["params"] if mtp else 0,
             "mtp_total": mtp_total,
             "total_with_mtp": main_total + mtp_total,
         },
@@ -218,22 +216,36 @@ def model_report(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, Any]
             "excl_embedding_and_head": active_body,  # "14.20B"
             "matmul": active_matmul_main,  # linear layers incl. router and LM head, top-k experts
         },
-        "flops_per_token": {
-            "seq_len": seq_len,
-            "total": total_flops,
-            "dense": dense_flops,
-            "attention_swa": attn_flops["swa"],
-            "attention_ga": attn_flops["ga"],
-            "mtp": mtp_flops,
-            "forward_total": total_flops / 3,
-            "naive_total": naive_flops,
-            "naive_attention": naive_attn_main,
-            "naive_over_actual": naive_flops / total_flops,
-            "swa_mean_keys": _swa_mean_keys(window_keys, seq_len),
-            "ga_mean_keys": _causal_mean_keys(seq_len),
-        },
-        "layers": layers,
-        "mtp": mtp_blocks,
+    }
+
+
+def _flops_section(rows: list[tuple], blocks: list[tuple], dense_flops: int, seq_len: int,
+                   window_keys: int) -> dict[str, Any]:
+    """The report's "flops_per_token". Sums are accumulated in layer order with `+=` (not `sum()`, whose float
+    rounding differs between Python versions), so the figures are the same everywhere."""
+    attn = {"SWA": 0.0, "GA": 0.0}
+    naive_attention = mtp_flops = mtp_naive = 0.0
+    for row, core_full, _ in rows:
+        attn[row["attention"]] += row["attention_flops_per_token"]
+        naive_attention += core_full
+    for row, naive in blocks:
+        mtp_flops += row["flops_per_token"]
+        mtp_naive += naive
+    total = dense_flops + attn["SWA"] + attn["GA"] + mtp_flops
+    naive_total = dense_flops + naive_attention + mtp_naive
+    return {
+        "seq_len": seq_len,
+        "total": total,
+        "dense": dense_flops,
+        "attention_swa": attn["SWA"],
+        "attention_ga": attn["GA"],
+        "mtp": mtp_flops,
+        "forward_total": total / 3,
+        "naive_total": naive_total,
+        "naive_attention": naive_attention,
+        "naive_over_actual": naive_total / total,
+        "swa_mean_keys": _swa_mean_keys(window_keys, seq_len),
+        "ga_mean_keys": _causal_mean_keys(seq_len),
     }
 
 

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mimo_train.config import ModelConfig, MTPConfig
+from mimo_train.model import MiMoForCausalLM
+from parallel.kernels import get_spec
 
 _SINK_HUB = "self_attn.attention_sink_bias"
 _SINK_OURS = "self_attn.sinks"
@@ -30,7 +32,8 @@ _EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 
 def to_hf_config(cfg: ModelConfig) -> dict:
     """Our model config as config.json: the Hub's field names, plus the explicit fields transformers reads
-    (`rope_parameters`, `layer_types`), since transformers ignores `rope_theta`/`swa_rope_theta` in this model."""
+    (`rope_parameters`, `layer_types`), since transformers ignores `rope_theta`/`swa_rope_theta` in this model.
+    Long by nature: one line per config.json field, in the Hub file's order."""
     if cfg.swa_kv_head_factor != 2:
         raise ValueError("hf-export: transformers' MiMo-V2-Flash requires model.swa_kv_head_factor == 2")
     window = cfg.window_keys - 1  # the Hub's sliding_window_size: keys before the query
@@ -146,6 +149,13 @@ def from_hf_config(hf: dict, num_mtp_blocks: int | None = None) -> ModelConfig:
             apply_value_scale=ours.get("mtp_apply_value_scale", True),
         ),
     )
+    _read_layer_types(hf, cfg)
+    cfg.validate("config.json")
+    return cfg
+
+
+def _read_layer_types(hf: dict, cfg: ModelConfig) -> None:
+    """Check config.json's attention layer types against the GA rule, and take its leading dense FFN layers."""
     layer_types = hf.get("layer_types")
     if layer_types is None and hf.get("hybrid_layer_pattern") is not None:
         layer_types = ["full_attention" if p == 0 else "sliding_attention" for p in hf["hybrid_layer_pattern"]]
@@ -159,8 +169,6 @@ def from_hf_config(hf: dict, num_mtp_blocks: int | None = None) -> ModelConfig:
         if dense != list(range(len(dense))):
             raise ValueError(f"config.json: dense FFN layers {dense} must be the leading layers")
         cfg.first_dense_layers = len(dense)
-    cfg.validate("config.json")
-    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,14 +291,12 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(path: str | Path, backend: str = "torch"):
     """Build our model from a Hugging Face directory (the released layout or transformers' own)."""
-    from mimo_train.model import MiMoForCausalLM
-
     path = Path(path)
     hf_cfg = json.loads((path / "config.json").read_text())
     state = from_hub_state_dict(read_hf_weights(path))
     n_mtp = len({m.group(1) for k in state if (m := re.match(r"^model\.mtp\.layers\.(\d+)\.", k))})
     cfg = from_hf_config(hf_cfg, num_mtp_blocks=n_mtp)
-    model = MiMoForCausalLM(cfg, backend=backend)
+    model = MiMoForCausalLM(cfg, spec=get_spec(backend))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")

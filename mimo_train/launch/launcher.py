@@ -1,6 +1,6 @@
 """`mimo-train train --nproc N`: start N local ranks and own them until they end.
 
-The launcher starts each rank as `python -m mimo_train.cli train ...` with the environment `init_process_group`
+The launcher starts each rank as `python -m mimo_train.launch.cli train ...` with the environment `init_process_group`
 reads (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun's standalone mode
 does, and then:
 
@@ -30,7 +30,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 POLL_S = 0.1
 # Seconds the other ranks get to exit after SIGTERM when one rank failed, before SIGKILL.
 GRACE_S = 3.0
-# Exit statuses every rank reaches together (mimo_train.trainer EXIT_RELAUNCH, EXIT_DIVERGED): not failures to
+# Exit statuses every rank reaches together (mimo_train.training.trainer EXIT_RELAUNCH, EXIT_DIVERGED): not failures to
 # stop the other ranks for.
 PLANNED_EXITS = (3, 4)
 
@@ -58,10 +58,10 @@ def rank_environment(rank: int, nproc: int, port: int) -> dict[str, str]:
 
 
 def launch_local(nproc: int, argv: list[str], command: list[str] | None = None) -> int:
-    """Run `command <argv>` (default: this Python's `-m mimo_train.cli`) as `nproc` ranks; the exit status of the
+    """Run `command <argv>` (default: this Python's `-m mimo_train.launch.cli`) as `nproc` ranks; the exit status of the
     run (0, or the first failure's)."""
     port = free_port()
-    cmd = [*(command or [sys.executable, "-m", "mimo_train.cli"]), *argv]
+    cmd = [*(command or [sys.executable, "-m", "mimo_train.launch.cli"]), *argv]
     procs = [subprocess.Popen(cmd, env=rank_environment(r, nproc, port), preexec_fn=_die_with_parent)
              for r in range(nproc)]
 

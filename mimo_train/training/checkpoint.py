@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from parallel.topology import checkpoint_group
+
 # DCP warns at every save and load without a process group that it assumes one process: that is the intent here
 # (a single-process run), so the warning is noise at every checkpoint.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is .*uninitialized, assuming the intent is to "
@@ -476,12 +478,6 @@ def _storage_writer(path: Path):
     return writer
 
 
-def background_group():
-    """The process group of background checkpoint writes: a gloo group of every rank, or None (the default group)
-    on the fake backend."""
-    return None if dist.get_backend() == "fake" else dist.new_group(backend="gloo")
-
-
 class CheckpointManager:
     """Saves of one training run. Every method is called by every rank at the same step boundary, except that
     publication and retention are rank 0's alone (rank 0's DCP future completes only after every rank's files
@@ -503,7 +499,7 @@ class CheckpointManager:
         # Background writes use their own gloo group, so their collectives never interleave with training's. Not
         # on the fake process group (one process standing in for many: simulations, device tests), which cannot
         # host a gloo group and whose collectives do nothing, so there is nothing to keep apart.
-        self.group = background_group() if distributed else None
+        self.group = checkpoint_group() if distributed else None
         if rank == 0:
             self.remove_leftovers()
         _barrier()

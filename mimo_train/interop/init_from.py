@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import ConfigError
+from mimo_train.precision import precision
+from parallel.state_dict import (copy_loaded_model_state, model_state, optimizer_state,
+                                 read_fp32_values_from_saved_place)
 
 HF = "hugging face directory"
 CHECKPOINT = "checkpoint"
@@ -68,15 +71,12 @@ def _global_shape(t: torch.Tensor) -> tuple[int, ...]:
 
 def load_initial_weights(trainer) -> None:
     """Fill the trainer's parameters (and fp32 masters) from `train.init_from` (collective)."""
-    from parallel.state_dict import (copy_loaded_model_state, model_state, optimizer_state,
-                                     read_fp32_values_from_saved_place)
-
     world = getattr(trainer, "world", 1)
     agree = trainer._first_problem if world > 1 else ckpt._alone
     kind, path = resolve_source(trainer.cfg.train.init_from, (getattr(trainer, "rank", 0), world), agree)
     state = {"model": model_state(trainer.model, trainer.layouts, trainer.topo),
              "optimizer": optimizer_state(trainer.optimizer, trainer.layouts, trainer.topo, create=True)}
-    saved_masters = kind == CHECKPOINT and _saved_precision(path) != "fp32"
+    saved_masters = kind == CHECKPOINT and precision(_saved_precision(path)).has_masters
     read_fp32_values_from_saved_place(state, trainer.optimizer, saved_masters)
     wanted = {"model": state["model"],
               "optimizer": {k: v for k, v in state["optimizer"].items() if k.endswith(".master")}}
@@ -94,7 +94,7 @@ def load_initial_weights(trainer) -> None:
 
 
 def _saved_precision(path: Path) -> str:
-    from mimo_train.trainer import saved_precision
+    from mimo_train.training.trainer import saved_precision
 
     return saved_precision(path)
 
@@ -110,7 +110,7 @@ def _load_checkpoint(path: Path, wanted: dict, expected: dict[str, tuple[int, ..
 
 
 def _load_hf(path: Path, model: dict, expected: dict[str, tuple[int, ...]]) -> None:
-    from mimo_train import hf_stream
+    from mimo_train.interop import hf_stream
 
     reader = hf_stream.HubReader(path)
     hub_cfg = reader.model_config()

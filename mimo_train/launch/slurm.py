@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mimo_train.config import ConfigError, load_config
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch.template"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch.template"
 SCRIPT_NAME = "submit.sbatch"
 DEFAULT_SIGNAL_LEAD_S = 600
 DEFAULT_RESEND_S = 10
@@ -45,7 +45,7 @@ def render(template: str, values: dict[str, str]) -> str:
 def _task_command(args, container: bool) -> list[str]:
     if args.command:
         return shlex.split(args.command)
-    return ["mimo-train"] if container else [sys.executable, "-m", "mimo_train.cli"]
+    return ["mimo-train"] if container else [sys.executable, "-m", "mimo_train.launch.cli"]
 
 
 def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
@@ -53,6 +53,39 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
     against nodes x tasks-per-node first, so a bad submission fails here, not after queueing."""
     workdir = (workdir or Path.cwd()).resolve()
     cfg = load_config(args.config, args.overrides)
+    tasks_per_node, ntasks = _check_allocation(args, cfg)
+    run_dir = Path(cfg.run.dir)
+    run_dir = run_dir if run_dir.is_absolute() else workdir / run_dir
+    config = Path(args.config)
+    config = config if config.is_absolute() else workdir / config
+    container = bool(args.container_image)
+    train = [*_task_command(args, container), "train", "--config", str(config), "--resume", "auto", *args.overrides]
+    values = {
+        "job_name": args.job_name or f"mimo-{run_dir.name}",
+        "nodes": args.nodes,
+        "tasks_per_node": tasks_per_node,
+        "ntasks": ntasks,
+        "sbatch_lines": "\n".join(f"#SBATCH {line}" for line in _sbatch_options(args))
+                        or "# (no further #SBATCH options)",
+        "signal_lead": args.signal_lead,
+        "log_file": run_dir / "slurm-%j.out",
+        "workdir": workdir,
+        "run_dir": _q(run_dir),
+        "total_steps": cfg.train.steps,
+        "max_requeues": args.max_requeues,
+        "resend_s": DEFAULT_RESEND_S,
+        "train_command": " ".join(_q(a) for a in train),
+        "srun_extra": " ".join(_q(a) for a in _srun_options(args, container, workdir)),
+        "env_lines": "\n".join(_env_lines(args)) or "# (no --env settings)",
+    }
+    for key in ("log_file", "workdir"):
+        if any(c.isspace() for c in str(values[key])):
+            raise ConfigError(f"{key} {values[key]!r}: #SBATCH lines cannot hold whitespace in paths")
+    return render(TEMPLATE.read_text(), values), run_dir
+
+
+def _check_allocation(args, cfg) -> tuple[int, int]:
+    """(tasks per node, tasks) of the submission, once the config's layouts, batches and memory fit them."""
     if args.nodes < 1:
         raise ConfigError(f"--nodes: must be >= 1 (got {args.nodes})")
     if args.gpus_per_node < 0:
@@ -62,7 +95,7 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         raise ConfigError(f"--tasks-per-node={tasks_per_node}: must equal --gpus-per-node={args.gpus_per_node} "
                           f"(one task per GPU)")
     ntasks = args.nodes * tasks_per_node
-    from mimo_train.preflight import check_layouts
+    from mimo_train.launch.preflight import check_layouts
 
     allocation = f"--nodes {args.nodes} x {tasks_per_node} tasks per node = {ntasks} ranks"
     try:
@@ -77,19 +110,15 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         print(f"warning: {e} ({allocation}): the job's tasks would refuse to start; override the batch sizes",
               file=sys.stderr, flush=True)
     if args.gpus_per_node and cfg.train.device != "cpu" and not getattr(args, "skip_memory_check", False):
-        from mimo_train.plan_check import check_memory, gpu_type
+        from mimo_train.planning.plan_check import check_memory, gpu_type
 
         check_memory(cfg, ntasks, gpu_type(getattr(args, "gpu_type", "h100")))  # before queueing for the GPUs
     if args.signal_lead < 1:
         raise ConfigError(f"--signal-lead: must be >= 1 second (got {args.signal_lead})")
+    return tasks_per_node, ntasks
 
-    run_dir = Path(cfg.run.dir)
-    run_dir = run_dir if run_dir.is_absolute() else workdir / run_dir
-    config = Path(args.config)
-    config = config if config.is_absolute() else workdir / config
-    container = bool(args.container_image)
-    train = [*_task_command(args, container), "train", "--config", str(config), "--resume", "auto", *args.overrides]
 
+def _sbatch_options(args) -> list[str]:
     sbatch = []
     if args.gpus_per_node:
         sbatch.append(f"--gpus-per-node={args.gpus_per_node}")
@@ -99,8 +128,10 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
             sbatch.append(f"--{flag}={value}")
     if args.exclusive:
         sbatch.append("--exclusive")
-    sbatch += args.sbatch_arg
+    return sbatch + args.sbatch_arg
 
+
+def _srun_options(args, container: bool, workdir: Path) -> list[str]:
     srun = []
     if args.cpus_per_task:
         srun.append(f"--cpus-per-task={args.cpus_per_task}")  # srun no longer inherits it from the job (22.05+)
@@ -108,36 +139,17 @@ def build_script(args, workdir: Path | None = None) -> tuple[str, Path]:
         srun += [f"--container-image={args.container_image}", f"--container-workdir={workdir}"]
         if args.container_mounts:
             srun.append(f"--container-mounts={args.container_mounts}")
-    srun += args.srun_arg
+    return srun + args.srun_arg
 
-    env_lines = []
+
+def _env_lines(args) -> list[str]:
+    lines = []
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise ConfigError(f"--env {item!r}: expected NAME=VALUE")
-        env_lines.append(f"export {key}={_q(value)}")
-
-    values = {
-        "job_name": args.job_name or f"mimo-{run_dir.name}",
-        "nodes": args.nodes,
-        "tasks_per_node": tasks_per_node,
-        "ntasks": ntasks,
-        "sbatch_lines": "\n".join(f"#SBATCH {line}" for line in sbatch) or "# (no further #SBATCH options)",
-        "signal_lead": args.signal_lead,
-        "log_file": run_dir / "slurm-%j.out",
-        "workdir": workdir,
-        "run_dir": _q(run_dir),
-        "total_steps": cfg.train.steps,
-        "max_requeues": args.max_requeues,
-        "resend_s": DEFAULT_RESEND_S,
-        "train_command": " ".join(_q(a) for a in train),
-        "srun_extra": " ".join(_q(a) for a in srun),
-        "env_lines": "\n".join(env_lines) or "# (no --env settings)",
-    }
-    for key in ("log_file", "workdir"):
-        if any(c.isspace() for c in str(values[key])):
-            raise ConfigError(f"{key} {values[key]!r}: #SBATCH lines cannot hold whitespace in paths")
-    return render(TEMPLATE.read_text(), values), run_dir
+        lines.append(f"export {key}={_q(value)}")
+    return lines
 
 
 def submit(args) -> int:
@@ -187,7 +199,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--container-image", help="run the tasks in this image (pyxis/enroot: srun --container-image)")
     p.add_argument("--container-mounts", help="srun --container-mounts (the repository, data and run directories)")
     p.add_argument("--command", help="the mimo-train command the tasks run (default: this Python's "
-                                     "`-m mimo_train.cli`; `mimo-train` with --container-image)")
+                                     "`-m mimo_train.launch.cli`; `mimo-train` with --container-image)")
     p.add_argument("--signal-lead", type=int, default=DEFAULT_SIGNAL_LEAD_S,
                    help=f"seconds before the time limit at which USR1 asks for a checkpoint and a requeue "
                         f"(default {DEFAULT_SIGNAL_LEAD_S}; it must cover one step plus one checkpoint save)")

@@ -2,8 +2,8 @@
 communication per step, the step time and the MFU; rank the layouts that fit.
 
     mimo-train plan --config configs/model/mimo_v2_flash.yaml --gpus 512 --gpu h100 [--seq 32768] [--json]
-    mimo-train plan --config configs/train/mimo_v2_flash_pretrain.yaml --gpu h100 --check   (mimo_train/plan_check.py)
-    mimo-train plan --config configs/model/mimo_v2_flash.yaml --readme-table                 (mimo_train/plan_table.py)
+    mimo-train plan --config configs/train/mimo_v2_flash_pretrain.yaml --gpu h100 --check   (mimo_train/planning/plan_check.py)
+    mimo-train plan --config configs/model/mimo_v2_flash.yaml --readme-table                 (mimo_train/planning/plan_table.py)
 
 The model is analytical, built from the code rather than from rules of thumb:
 
@@ -65,10 +65,12 @@ import functools
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig, load_config
+from mimo_train.hardware import GPUS, Hardware
+from mimo_train.precision import PRECISIONS, Precision
 from parallel.pipeline import stage_layers, stage_ranks
 
 GB = 1e9
@@ -78,39 +80,10 @@ GB = 1e9
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    memory_gb: float  # HBM per GPU (vendor figure, 1e9 bytes)
-    peak_tflops: float  # dense BF16 peak (no sparsity)
-    nvlink_gbs: float  # effective per-GPU bandwidth inside a node (GB/s, one direction)
-    ib_gbs: float  # effective per-GPU bandwidth across nodes (GB/s, one direction)
-    gpus_per_node: int = 8
-
-
-# NVLink: H100/H200 NVLink 4 = 450 GB/s per direction, B200 NVLink 5 = 900 GB/s, taken at 80% as achievable bus
-# bandwidth. InfiniBand: one 400 Gb/s NDR NIC per GPU = 50 GB/s, at 80%.
-GPUS = {
-    "h100": Hardware("h100", 80.0, 989.0, 360.0, 40.0),
-    "h200": Hardware("h200", 141.0, 989.0, 360.0, 40.0),
-    "b200": Hardware("b200", 192.0, 2250.0, 720.0, 40.0),
-}
-
-
-@dataclass(frozen=True)
-class Precision:
-    name: str
-    param_bytes: int  # the weights the forward reads
-    grad_bytes: int  # gradient accumulation buffers (replicated within the gradient group: ZeRO-1)
-    master_bytes: int  # fp32 master copy (0: the weights are the master), sharded by ZeRO-1
-    moment_bytes: int  # each of Adam's two moments, sharded by ZeRO-1
-    act_bytes: int  # saved activations
-
-
-PRECISIONS = {
-    "bf16": Precision("bf16", 2, 4, 4, 4, 2),
-    "fp32": Precision("fp32", 4, 4, 0, 4, 4),
-}
+def kernel_of(backend: str) -> str:
+    """The activation model for a `parallel.backend`: the reference `torch` kernels, or the O(S) ones every GPU
+    backend uses (flash / efficient / flex attention)."""
+    return "torch" if backend == "torch" else "fused"
 
 
 @dataclass(frozen=True)
@@ -189,7 +162,7 @@ def _rule(name: str) -> str:
 
 def geometry(cfg: ModelConfig) -> ModelGeometry:
     """Parameters of the real module tree (meta device), bucketed by unit and sharding rule."""
-    from mimo_train.info import build_meta_model
+    from mimo_train.model.info import build_meta_model
 
     model = build_meta_model(cfg)
     layers = [Unit() for _ in range(cfg.num_layers)]
@@ -252,6 +225,11 @@ class Layout:
     @property
     def edp(self) -> int:
         return self.dp * self.cp * self.tp // (self.ep * self.etp)
+
+    @classmethod
+    def of(cls, p: ParallelConfig) -> "Layout":
+        """The planner's view of a `parallel` section whose dp is resolved: the same degrees, schedule, recompute."""
+        return cls(**{f.name: getattr(p, f.name) for f in fields(cls)})
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp, ep=self.ep, etp=self.etp,
@@ -758,7 +736,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def enumerate_layouts(cfg: ModelConfig, gpus: int, seq: int, global_batch: int, *, max_tp: int = 8,
-                      etp_options=(1, 2), recompute_options=("none", "selective", "full"),
+                      etp_options=(1, 2), recompute_options=ParallelConfig.RECOMPUTE,
                       micro_batch_size: int = 1) -> list[Layout]:
     """Every layout that passes `validate_layout` (etp > 1 checked with the rule relaxed) and splits the batch."""
     from parallel.topology import validate_layout
@@ -801,7 +779,7 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
     """Estimates for every valid layout, ranked: fitting (and runnable) layouts by step time, then the rest
     (`time_unfit=False`: by memory only; `etp_options`: the expert-tensor parallelism searched; `geo`: the
     model's `geometry`, to share between plans of one model)."""
-    from mimo_train.info import model_report
+    from mimo_train.model.info import model_report
 
     A = assumptions or Assumptions()
     hw = hardware or GPUS[gpu]
@@ -816,7 +794,7 @@ def plan(cfg: ModelConfig, gpus: int, gpu: str = "h100", seq: int = 32768, globa
     expert_flops = 6 * sum(u.expert for u in geo.layers) * cfg.num_experts_per_tok / cfg.num_experts
     results = [estimate(geo, L, seq, global_batch, hw, prec, A, flops, expert_flops, time_unfit) for L in layouts]
     results.sort(key=lambda e: (not e.fits, not e.runnable, e.step_time if e.fits else e.memory["total"]))
-    return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": asdict(prec),
+    return {"gpus": gpus, "gpu": asdict(hw), "seq": seq, "global_batch": global_batch, "precision": prec.byte_sizes(),
             "assumptions": asdict(A), "flops_per_token": flops, "params": geo.total_params, "results": results}
 
 
@@ -877,7 +855,7 @@ def verify(cfg: ModelConfig, e: Estimate, seq: int, global_batch: int, precision
     """Build every rank class of `e`'s layout with `mimo-train simulate` (with the plan's kernel backend) and hold
     the plan of each rank to it (see the tolerances above), and each layer type's activations under the layout's
     recompute mode to the planned ones."""
-    from mimo_train.simulate import layer_activations, memory_total, simulate
+    from mimo_train.planning.simulate import layer_activations, memory_total, simulate
 
     A = assumptions or Assumptions()
     p = runnable_config(e.layout, A.kernel)
@@ -1096,7 +1074,7 @@ def model_config(path: str, overrides: list[str], mtp_blocks: int) -> ModelConfi
 
 def run_check(args: argparse.Namespace) -> int:
     """`plan --check`: the config's own layout in every stage; exit 0 when every stage fits, 1 when one does not."""
-    from mimo_train.plan_check import check_config, first_failure, format_check
+    from mimo_train.planning.plan_check import check_config, first_failure, format_check
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -1117,7 +1095,7 @@ def _layouts_asked(args: argparse.Namespace) -> list[Layout] | None:
     """--layout: the one layout to estimate (world size from it, or --gpus), else None (enumerate)."""
     if not args.layout:
         return None
-    from mimo_train.simulate import parallel_config, parse_layout
+    from mimo_train.planning.simulate import parallel_config, parse_layout
 
     p = parallel_config(parse_layout(args.layout), args.gpus)
     args.gpus = p.world_size
@@ -1129,7 +1107,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.check:
         return run_check(args)
     if args.readme_table:
-        from mimo_train.plan_table import readme_table
+        from mimo_train.planning.plan_table import readme_table
 
         cfg = model_config(args.config, args.overrides, args.mtp_blocks)
         print(readme_table(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True)))
@@ -1179,7 +1157,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="rank parallel layouts for a GPU count: memory per GPU, communication, step time, MFU",
         description="Enumerate the valid TP/PP(+schedule)/CP/DP/EP/ETP/recompute layouts for a number of GPUs and "
-                    "estimate memory per GPU, communication per step, step time and MFU (see mimo_train/planner.py "
+                    "estimate memory per GPU, communication per step, step time and MFU (see mimo_train/planning/planner.py "
                     "for the model and its assumptions).")
     p.add_argument("--config", required=True, help="a model YAML (configs/model/*.yaml) or a training YAML")
     p.add_argument("--gpus", type=int, default=None,

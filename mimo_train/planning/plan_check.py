@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mimo_train.config import Config, ConfigError
-from mimo_train.planner import GB, GPUS, PRECISIONS, Assumptions, Estimate, Hardware, Layout, plan
+from mimo_train.planning.planner import GB, GPUS, Assumptions, kernel_of, Estimate, Hardware, Layout, plan
 
 # The terms of a rank's memory, in the order `plan` prints them.
 MEMORY_TERMS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
@@ -53,27 +53,13 @@ class StageCheck:
                 f"reserve)")
 
 
-def stage_layout(parallel) -> Layout:
-    return Layout(tp=parallel.tp, pp=parallel.pp, dp=parallel.dp, cp=parallel.cp, ep=parallel.ep, etp=parallel.etp,
-                  pp_schedule=parallel.pp_schedule, pp_virtual=parallel.pp_virtual, recompute=parallel.recompute)
-
-
-def kernel_of(backend: str) -> str:
-    """The planner's activation model for a `parallel.backend`: the reference `torch` kernels, or the O(S) ones
-    every GPU backend uses (flash / efficient / flex attention)."""
-    return "torch" if backend == "torch" else "fused"
-
-
 def check_config(cfg: Config, hw: Hardware, world_size: int | None = None,
                  assumptions: Assumptions | None = None) -> list[StageCheck]:
     """Each stage of `cfg` estimated under its own layout on GPUs `hw` (see the module docstring)."""
-    from mimo_train.stages import StagePlan
+    from mimo_train.training.stages import StagePlan
 
     base = assumptions or Assumptions()
-    # fp8 keeps bf16 weights with fp32 gradients and masters (the GEMMs quantise on the fly): bf16's bytes.
-    precision = "bf16" if cfg.train.precision == "fp8" else cfg.train.precision
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision {cfg.train.precision!r}: the planner models {', '.join(PRECISIONS)}")
+    precision = cfg.train.precision
     auto = cfg.parallel.dp == "auto" or any(st.parallel.get("dp") == "auto" for st in cfg.train.stages)
     if world_size is None and auto:
         raise ConfigError("parallel.dp is 'auto': give the number of GPUs (--gpus N) to resolve it")
@@ -81,7 +67,7 @@ def check_config(cfg: Config, hw: Hardware, world_size: int | None = None,
     for s in StagePlan(cfg, world_size, check_batches=False).stages:
         p = s.parallel
         A = replace(base, kernel=kernel_of(p.backend), micro_batch_size=s.micro_batch_size)
-        L = stage_layout(p)
+        L = Layout.of(p)
         e = plan(cfg.model, p.world_size, hw.name, s.seq_len, s.global_batch_size, precision, A, hw,
                  layouts=[L])["results"][0]
         usable = (hw.memory_gb - A.reserve_gb) * GB

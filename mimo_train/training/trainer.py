@@ -6,7 +6,7 @@ for the balance loss), counted (and summed over data-parallel ranks) before the 
 gradient of a step is therefore the same whatever the micro-batch size or the number of data-parallel ranks,
 which is what makes accumulation and data parallelism exact.
 
-Stages (`train.stages`, see `mimo_train/stages.py`) switch at token counts. At a boundary the trainer moves the
+Stages (`train.stages`, see `mimo_train/training/stages.py`) switch at token counts. At a boundary the trainer moves the
 data stream to the new stage (sequence length, mixture), checkpoints, and, when the new stage asks for another
 parallel layout, rebuilds topology, model and optimizer under it and reloads that checkpoint (same number of
 processes), or exits with EXIT_RELAUNCH and a message naming the process count to relaunch with.
@@ -28,17 +28,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
-from mimo_train import checkpoint as ckpt
+from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
-from mimo_train.engine import AdamSettings, build_engine
-from mimo_train.evaluation import Evaluator
-from mimo_train.forward_backward import LossSpec, forward_backward
-from mimo_train.info import startup_banner
-from mimo_train.metrics import MetricsLogger, expert_load_summary, peak_tflops
+from mimo_train.training.engine import AdamSettings, build_engine
+from mimo_train.training.evaluation import Evaluator
+from mimo_train.model.loss import LossSpec
+from mimo_train.training.forward_backward import forward_backward
+from mimo_train.model.info import startup_banner
+from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
-from mimo_train.preflight import check_resume_config
-from mimo_train.stages import BatchSchedule, Stage, StagePlan, StageStart
-from mimo_train.stopping import StopRequest
+from mimo_train.precision import precision as precision_named
+from mimo_train.training.resume_config import check_resume_config
+from mimo_train.training.stages import BatchSchedule, Stage, StagePlan, StageStart
+from mimo_train.training.stopping import StopRequest
 from parallel import comm
 from parallel.device import resolve_device, use_device
 from parallel.mixed_precision import MainGradients
@@ -170,7 +172,7 @@ class Trainer:
             self.load(path)
         else:
             if self.cfg.train.init_from:  # a new run from given weights; its resumes load its own checkpoints
-                from mimo_train.init_from import load_initial_weights
+                from mimo_train.interop.init_from import load_initial_weights
 
                 load_initial_weights(self)
             self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
@@ -181,7 +183,7 @@ class Trainer:
     def _take_run_lock(self):
         """Rank 0 takes the run directory's lock when no launcher holds it for this job (torchrun, Slurm tasks);
         every rank learns the outcome, so all stop with the same one line when another run holds it."""
-        from mimo_train.run_lock import RunLock, RunLocked, held_by_parent
+        from mimo_train.training.run_lock import RunLock, RunLocked, held_by_parent
 
         if self.world == 1 or held_by_parent(self.cfg.run.dir):  # the single process's command line holds it
             return None
@@ -202,7 +204,7 @@ class Trainer:
         """Resuming from checkpoint `path` at step s: newer checkpoints (a branch no longer followed) move into
         `checkpoints/abandoned-<time>/` and the metrics of steps after s into an archive beside them (or into
         `metrics.superseded.jsonl`), so the live history is the one this run continues, and nothing is lost."""
-        from mimo_train.metrics import truncate_after
+        from mimo_train.training.metrics import truncate_after
 
         step = meta["trainer"]["step"]
         aside, moved = ckpt.abandon_newer(self.ckpt_dir, step)
@@ -217,7 +219,7 @@ class Trainer:
     def _note_schedule_change(self, meta: dict[str, Any]) -> None:
         """A resume may change train.steps and the step-based LR schedule; the cosine then spans the new length, so
         the learning rate of the remaining steps changes: said once, with the next step's LR before and after."""
-        from mimo_train.schedule import learning_rate
+        from mimo_train.training.schedule import learning_rate
 
         saved = (meta.get("config") or {}).get("train", {})
         keys = ("steps", "lr", "min_lr", "warmup_steps", "constant_steps", "decay_steps")
@@ -336,7 +338,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
         saved, precision = saved_precision(path), self.cfg.train.precision
-        saved_masters = saved != "fp32"
+        saved_masters = precision_named(saved).has_masters
         read_fp32_values_from_saved_place(state, self.optimizer, saved_masters)
         meta = ckpt.load_checkpoint(path, state, verified=True)  # the ranks verified it (or this run just wrote it)
         self.ckpt.resumed_from = meta["trainer"]["step"]
@@ -368,7 +370,7 @@ class Trainer:
     # ---- one optimizer step -----------------------------------------------------------------------------------
     def _model_flops_per_token(self, seq_len: int) -> float:
         if seq_len not in self._flops_per_token:
-            from mimo_train.info import model_report
+            from mimo_train.model.info import model_report
 
             self._flops_per_token[seq_len] = float(model_report(self.cfg.model, seq_len)["flops_per_token"]["total"])
         return self._flops_per_token[seq_len]

@@ -12,8 +12,8 @@ The three GEMMs of `y = x W^T` and the direction of their tiles:
     dgrad    dx = dy @ W     dy: 1x128 along N,     W: 128x128
     wgrad    dW = dy^T @ x   dy and x: 128x1 along the tokens M (1x128 tiles of their transposes)
 
-On a CUDA device whose cuBLAS runs blockwise FP8 (sm90, CUDA >= 12.9 builds) the GEMMs are `F.scaled_mm` (or
-`torch._scaled_mm`) with block scales in cuBLAS's layouts (`block_scale_layout`). Everywhere else they are EMULATED:
+On a CUDA device whose cuBLAS runs blockwise FP8 (sm90, CUDA >= 12.9 builds) the GEMMs are `F.scaled_mm` with
+block scales in cuBLAS's layouts (`block_scale_layout`). Everywhere else they are EMULATED:
 quantise, dequantise and multiply in fp32, which reproduces the recipe's rounding of every operand (only the order of
 the fp32 accumulation differs from the GPU kernel), so a CPU run trains with the recipe's numerics.
 
@@ -30,13 +30,18 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.functional import ScalingType  # torch >= 2.10, with F.scaled_mm
+
+from mimo_train.precision import PRECISIONS
+
+from mimo_train.model.layers import Experts
+from parallel.kernels.grouped_experts import GroupedExperts
 
 TILE = 128
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-# The linears that stay bf16 (the report's recipe: the attention output projection and the output head). The
-# embedding is an nn.Embedding and the router (TopKRouter) its own fp32 matmul: neither is an nn.Linear to convert.
-BF16_LINEARS = ("o_proj", "lm_head")
+# The linears that stay bf16: the fp8 precision's exclusions.
+BF16_LINEARS = PRECISIONS["fp8"].fp8_exclusions
 
 
 # ---- quantisation (plain torch: runs on any device) --------------------------------------------------------------
@@ -195,15 +200,8 @@ def _scaled_mm_blockwise(a, a_scale, b, b_scale, out_dtype, *, b_rows: int = TIL
     sa = tile_scale_layout(a_scale)
     sb = block_scale_layout(b_scale) if b_rows == TILE else tile_scale_layout(b_scale)
     mat_b = b.t()  # [K, N], column-major as cuBLAS wants
-    if hasattr(F, "scaled_mm"):  # torch >= 2.10: explicit recipes
-        from torch.nn.functional import ScalingType
-
-        recipe_b = ScalingType.BlockWise128x128 if b_rows == TILE else ScalingType.BlockWise1x128
-        return F.scaled_mm(a, mat_b, sa, ScalingType.BlockWise1x128, sb, recipe_b, output_dtype=out_dtype)
-    # torch._scaled_mm infers the recipe from the scale shapes, which it takes K-major: [K/128, N/128] for 128x128
-    # blocks, [K/128, N] for 1x128 tiles (as torch's own blockwise tests pass them)
-    sb = sb[: a.shape[1] // TILE] if b_rows == TILE else sb.t()
-    return torch._scaled_mm(a, mat_b, sa, sb, out_dtype=out_dtype)
+    recipe_b = ScalingType.BlockWise128x128 if b_rows == TILE else ScalingType.BlockWise1x128
+    return F.scaled_mm(a, mat_b, sa, ScalingType.BlockWise1x128, sb, recipe_b, output_dtype=out_dtype)
 
 
 def _note_emulation(device: torch.device) -> None:
@@ -322,8 +320,6 @@ class Fp8Linear(nn.Linear):
 def fp8_experts(experts: nn.Module) -> nn.Module:
     """The routed experts of any layer spec as grouped experts whose two GEMMs are `fp8_grouped_mm`; the same
     Parameters (names, initialisation and optimizer state unchanged)."""
-    from parallel.kernels.grouped_experts import GroupedExperts
-
     new = GroupedExperts.__new__(GroupedExperts)
     nn.Module.__init__(new)
     new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
@@ -340,8 +336,6 @@ def fp8_linear_filter(name: str, module: nn.Module) -> bool:
 def convert_to_fp8(model: nn.Module, *, experts: bool = True) -> list[str]:
     """Swap the chosen linears for `Fp8Linear` and the routed experts for FP8 grouped experts, in place (before
     tensor/expert parallelism wraps them). Returns the names of the converted modules."""
-    from mimo_train.model.layers import Experts
-
     converted = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from parallel.fp8 import E4M3, dequantize_blocks, quantize_blocks
+from parallel.kernels.fp8 import E4M3, dequantize_blocks, quantize_blocks
 
 BLOCK = (128, 128)
 SCALE_SUFFIX = "_scale_inv"  # `x.weight` -> `x.weight_scale_inv`
