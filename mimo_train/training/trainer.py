@@ -195,6 +195,9 @@ class Trainer:
                 problem = str(error)
         problem = self._first_problem(problem)
         if problem is not None:
+            # Every rank stops here: leave the group first, so no gloo thread outlives the interpreter (which
+            # aborts the process, exit status 134, instead of the promised 2).
+            dist.destroy_process_group()
             if self.rank == 0:
                 raise RunLocked(problem)
             raise SystemExit(2)  # rank 0 says why
