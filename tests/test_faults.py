@@ -122,7 +122,7 @@ def test_signal_checkpoints_at_the_next_step_and_exits_0(tmp_path, signum, nproc
 def test_second_ctrl_c_exits_at_once(tmp_path):
     proc = _start_and_wait_for_steps(tmp_path, "data.num_workers=2")
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    time.sleep(0.05)  # soon enough that the first Ctrl-C's step and checkpoint have not ended yet
     proc.send_signal(signal.SIGINT)
     t0 = time.time()
     out, err = proc.communicate(timeout=120)
