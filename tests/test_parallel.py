@@ -69,7 +69,7 @@ def reference(tmp_path_factory):
 # several document boundaries) at a sequence length that is not a multiple of the window (136 = 8.5 x 16):
 # under CP4 each chunk is 17 tokens, so windows straddle rank boundaries everywhere.
 # (The seed is one whose reference run routes every token with a margin above float rounding, see _check_layout;
-# the default seed meets a near-tie in this data. Seed 1 since the corpus-wide document order of issue 13.)
+# the default seed meets a near-tie in this data. Seed 1 suits the corpus-wide document order.)
 PACKED = ["train.seq_len=136", "train.micro_batch_size=1", "train.seed=1"]
 LAYOUTS_CP_PP = {
     "CP2": (2, ["parallel.cp=2"]),

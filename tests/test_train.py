@@ -67,7 +67,7 @@ def test_metrics_contents(tmp_path):
 def test_loss_falls_on_real_text(tmp_path):
     _, records = run(tmp_path, "fall", 30, "train.lr=3e-3")
     first, last = records[0]["lm_loss"], sum(r["lm_loss"] for r in records[-5:]) / 5
-    # Batches mix documents from across the corpus (not runs of neighbouring stdlib files, as before issue 13), so
+    # Batches mix documents from across the corpus (the packer does not take runs of neighbouring stdlib files), so
     # 30 steps lower the loss by ~0.9 nats (8.40 -> 7.46) rather than the 1.5+ that correlated batches allowed.
     assert last < first - 0.7, (first, last)
 

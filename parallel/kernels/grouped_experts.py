@@ -6,8 +6,8 @@ transposed views. `grouped_mm(x, w, offs)` is the one place the GEMM is called, 
 the same signature (blockwise FP8) can replace it.
 
 Rows past the last offset (none on the single-process path; possible when a caller pads) and experts that received
-no row are handled explicitly: their outputs and gradients are exactly zero (docs/gpu_path.md: rows past the last
-offset are garbage on CPU, and empty experts have given NaN or non-zero gradients on some GPUs).
+no row are handled explicitly: their outputs and gradients are exactly zero (rows past the last
+offset hold garbage on the CPU, and empty experts have given NaN or non-zero gradients on some GPUs).
 """
 
 from __future__ import annotations

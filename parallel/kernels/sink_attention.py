@@ -1,7 +1,7 @@
 """Fused attention kernels with the learnable sink folded into their log-sum-exp (exact forward and backward).
 
 A sink s (one logit per head, no value) changes only the softmax normaliser. A fused kernel returns its output
-`out` and log-sum-exp `lse` over the real keys; then (docs/gpu_path.md)
+`out` and log-sum-exp `lse` over the real keys; then, exactly,
 
     forward:  lse2 = logaddexp(lse, s),  out2 = out * exp(lse - lse2)
     backward: the kernel's own backward with (out2, lse2) in place of (out, lse), and

@@ -1,5 +1,5 @@
-"""A real Slurm cluster on this machine for the tests (Debian's slurm-wlm 22.05 with munge), as in
-shared/docs/ecosystem_facts.md section 5, but private: its own slurm.conf, ports, spool, state, logs and PID
+"""A real Slurm cluster on this machine for the tests (Debian's slurm-wlm 22.05 with munge), set up as
+Debian documents it, but private: its own slurm.conf, ports, spool, state, logs and PID
 files under one directory, so it never touches /etc/slurm or a cluster already running here.
 
     one node:        NodeName=localhost, CPUs=2 (two tasks fit)
