@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mimo_train.config import load_config
+from mimo_train.config import Layout, load_config
 from mimo_train.hardware import GPUS
 from mimo_train.planning.estimator import enumerate_layouts, estimate, plan, where_it_fits
-from mimo_train.planning.geometry import Assumptions, Layout, geometry
+from mimo_train.planning.geometry import Assumptions, geometry
 from mimo_train.planning.memory import state_bytes
 from mimo_train.precision import PRECISIONS
 from parallel.topology import validate_layout

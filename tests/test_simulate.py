@@ -13,11 +13,11 @@ import pytest
 
 from mimo_train.planning.communication import rank_comm
 from mimo_train.planning.estimator import plan
-from mimo_train.planning.geometry import Assumptions, Layout, geometry, rank_units
+from mimo_train.planning.geometry import Assumptions, geometry, rank_units
 from mimo_train.planning.memory import ActShape, layer_bytes, state_bytes
 from mimo_train.planning.verification import MEMORY_TOLERANCE
 from mimo_train.precision import PRECISIONS
-from mimo_train.config import load_config
+from mimo_train.config import Layout, load_config
 from mimo_train.model.info import model_report
 from mimo_train.planning.plan_table import readme_layouts
 from mimo_train.planning.simulate import layer_activations, parallel_config, parse_layout, simulate, simulate_rank

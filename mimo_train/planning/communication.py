@@ -6,9 +6,9 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 
-from mimo_train.config import ParallelConfig
+from mimo_train.config import Layout, ParallelConfig
 from mimo_train.hardware import Hardware
-from mimo_train.planning.geometry import GB, Layout, ModelGeometry, pipeline_split, rank_units
+from mimo_train.planning.geometry import GB, ModelGeometry, pipeline_split, rank_units
 from mimo_train.planning.memory import ActShape, _heads, _local_params
 from mimo_train.precision import Precision
 from parallel.pipeline import stage_ranks

@@ -61,10 +61,10 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from mimo_train.config import ConfigError, Layout, ModelConfig, ParallelConfig
 from mimo_train.hardware import GPUS, Hardware
 from mimo_train.planning.communication import _link, cp_positions, rank_comm
-from mimo_train.planning.geometry import GB, Assumptions, Layout, ModelGeometry, geometry, pipeline_split
+from mimo_train.planning.geometry import GB, Assumptions, ModelGeometry, geometry, pipeline_split
 from mimo_train.planning.memory import ActShape, rank_memory
 from mimo_train.precision import PRECISIONS, Precision
 

@@ -1,12 +1,12 @@
-"""The model and the layouts as the planner sees them: the assumptions of an estimate, the model's parameters by
-sharding rule per pipeline-placeable unit (read from the real module tree on the meta device), a layout (the
-parallel degrees, pipeline schedule and recompute mode) and the units each pipeline rank holds."""
+"""The model as the planner sees it: the assumptions of an estimate, the model's parameters by sharding rule per
+pipeline-placeable unit (read from the real module tree on the meta device), and the units each pipeline rank of a
+`Layout` (mimo_train/config.py) holds."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from mimo_train.config import ModelConfig, ParallelConfig, load_config
+from mimo_train.config import Layout, ModelConfig, load_config
 from parallel.pipeline import stage_layers, stage_ranks
 
 GB = 1e9
@@ -136,49 +136,6 @@ def geometry(cfg: ModelConfig) -> ModelGeometry:
     for name, b in model.named_buffers():
         unit_of(name).buffers_fp32 += b.numel()
     return ModelGeometry(cfg, layers, shapes, embed, head, mtp, cfg.mtp.num_blocks, total, everywhere)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Layouts
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    ep: int = 1
-    etp: int = 1
-    pp_schedule: str = "1f1b"
-    pp_virtual: int = 1
-    recompute: str = "none"  # none | selective | full
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
-
-    @property
-    def edp(self) -> int:
-        return self.dp * self.cp * self.tp // (self.ep * self.etp)
-
-    @classmethod
-    def of(cls, p: ParallelConfig) -> "Layout":
-        """The planner's view of a `parallel` section whose dp is resolved: the same degrees, schedule, recompute."""
-        return cls(**{f.name: getattr(p, f.name) for f in fields(cls)})
-
-    def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp, ep=self.ep, etp=self.etp,
-                              pp_schedule=self.pp_schedule, pp_virtual=self.pp_virtual)
-
-    def describe(self) -> str:
-        sched = {"1f1b": "1F1B", "interleaved_1f1b": f"I1F1B(v{self.pp_virtual})", "zbv": "ZBV",
-                 "dualpipev": "DualPipeV"}[self.pp_schedule]
-        s = f"TP{self.tp} PP{self.pp} {sched if self.pp > 1 else ''} CP{self.cp} DP{self.dp} EP{self.ep}"
-        if self.etp > 1:
-            s += f" ETP{self.etp}"
-        return " ".join(s.split())
 
 
 def pipeline_split(geo: ModelGeometry, L: Layout) -> tuple[list[list[int]], list[int]]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mimo_train.config import ModelConfig
-from mimo_train.planning.geometry import Assumptions, LayerShape, Layout, ModelGeometry, Unit, rank_units
+from mimo_train.config import Layout, ModelConfig
+from mimo_train.planning.geometry import Assumptions, LayerShape, ModelGeometry, Unit, rank_units
 from mimo_train.precision import Precision
 
 

@@ -14,11 +14,11 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from mimo_train.config import ConfigError, load_config
+from mimo_train.config import ConfigError, Layout, load_config
 from mimo_train.hardware import GPUS
 from mimo_train.planning.calibration import calibrated, check_calibration_device, load_calibration
 from mimo_train.planning.estimator import plan, where_it_fits
-from mimo_train.planning.geometry import GB, Assumptions, Layout, model_config
+from mimo_train.planning.geometry import GB, Assumptions, model_config
 from mimo_train.planning.verification import format_verification, verify
 from mimo_train.precision import PRECISIONS
 
@@ -121,8 +121,7 @@ def _layouts_asked(args: argparse.Namespace) -> list[Layout] | None:
 
     p = parallel_config(parse_layout(args.layout), args.gpus)
     args.gpus = p.world_size
-    return [Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp, pp_schedule=p.pp_schedule,
-                   pp_virtual=p.pp_virtual, recompute=p.recompute)]
+    return [p.layout()]
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
-from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from mimo_train.config import ConfigError, Layout, ModelConfig, ParallelConfig
 from mimo_train.hardware import GPUS
 from mimo_train.planning.communication import pipeline_sends
 from mimo_train.planning.estimator import top_pick
-from mimo_train.planning.geometry import Assumptions, Layout, geometry, kernel_of, model_config, pipeline_split
+from mimo_train.planning.geometry import Assumptions, geometry, kernel_of, model_config, pipeline_split
 from mimo_train.planning.memory import ActShape, in_flight, rank_memory
 from mimo_train.precision import PRECISIONS
 from mimo_train.training.engine import AdamSettings, Engine, build_engine
@@ -92,8 +92,7 @@ def parallel_config(layout: dict[str, Any], gpus: int | None) -> ParallelConfig:
 
 
 def layout_of(p: ParallelConfig) -> str:
-    keys = ["tp", "pp", "dp", "cp", "ep", "etp", "pp_schedule", "pp_virtual", "recompute"]
-    return ",".join(f"{k}={getattr(p, k)}" for k in keys)
+    return ",".join(f"{f.name}={getattr(p, f.name)}" for f in dataclasses.fields(Layout))
 
 
 def recompute_modes() -> tuple[str, ...]:
@@ -367,7 +366,7 @@ def simulate_rank(cfg: ModelConfig, p: ParallelConfig, rank: int, seq: int, micr
                     comm[k] += v * len(indices) * micro_batches
             if p.pp > 1 and kinds:
                 boundary = layer_runs[f"{next(iter(kinds))}/{place}"]["output_bytes"]
-                comm["pp"] += boundary * pipeline_sends(Layout.of(p), report["pp_rank"], micro_batches)
+                comm["pp"] += boundary * pipeline_sends(p.layout(), report["pp_rank"], micro_batches)
             if shards.model.model.embed_tokens is not None or shards.model.lm_head is not None:
                 for k, v in run_ends(shards, seq).items():
                     comm[k] += v * micro_batches
@@ -466,7 +465,7 @@ def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str
     activations of its layers times the micro-batches its schedule holds in flight, plus the planner's head, MTP
     and backward working memory of its pipeline rank (not simulated). The worst rank against the GPU's memory less
     the reserve."""
-    L = Layout.of(p)
+    L = p.layout()
     A = Assumptions(kernel=kernel_of(p.backend), reserve_gb=reserve_gb)
     prec = PRECISIONS[s["precision"]]
     geo = geometry(cfg)
