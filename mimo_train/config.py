@@ -143,8 +143,53 @@ class ModelConfig:
         self.mtp.validate(f"{p}.mtp")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout with every degree resolved: the degrees, the pipeline schedule with its stages per rank,
+    and the recompute mode. The one type for them that the topology (`parallel/topology.py`), the planner and the
+    simulator share; `ParallelConfig.layout()` makes it from a `parallel:` section (whose dp may be "auto"), and
+    its field names are that section's keys. Frozen, so that estimates can be cached by layout."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1
+    recompute: str = "none"  # none | selective | full
+
+    DEGREES = ("tp", "pp", "dp", "cp", "ep", "etp")
+
+    @property
+    def world(self) -> int:
+        """Ranks: the attention mesh (pp, dp, cp, tp); the MoE mesh (pp, edp, ep, etp) folds the same ranks."""
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def edp(self) -> int:
+        """The expert-data-parallel degree: the replicas of each expert shard within a pipeline stage."""
+        return self.dp * self.cp * self.tp // (self.ep * self.etp)
+
+    def parallel_config(self) -> "ParallelConfig":
+        return ParallelConfig(tp=self.tp, pp=self.pp, dp=self.dp, cp=self.cp, ep=self.ep, etp=self.etp,
+                              pp_schedule=self.pp_schedule, pp_virtual=self.pp_virtual)
+
+    def describe(self) -> str:
+        sched = {"1f1b": "1F1B", "interleaved_1f1b": f"I1F1B(v{self.pp_virtual})", "zbv": "ZBV",
+                 "dualpipev": "DualPipeV"}[self.pp_schedule]
+        s = f"TP{self.tp} PP{self.pp} {sched if self.pp > 1 else ''} CP{self.cp} DP{self.dp} EP{self.ep}"
+        if self.etp > 1:
+            s += f" ETP{self.etp}"
+        return " ".join(s.split())
+
+
 @dataclass
 class ParallelConfig:
+    """The `parallel:` section: the keys of a `Layout` (dp may be "auto" until the world size is known), the
+    kernel backend, the pipeline's split, and the data-parallel wrapper's options."""
+
     tp: int = 1
     pp: int = 1
     # "auto" (the default, as in Megatron-LM and torchtitan): world size / (tp x pp x cp), resolved per stage when
@@ -198,11 +243,15 @@ class ParallelConfig:
                  and self.grad_bucket_mb > 0, f"{prefix}.grad_bucket_mb", "must be a number of megabytes > 0 "
                  "(the fp32 gradient bytes reduced by one collective; Megatron-LM uses about 40)", self.grad_bucket_mb)
 
-    @property
-    def world_size(self) -> int:
+    def layout(self) -> Layout:
+        """This section's layout; dp must be resolved (`resolve_dp`)."""
         if self.dp == "auto":
             raise ConfigError("parallel.dp is 'auto': resolve it against the world size first (resolve_dp)")
-        return self.tp * self.pp * self.dp * self.cp
+        return Layout(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Layout)})
+
+    @property
+    def world_size(self) -> int:
+        return self.layout().world
 
     def resolve_dp(self, world_size: int | None, prefix: str = "parallel") -> "ParallelConfig":
         """A copy with `dp: auto` replaced by world_size / (tp x pp x cp); without a world size, auto means 1."""
@@ -277,7 +326,7 @@ class BatchRampupConfig:
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1", getattr(self, name))
 
 
-STAGE_LAYOUT_KEYS = ("tp", "pp", "dp", "cp", "ep", "etp")
+STAGE_LAYOUT_KEYS = Layout.DEGREES  # a stage may change the degrees, not the schedule or recompute
 
 
 @dataclass

@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from mimo_train.config import ConfigError, Layout, ModelConfig, ParallelConfig
 from parallel.device import backend_for, resolve_device, use_device
 from parallel.pipeline import stage_ranks
 
@@ -70,16 +70,11 @@ def check_sequence_split(p: ParallelConfig, model: ModelConfig, seq_len: int) ->
 
 @dataclass
 class Topology:
-    """The groups of one rank. With a single process every group is None and every degree 1."""
+    """The groups of one rank and the layout they form. With a single process every group is None and every degree
+    1."""
 
     rank: int = 0
-    world_size: int = 1
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    ep: int = 1
-    etp: int = 1
+    layout: Layout = Layout()
     attn_mesh: object = None
     moe_mesh: object = None
     groups: dict = field(default_factory=dict)
@@ -87,9 +82,15 @@ class Topology:
     optimizer_meshes: dict = field(default_factory=dict)  # gradient kind -> mesh (see _optimizer_meshes)
     kv_meshes: dict = field(default_factory=dict)  # KV heads -> mesh (see kv_mesh)
 
-    @property
-    def edp(self) -> int:
-        return self.dp * self.cp * self.tp // (self.ep * self.etp)
+    # The degrees are the layout's (`topo.tp` is `topo.layout.tp`).
+    tp = property(lambda self: self.layout.tp)
+    pp = property(lambda self: self.layout.pp)
+    dp = property(lambda self: self.layout.dp)
+    cp = property(lambda self: self.layout.cp)
+    ep = property(lambda self: self.layout.ep)
+    etp = property(lambda self: self.layout.etp)
+    edp = property(lambda self: self.layout.edp)
+    world_size = property(lambda self: self.layout.world)
 
     def group(self, name: str):
         """tp, dp, cp, pp, ep, edp, dp_cp (the gradient group of tensor-sharded weights), tp_dp_cp (all ranks of a
@@ -156,8 +157,7 @@ def build_topology(p: ParallelConfig, model: ModelConfig, seq_len: int | None = 
     """Validate the layout against the running world and create its groups (collective: every rank calls it)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     validate_layout(p, model, world, seq_len)
-    topo = Topology(rank=dist.get_rank() if world > 1 else 0, world_size=world,
-                    tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, etp=p.etp)
+    topo = Topology(rank=dist.get_rank() if world > 1 else 0, layout=p.layout())
     if world == 1:
         return topo
     topo.attn_mesh = _mesh((p.pp, p.dp, p.cp, p.tp), ("pp", "dp", "cp", "tp"))

@@ -94,3 +94,31 @@ def test_help_documents_every_subcommand_and_option():
                          if not isinstance(a, argparse._HelpAction) and not a.help]
         assert command.format_help()  # renders
     assert not undocumented, undocumented
+
+
+def test_a_resolved_parallel_section_gives_the_layout_the_topology_and_planner_share():
+    """`ParallelConfig.layout()`: every field of `Layout` is a `parallel:` key with the same default (but dp, "auto"
+    until the world size is known), the resolved section carries each into the layout, and the topology's degrees
+    are its layout's."""
+    import dataclasses
+
+    from mimo_train.config import Layout, ParallelConfig
+    from parallel.topology import Topology
+
+    section = {f.name: f.default for f in dataclasses.fields(ParallelConfig)}
+    for f in dataclasses.fields(Layout):
+        assert f.name in section and (f.default == section[f.name] or f.name == "dp"), f.name
+    assert section["dp"] == "auto"
+    p = load_config("configs/train/tiny_cpu.yaml", ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2", "parallel.ep=4",
+                             "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual=2",
+                             "parallel.recompute=full"]).parallel
+    with pytest.raises(ConfigError, match="parallel.dp is 'auto': resolve it"):
+        p.layout()
+    layout = p.resolve_dp(16).layout()
+    assert layout == Layout(tp=2, pp=2, dp=2, cp=2, ep=4, etp=1, pp_schedule="interleaved_1f1b", pp_virtual=2,
+                            recompute="full")
+    assert (layout.world, layout.edp) == (16, 2)  # edp = dp x cp x tp / (ep x etp)
+    topo = Topology(rank=3, layout=layout)
+    degrees = (topo.tp, topo.pp, topo.dp, topo.cp, topo.ep, topo.etp, topo.edp, topo.world_size)
+    assert degrees == (2, 2, 2, 2, 4, 1, 2, 16)
+    assert {layout: "cached"}[p.resolve_dp(16).layout()] == "cached"  # frozen: estimates are cached by layout

@@ -4,15 +4,17 @@ check `mimo-train train` and `mimo-train submit` make before anything launches o
 Every stage of the config is estimated under its own layout (tp, pp, dp, cp, ep, schedule, recompute and kernel
 backend of `parallel:` with the stage's overrides), its sequence length, global batch and micro-batch size, the
 model of the config with its own MTP blocks, and `train.precision`; the worst rank is the maximum over every
-pipeline rank (`planner.estimate`). A stage fits when that rank's need is within the GPU's memory less the reserve.
+pipeline rank (`estimator.estimate`). A stage fits when that rank's need is within the GPU's memory less the reserve.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mimo_train.config import Config, ConfigError
-from mimo_train.planning.planner import GB, GPUS, Assumptions, kernel_of, Estimate, Hardware, Layout, plan
+from mimo_train.config import Config, ConfigError, Layout
+from mimo_train.hardware import GPUS, Hardware
+from mimo_train.planning.estimator import Estimate, plan
+from mimo_train.planning.geometry import GB, Assumptions, kernel_of
 
 # The terms of a rank's memory, in the order `plan` prints them.
 MEMORY_TERMS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
@@ -67,7 +69,7 @@ def check_config(cfg: Config, hw: Hardware, world_size: int | None = None,
     for s in StagePlan(cfg, world_size, check_batches=False).stages:
         p = s.parallel
         A = replace(base, kernel=kernel_of(p.backend), micro_batch_size=s.micro_batch_size)
-        L = Layout.of(p)
+        L = p.layout()
         e = plan(cfg.model, p.world_size, hw.name, s.seq_len, s.global_batch_size, precision, A, hw,
                  layouts=[L])["results"][0]
         usable = (hw.memory_gb - A.reserve_gb) * GB
