@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from parallel import comm
 from parallel.grad_buckets import BucketSchedule, split_into_buckets
 from parallel.mixed_precision import gradient
-from parallel.parallelize import GRAD_KINDS, ParamLayout
+from parallel.parallelize import ParamLayout
+from parallel.sharding import GRAD_KINDS
 
 
 def _by_kind(params: dict[str, torch.nn.Parameter], layouts: dict[str, ParamLayout]):
