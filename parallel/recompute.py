@@ -6,7 +6,7 @@
 - `selective`: the attention core (the local kernel: under context parallelism inside the halo exchange and the
   K/V gather, which are not repeated) and the SwiGLU intermediates (the routed experts' local GEMMs, and the dense
   FFNs of layer 0 and the MTP blocks) are recomputed; everything else is saved. This is what the planner's
-  `selective` means (mimo_train/planning/planner.py).
+  `selective` means (mimo_train/planning/memory.py).
 
 Parameters keep their names: only bound methods are replaced, no module is wrapped.
 """

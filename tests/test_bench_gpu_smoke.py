@@ -41,7 +41,7 @@ def smoke(tmp_path_factory):
 
 
 def test_the_calibration_file_is_what_the_planner_reads(smoke, tmp_path_factory):
-    from mimo_train.planning.planner import load_calibration
+    from mimo_train.planning.calibration import load_calibration
 
     (bf16,) = [r for r in _results(smoke[1], "train") if r["precision"] == "bf16"]
     path = next(tmp_path_factory.getbasetemp().glob("bench_gpu*/calibration.json"))

@@ -14,18 +14,11 @@ from pathlib import Path
 import pytest
 
 from mimo_train.config import load_config
-from mimo_train.planning.planner import (
-    GPUS,
-    PRECISIONS,
-    Assumptions,
-    Layout,
-    enumerate_layouts,
-    estimate,
-    geometry,
-    plan,
-    state_bytes,
-    where_it_fits,
-)
+from mimo_train.hardware import GPUS
+from mimo_train.planning.estimator import enumerate_layouts, estimate, plan, where_it_fits
+from mimo_train.planning.geometry import Assumptions, Layout, geometry
+from mimo_train.planning.memory import state_bytes
+from mimo_train.precision import PRECISIONS
 from parallel.topology import validate_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +183,8 @@ def _cli(*args, timeout=300):
 def test_the_worst_rank_is_over_every_pipeline_rank():
     """Under 1F1B rank r holds pp - r micro-batches in flight and the last rank the head and MTP: at 64 H200s a
     middle rank needs the most, and the estimate is the maximum over every pipeline rank."""
-    from mimo_train.planning.planner import ActShape, pipeline_split, rank_memory
+    from mimo_train.planning.geometry import pipeline_split
+    from mimo_train.planning.memory import ActShape, rank_memory
 
     cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
     geo = geometry(cfg)
@@ -208,7 +202,7 @@ def test_the_worst_rank_is_over_every_pipeline_rank():
 def test_halo_sends_follow_the_chunk_placement():
     """The SWA halos a CP rank puts on the wire, from the chunk placement of parallel/context_parallel.py (each
     chunk's tail goes to the next chunk's owner; a send to oneself stays local)."""
-    from mimo_train.planning.planner import cp_positions, halo_sends
+    from mimo_train.planning.communication import cp_positions, halo_sends
     from parallel.context_parallel import ChunkLayout
 
     for cp in (2, 3, 4, 8):

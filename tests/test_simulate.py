@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from mimo_train.planning import planner as P
+from mimo_train.planning.communication import rank_comm
+from mimo_train.planning.estimator import plan
+from mimo_train.planning.geometry import Assumptions, Layout, geometry, rank_units
+from mimo_train.planning.memory import ActShape, layer_bytes, state_bytes
+from mimo_train.planning.verification import MEMORY_TOLERANCE
+from mimo_train.precision import PRECISIONS
 from mimo_train.config import load_config
 from mimo_train.model.info import model_report
 from mimo_train.planning.plan_table import readme_layouts
@@ -22,14 +27,14 @@ BIG = REPO / "configs/model/mimo_v2_flash.yaml"
 # The README's recommendations ("Choosing a layout"): (GPUs, GPU, seq) -> layout, read from its generated table
 # (`tests/test_planner.py` holds that table to `mimo-train plan --readme-table`).
 README_LAYOUTS = readme_layouts((REPO / "README.md").read_text())
-PREC = P.PRECISIONS["bf16"]
+PREC = PRECISIONS["bf16"]
 WHERE_IDS = [f"{g}x{t}-{s // 1024}k" for g, t, s in README_LAYOUTS]
 
 
 @pytest.fixture(scope="module")
 def big():
     cfg = load_config(BIG, ["model.mtp.num_blocks=1"]).model
-    return cfg, P.geometry(cfg)
+    return cfg, geometry(cfg)
 
 
 _SIMULATED: dict = {}
@@ -41,12 +46,12 @@ def _simulated(cfg, where):
         gpus, gpu, seq = where
         p = parallel_config(parse_layout(README_LAYOUTS[where]), gpus)
         sim = simulate(cfg, p, seq, comm=False, activations=False)
-        _SIMULATED[where] = (p, sim, P.plan(cfg, gpus, gpu, seq, layouts=[_layout(p)])["results"][0])
+        _SIMULATED[where] = (p, sim, plan(cfg, gpus, gpu, seq, layouts=[_layout(p)])["results"][0])
     return _SIMULATED[where]
 
 
-def _layout(p) -> P.Layout:
-    return P.Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, pp_schedule=p.pp_schedule, pp_virtual=p.pp_virtual,
+def _layout(p) -> Layout:
+    return Layout(tp=p.tp, pp=p.pp, dp=p.dp, cp=p.cp, ep=p.ep, pp_schedule=p.pp_schedule, pp_virtual=p.pp_virtual,
                     recompute=p.recompute)
 
 
@@ -60,7 +65,7 @@ def test_readme_layout_builds_with_the_planned_parameters(big, where):
     assert sim["total_params"] == geo.total_params == counts["total_with_mtp"] == counts["total"] + counts["mtp_total"]
     L = _layout(p)
     for r in sim["ranks"]:
-        state = P.state_bytes(P.rank_units(geo, L, r["pp_rank"]), L, PREC)
+        state = state_bytes(rank_units(geo, L, r["pp_rank"]), L, PREC)
         assert r["param_bytes"] + r["buffer_bytes"] == state["params"], r["rank"]
         assert r["grad_bytes"] == state["grads"], r["rank"]
         assert r["optimizer_bytes"] > 0
@@ -75,10 +80,10 @@ def test_no_rank_exceeds_the_planned_memory(big, where):
     p, sim, planned = _simulated(cfg, where)
     L = _layout(p)
     for r in sim["ranks"]:
-        state = P.state_bytes(P.rank_units(geo, L, r["pp_rank"]), L, PREC)
+        state = state_bytes(rank_units(geo, L, r["pp_rank"]), L, PREC)
         held = r["param_bytes"] + r["buffer_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]
         excess = held - (state["params"] + state["grads"] + state["optimizer"])
-        assert excess <= planned.memory["total"] * P.MEMORY_TOLERANCE, (r["rank"], excess / 1e9)
+        assert excess <= planned.memory["total"] * MEMORY_TOLERANCE, (r["rank"], excess / 1e9)
 
 
 @pytest.mark.parametrize("where", list(README_LAYOUTS), ids=WHERE_IDS)
@@ -103,11 +108,11 @@ def test_communication_per_kind_matches_the_plan(big):
         # the first, a middle and the last context-parallel rank of the first stage, and the second stage
         ranks = (0, p.tp, per_stage - 1, per_stage) if not full_recompute else (0,)
         L, m = _layout(p), 2**26 // seq // p.dp
-        s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+        s = ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
         runs: dict = {}
         for rank in ranks:
             sim = simulate_rank(cfg, p, rank, seq, m, "bf16", runs)
-            planned = P.rank_comm(geo, L, sim["pp_rank"], s, m, PREC, cp_rank=sim["cp_rank"])
+            planned = rank_comm(geo, L, sim["pp_rank"], s, m, PREC, cp_rank=sim["cp_rank"])
             assert sim["cp_rank"] == (rank // p.tp) % p.cp
             for kind, v in planned.items():
                 assert sim["comm"].get(kind, 0.0) == pytest.approx(v, rel=0.10), (where, rank, kind)
@@ -120,8 +125,8 @@ def test_activations_per_layer_match_the_plan(big):
     cfg, geo = big
     seq = 262144
     p = parallel_config(parse_layout(README_LAYOUTS[(512, "h100", seq)]), 512)
-    A = P.Assumptions(kernel="torch", packed_documents=False)
-    s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    A = Assumptions(kernel="torch", packed_documents=False)
+    s = ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
     shapes = {}
     for sh in geo.shapes:
         shapes.setdefault(("swa" if sh.sliding else "ga") + ("_moe" if sh.moe else "_dense"), sh)
@@ -129,7 +134,7 @@ def test_activations_per_layer_match_the_plan(big):
     for mode, runs in measured.items():
         assert set(runs) == set(shapes)
         for kind, run in runs.items():
-            planned = P.layer_bytes(cfg, shapes[kind], s, PREC.act_bytes, A, mode)
+            planned = layer_bytes(cfg, shapes[kind], s, PREC.act_bytes, A, mode)
             # Within 10 %; under full recompute a layer keeps 17 MB (its input) and the checkpoint about 2 MB more
             # that the plan leaves out, hence the 4 MiB floor.
             assert planned == pytest.approx(run["saved_bytes"], rel=0.10, abs=4 * 2**20), (mode, kind)
@@ -191,15 +196,15 @@ def test_fused_activations_per_layer_match_the_plan(big):
     recipe = load_config(REPO / "configs/train/mimo_v2_flash_pretrain.yaml")
     p, seq = recipe.parallel, recipe.train.seq_len
     assert p.backend == "fused"
-    A = P.Assumptions(kernel="fused")
-    s = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    A = Assumptions(kernel="fused")
+    s = ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
     shapes = {}
     for sh in geo.shapes:
         shapes.setdefault(("swa" if sh.sliding else "ga") + ("_moe" if sh.moe else "_dense"), sh)
     for mode, runs in layer_activations(cfg, p, seq, "bf16").items():
         assert set(runs) == set(shapes)
         for kind, run in runs.items():
-            planned = P.layer_bytes(cfg, shapes[kind], s, PREC.act_bytes, A, mode)
+            planned = layer_bytes(cfg, shapes[kind], s, PREC.act_bytes, A, mode)
             assert planned == pytest.approx(run["saved_bytes"], rel=0.10, abs=4 * 2**20), (mode, kind)
 
 

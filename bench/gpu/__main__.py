@@ -54,7 +54,7 @@ def gpu_name(device: torch.device) -> str:
 
 
 def calibration(results: list[dict], device: torch.device) -> dict | None:
-    """The planner inputs this run measured (planner.CALIBRATION_FIELDS): compute_efficiency is the bf16 training
+    """The planner inputs this run measured (calibration.CALIBRATION_FIELDS): compute_efficiency is the bf16 training
     run's MFU, a train step's model FLOPs / (time x peak), exactly the planner's definition. None if not measured."""
     runs = [r for r in results if r["name"] == "train" and r.get("precision") == "bf16" and r.get("mfu")]
     if not runs:

@@ -3,9 +3,9 @@ of configs/model/mimo_v2_flash.yaml, 256 experts top-8), B=1, S=32k, forward + b
 (parallel/kernels/fp8.py), activation recompute none and selective (parallel/recompute.py).
 
 Reported: tokens/s, model TFLOP/s (the layer's training FLOPs from `mimo_train.model.info.model_report`, the window
-counted as O(S W)), MFU against the H200's dense bf16 peak (mimo_train/planning/planner.py's GPU table; FP8 runs are held to
+counted as O(S W)), MFU against the H200's dense bf16 peak (mimo_train/hardware.py's GPU table; FP8 runs are held to
 the same bf16 peak), and the peak memory above the layer's weights and gradients next to the planner's estimate of
-the layer's saved activations plus its backward working memory (`planner.layer_bytes` + `planner.layer_transient`
+the layer's saved activations plus its backward working memory (`memory.layer_bytes` + `memory.layer_transient`
 for the same kernel, shape and recompute). A case that runs out of memory is reported as such and the rest go on.
 """
 
@@ -71,14 +71,14 @@ def rope_tables(cfg, layer_type: str, seq: int, device):
 
 def planner_estimate_bytes(cfg, index: int, seq: int, recompute: str, backend: str) -> float:
     """The planner's saved activations + backward working memory of this layer (one micro-batch, no parallelism)."""
-    from mimo_train.planning import planner
+    from mimo_train.planning import geometry, memory
 
-    shape = planner.LayerShape(sliding=not cfg.is_global_layer(index), moe=cfg.is_moe_layer(index),
+    shape = geometry.LayerShape(sliding=not cfg.is_global_layer(index), moe=cfg.is_moe_layer(index),
                                kv_heads=cfg.num_key_value_heads * (1 if cfg.is_global_layer(index)
                                                                    else cfg.swa_kv_head_factor))
-    s = planner.ActShape(tokens=seq, sp_tokens=seq, seq=seq, cp=1, tp=1, mbs=1)
-    A = planner.Assumptions(kernel=planner.kernel_of(backend), packed_documents=False)
-    return planner.layer_bytes(cfg, shape, s, 2, A, recompute) + planner.layer_transient(cfg, shape, s, 2, A)
+    s = memory.ActShape(tokens=seq, sp_tokens=seq, seq=seq, cp=1, tp=1, mbs=1)
+    A = geometry.Assumptions(kernel=geometry.kernel_of(backend), packed_documents=False)
+    return memory.layer_bytes(cfg, shape, s, 2, A, recompute) + memory.layer_transient(cfg, shape, s, 2, A)
 
 
 def layer_flops_per_token(cfg, index: int, seq: int) -> float:

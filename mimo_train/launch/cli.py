@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mimo_train.launch.slurm import add_submit_parser
 
     add_submit_parser(sub)
-    from mimo_train.planning.planner import add_plan_parser
+    from mimo_train.planning.plan_cli import add_plan_parser
 
     add_plan_parser(sub)
     from mimo_train.planning.simulate import add_simulate_parser

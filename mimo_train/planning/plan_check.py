@@ -4,7 +4,7 @@ check `mimo-train train` and `mimo-train submit` make before anything launches o
 Every stage of the config is estimated under its own layout (tp, pp, dp, cp, ep, schedule, recompute and kernel
 backend of `parallel:` with the stage's overrides), its sequence length, global batch and micro-batch size, the
 model of the config with its own MTP blocks, and `train.precision`; the worst rank is the maximum over every
-pipeline rank (`planner.estimate`). A stage fits when that rank's need is within the GPU's memory less the reserve.
+pipeline rank (`estimator.estimate`). A stage fits when that rank's need is within the GPU's memory less the reserve.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mimo_train.config import Config, ConfigError
-from mimo_train.planning.planner import GB, GPUS, Assumptions, kernel_of, Estimate, Hardware, Layout, plan
+from mimo_train.hardware import GPUS, Hardware
+from mimo_train.planning.estimator import Estimate, plan
+from mimo_train.planning.geometry import GB, Assumptions, Layout, kernel_of
 
 # The terms of a rank's memory, in the order `plan` prints them.
 MEMORY_TERMS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",

@@ -11,7 +11,9 @@ differs from it.
 from __future__ import annotations
 
 from mimo_train.config import ModelConfig
-from mimo_train.planning.planner import GB, GPUS, Estimate, Layout, geometry, plan
+from mimo_train.hardware import GPUS
+from mimo_train.planning.estimator import Estimate, plan
+from mimo_train.planning.geometry import GB, Layout, geometry
 
 CELLS = ((64, "h100"), (64, "h200"), (512, "h100"), (2048, "h100"))
 SEQS = (32768, 262144)

@@ -39,9 +39,13 @@ from typing import Any
 import torch
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
+from mimo_train.hardware import GPUS
+from mimo_train.planning.communication import pipeline_sends
+from mimo_train.planning.estimator import top_pick
+from mimo_train.planning.geometry import Assumptions, Layout, geometry, kernel_of, model_config, pipeline_split
+from mimo_train.planning.memory import ActShape, in_flight, rank_memory
 from mimo_train.precision import PRECISIONS
 from mimo_train.training.engine import AdamSettings, Engine, build_engine
-from mimo_train.planning.planner import Layout, model_config, pipeline_sends
 from parallel.fake_group import BalancedRouting, CollectiveCounter, fake_world
 
 GB = 1e9
@@ -328,7 +332,7 @@ def rank_classes(p: ParallelConfig) -> list[int]:
 
 
 def cp_position(cp_rank: int, cp: int) -> str:
-    """A context-parallel rank's position class: what its SWA halo exchange sends (`planner.halo_sends`)."""
+    """A context-parallel rank's position class: what its SWA halo exchange sends (`communication.halo_sends`)."""
     return "first_cp_rank" if cp_rank == 0 else "last_cp_rank" if cp_rank == cp - 1 else "middle_cp_rank"
 
 
@@ -462,25 +466,23 @@ def fit_verdict(s: dict[str, Any], cfg: ModelConfig, p: ParallelConfig, gpu: str
     activations of its layers times the micro-batches its schedule holds in flight, plus the planner's head, MTP
     and backward working memory of its pipeline rank (not simulated). The worst rank against the GPU's memory less
     the reserve."""
-    from mimo_train.planning import planner as P
-
-    L = P.Layout.of(p)
-    A = P.Assumptions(kernel=P.kernel_of(p.backend), reserve_gb=reserve_gb)
-    prec = P.PRECISIONS[s["precision"]]
-    geo = P.geometry(cfg)
+    L = Layout.of(p)
+    A = Assumptions(kernel=kernel_of(p.backend), reserve_gb=reserve_gb)
+    prec = PRECISIONS[s["precision"]]
+    geo = geometry(cfg)
     seq, m = s["seq"], s["micro_batches"]
-    shape = P.ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
-    stages, stage_owner = P.pipeline_split(geo, L)
+    shape = ActShape(tokens=seq / p.cp, sp_tokens=seq / p.cp / p.tp, seq=seq, cp=p.cp, tp=p.tp, mbs=1)
+    stages, stage_owner = pipeline_split(geo, L)
     runs = s.get("activations", {}).get(p.recompute, {})
     worst = None
     for r in s["ranks"]:
-        planned = P.rank_memory(geo, L, r["pp_rank"], shape, m, prec, A, stages, stage_owner)
-        acts = (sum(runs[k]["saved_bytes"] * n for k, n in r["layers"].items()) * P.in_flight(L, r["pp_rank"], m)
+        planned = rank_memory(geo, L, r["pp_rank"], shape, m, prec, A, stages, stage_owner)
+        acts = (sum(runs[k]["saved_bytes"] * n for k, n in r["layers"].items()) * in_flight(L, r["pp_rank"], m)
                 if runs else 0.0)
         need = memory_total(r) + acts + planned["head_and_mtp"] + planned["transient"]
         if worst is None or need > worst["need_bytes"]:
             worst = {"rank": r["rank"], "pp_rank": r["pp_rank"], "need_bytes": need, "activation_bytes": acts}
-    usable = (P.GPUS[gpu].memory_gb - reserve_gb) * GB
+    usable = (GPUS[gpu].memory_gb - reserve_gb) * GB
     return {**worst, "gpu": gpu, "usable_bytes": usable, "fits": worst["need_bytes"] <= usable,
             "activations_simulated": bool(runs)}
 
@@ -522,8 +524,6 @@ def run_simulate(args: argparse.Namespace) -> int:
         if args.layout:
             p = parallel_config(parse_layout(args.layout), args.gpus)
         else:
-            from mimo_train.planning.planner import top_pick
-
             p = top_pick(cfg, args.gpus, args.gpu, args.seq, args.global_batch)
         if args.gpus is None:
             args.gpus = p.world_size
@@ -545,8 +545,6 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def add_simulate_parser(subparsers) -> argparse.ArgumentParser:
-    from mimo_train.planning.planner import GPUS
-
     p = subparsers.add_parser(
         "simulate", help="build every rank class of a parallel layout on a fake process group: memory and traffic",
         description="Build the real shards of each distinct rank of a layout on torch's fake process group and the "
