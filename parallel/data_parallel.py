@@ -10,7 +10,8 @@ same choice. (FSDP2's `fully_shard` was not used: it owns the parameters as DTen
 wrappers, holding plain local shards and doing their own communication, do not take.)
 
 Every parameter is split over its gradient group (the ranks that hold replicas of it: dp x cp for tensor-sharded
-dense weights, edp for experts, all ranks of a stage for replicated weights) along its first dimension that has at
+dense weights, edp for experts, all ranks of a stage for replicated weights, as the sharding plan in
+`parallel/sharding.py` assigns them) along its first dimension that has at
 least as many entries ("rows") as the group has ranks, in `torch.chunk`-style blocks of ceil(rows / n): each rank
 keeps the Adam moments (and, in bf16 runs, the fp32 master) of its rows only, so state is split evenly within every
 group. (The first dimension alone would not do: a stack of one local expert, `[1, 2I, H]` under EP = #experts, would
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 from parallel import comm
 from parallel.grad_buckets import BucketSchedule, split_into_buckets
 from parallel.mixed_precision import gradient
-from parallel.parallelize import GRAD_KINDS, ParamLayout
+from parallel.parallelize import ParamLayout
+from parallel.sharding import GRAD_KINDS
 
 
 def _by_kind(params: dict[str, torch.nn.Parameter], layouts: dict[str, ParamLayout]):

@@ -2,13 +2,16 @@
 
 Besides swapping in the tensor-, sequence- and expert-parallel wrappers, this records for every parameter its
 `ParamLayout`: over which group its gradient is summed (the ranks holding a replica that saw other tokens) and how
-it is sliced from the full tensor. Gradient synchronisation, the sharded optimizer, the global gradient norm and
-checkpoints all read these records; the model code itself stays plain.
+it is sliced from the full tensor. Both come from the sharding plan (`parallel/sharding.py`), asked once per
+parameter name: the wrappers cut the slice it names and the record keeps it. Gradient synchronisation, the sharded
+optimizer, the global gradient norm and checkpoints all read these records; the model code itself stays plain.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+
+import torch.distributed as dist
 
 import torch.nn as nn
 
@@ -21,6 +24,7 @@ from parallel.expert_parallel import ExpertParallelMoE
 from parallel.kernels.choice import swap_modules
 from parallel.pipeline import PipelineRunner, prune_to_local_stages
 from parallel.recompute import apply_recompute
+from parallel.sharding import Placement, kv_split, place, rule_of
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -32,54 +36,39 @@ from parallel.topology import Topology
 
 @dataclass
 class ParamLayout:
-    # Gradient reduction: the kind of group (a fixed order of kinds keeps collectives in lockstep) and the group.
-    grad_kind: str
-    grad_group: object
-    # Slicing: None for a full replica; else this rank holds slice `index` of `num_slices` along `dim`, and the
-    # ranks of `gather_group` hold the slices in order, each slice on `replicas` consecutive ranks.
-    dim: int | None = None
-    index: int = 0
-    num_slices: int = 1
-    gather_group: object = None
-    gather_kind: str | None = None
-    replicas: int = 1
+    """A parameter on this rank: its placement by the sharding plan (`parallel/sharding.py`) and the process
+    groups that placement names."""
+
+    placement: Placement
+    grad_group: object = None  # the ranks summing its gradient (kind `grad_kind`)
+    gather_group: object = None  # the ranks holding its slices in order (kind `gather_kind`), if sliced
     # Pipeline: the embedding's copies on the first and last stage are one parameter; their gradients are summed
     # over `tied_group` first, and only the first stage's copy counts in the gradient norm.
     tied_group: object = None
     count_in_norm: bool = True
 
+    def __getattr__(self, name: str):
+        """The placement's fields (grad_kind, dim, index, num_slices, gather_kind, replicas) read through: the
+        optimizer, the checkpoint views and the initialiser read them here."""
+        if name in _PLACEMENT_FIELDS:
+            return getattr(self.placement, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-# Gradient groups by kind; "kv<n>" is the group of a KV head replicated over tp / n ranks. Every rank walks the
-# kinds in this order, so the collectives of different groups never interleave differently on different ranks.
-GRAD_KINDS = ("tp_dp_cp", "dp_cp", "kv1", "kv2", "kv4", "kv8", "kv16", "kv32", "kv64", "edp")
+
+_PLACEMENT_FIELDS = frozenset(f.name for f in fields(Placement))
 
 
 def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout]:
-    """Shard `model` in place for `topo`; return {parameter name: layout}."""
-    tp, tp_group, tp_rank = topo.tp, topo.group("tp"), topo.rank_in("tp")
-    sp = tp > 1
-    special: dict[int, ParamLayout] = {}  # id(param) -> layout, for everything that is not a full replica
+    """Shard `model` in place for `topo`; return {parameter name: layout}. Every slice a wrapper cuts and every
+    layout recorded comes from the one placement the sharding plan gives the parameter's name."""
+    kv_heads = {name: m.num_kv_heads for name, m in model.named_modules() if isinstance(m, Attention)}
 
-    def sharded(param, dim, index, num, gather_kind, gather_group, grad_kind, grad_group, replicas=1):
-        special[id(param)] = ParamLayout(grad_kind, grad_group, dim, index, num, gather_group, gather_kind, replicas)
+    def where(name: str) -> Placement:
+        return place(rule_of(name), tp=topo.tp, tp_rank=topo.rank_in("tp"), ep=topo.ep, ep_rank=topo.rank_in("ep"),
+                     kv_heads=kv_heads.get(name.rsplit(".", 2)[0]))
 
-    if tp > 1:  # (a pipeline stage may hold neither the embedding nor the head)
-        m = model.model
-        if m.embed_tokens is not None:
-            m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, tp_rank, tp, tp_group, sp)
-            sharded(m.embed_tokens.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
-        if model.lm_head is not None:
-            vocab = model.lm_head.weight.shape[0] // tp
-            model.lm_head = ColumnParallelLinear(model.lm_head, slice(tp_rank * vocab, (tp_rank + 1) * vocab),
-                                                 tp_group, sp)
-            sharded(model.lm_head.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", topo.group("dp_cp"))
-        model.cross_entropy = VocabParallelCrossEntropySum(tp_group)
-
-    for module in list(model.modules()):
-        if isinstance(module, Attention) and tp > 1:
-            _shard_attention(module, topo, sharded)
-        elif isinstance(module, DenseMLP) and tp > 1:
-            _shard_mlp(module, topo, sharded)
+    if topo.tp > 1:
+        _shard_tensor_parallel(model, topo, where)
     if topo.cp > 1:
         layout = sequence_layout(topo)
         for module in model.modules():
@@ -89,17 +78,44 @@ def parallelize(model: MiMoForCausalLM, topo: Topology) -> dict[str, ParamLayout
             elif isinstance(module, Attention):
                 module.core = ContextParallelAttention(module.core, layout, topo.group("cp"),
                                                        sliding=module.sliding, window_keys=module.window_keys)
-    sequence_group = topo.group("tp_cp") if (sp or topo.cp > 1) else None
+    sequence_group = topo.group("tp_cp") if (topo.tp > 1 or topo.cp > 1) else None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
-                ep_moe = ExpertParallelMoE(child, topo.rank_in("ep"), topo.ep, topo.group("ep"), sequence_group)
-                setattr(parent, name, ep_moe)
-                for p in (ep_moe.experts.gate_up_proj, ep_moe.experts.down_proj):
-                    sharded(p, 0, topo.rank_in("ep"), topo.ep, "ep", topo.group("ep"), "edp", topo.group("edp"))
+                setattr(parent, name, ExpertParallelMoE(child, topo.rank_in("ep"), topo.ep, topo.group("ep"),
+                                                        sequence_group))
 
-    replicated = ParamLayout("tp_dp_cp", topo.group("tp_dp_cp"))
-    return {name: special.get(id(p), replicated) for name, p in model.named_parameters()}
+    def layout(name: str) -> ParamLayout:
+        p = where(name)
+        return ParamLayout(p, topo.group(p.grad_kind), topo.group(p.gather_kind) if p.gather_kind else None)
+
+    return {name: layout(name) for name, _ in model.named_parameters()}
+
+
+def _shard_tensor_parallel(model: MiMoForCausalLM, topo: Topology, where) -> None:
+    """Swap in the tensor- and sequence-parallel wrappers, each cutting the slice `where(parameter name)` gives."""
+    tp_group = topo.group("tp")
+    m = model.model
+    if m.embed_tokens is not None:  # (a pipeline stage may hold neither the embedding nor the head)
+        p = where("model.embed_tokens.weight")
+        m.embed_tokens = VocabParallelEmbedding(m.embed_tokens, p.index, p.num_slices, tp_group, True)
+    if model.lm_head is not None:
+        _split_linear(model, "lm_head", where("lm_head.weight"), tp_group)
+    model.cross_entropy = VocabParallelCrossEntropySum(tp_group)
+    for prefix, module in list(model.named_modules()):
+        if isinstance(module, Attention):
+            _shard_attention(module, prefix, topo, where)
+        elif isinstance(module, DenseMLP):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                _split_linear(module, name, where(f"{prefix}.{name}.weight"), tp_group)
+
+
+def _split_linear(parent: nn.Module, name: str, p: Placement, tp_group) -> None:
+    """Replace `parent.<name>` by its tensor-parallel slice `p`: output rows (dim 0, column-parallel) or input
+    columns (dim 1, row-parallel)."""
+    linear = getattr(parent, name)
+    wrapper = ColumnParallelLinear if p.dim == 0 else RowParallelLinear
+    setattr(parent, name, wrapper(linear, p.local(linear.weight.shape[p.dim]), tp_group, True))
 
 
 def sequence_layout(topo: Topology):
@@ -108,44 +124,15 @@ def sequence_layout(topo: Topology):
     return ChunkLayout(topo.cp, topo.rank_in("cp")) if topo.cp > 1 else WholeSequence()
 
 
-def _shard_attention(attn: Attention, topo: Topology, sharded) -> None:
-    tp, tp_rank, tp_group = topo.tp, topo.rank_in("tp"), topo.group("tp")
-    dp_cp = topo.group("dp_cp")
-    heads = attn.num_heads // tp
-    hd, vd = attn.head_dim, attn.v_head_dim
-    attn.q_proj = ColumnParallelLinear(attn.q_proj, slice(tp_rank * heads * hd, (tp_rank + 1) * heads * hd), tp_group, True)
-    sharded(attn.q_proj.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
-    attn.o_proj = RowParallelLinear(attn.o_proj, slice(tp_rank * heads * vd, (tp_rank + 1) * heads * vd), tp_group, True)
-    sharded(attn.o_proj.weight, 1, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
+def _shard_attention(attn: Attention, prefix: str, topo: Topology, where) -> None:
+    """Split the heads: query heads (and their sinks) over tp; KV heads over tp, or replicated when fewer."""
+    tp_group = topo.group("tp")
+    for name in ("q_proj", "o_proj", "k_proj", "v_proj"):
+        _split_linear(attn, name, where(f"{prefix}.{name}.weight"), tp_group)
     if attn.sinks is not None:
-        attn.sinks = nn.Parameter(attn.sinks.detach()[tp_rank * heads:(tp_rank + 1) * heads].clone())
-        sharded(attn.sinks, 0, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
-
-    kv = attn.num_kv_heads
-    if kv >= tp:  # plain split of the KV heads
-        per, first, num, replicas = kv // tp, tp_rank * (kv // tp), tp, 1
-        grad_kind, grad_group = "dp_cp", dp_cp
-    else:  # fewer KV heads than ranks: each head is replicated on tp / kv consecutive ranks (Megatron-Bridge refuses)
-        replicas = tp // kv
-        per, first, num = 1, tp_rank // replicas, kv
-        grad_kind, grad_group = f"kv{kv}", topo.group(f"kv{kv}")
-    for name, dim in (("k_proj", hd), ("v_proj", vd)):
-        layer = ColumnParallelLinear(getattr(attn, name), slice(first * dim, (first + per) * dim), tp_group, True)
-        setattr(attn, name, layer)
-        sharded(layer.weight, 0, first // per if kv >= tp else first, num, "tp", tp_group, grad_kind, grad_group, replicas)
-    attn.num_heads, attn.num_kv_heads = heads, per
-
-
-def _shard_mlp(mlp: DenseMLP, topo: Topology, sharded) -> None:
-    tp, tp_rank, tp_group, dp_cp = topo.tp, topo.rank_in("tp"), topo.group("tp"), topo.group("dp_cp")
-    inter = mlp.gate_proj.weight.shape[0] // tp
-    cols = slice(tp_rank * inter, (tp_rank + 1) * inter)
-    for name in ("gate_proj", "up_proj"):
-        layer = ColumnParallelLinear(getattr(mlp, name), cols, tp_group, True)
-        setattr(mlp, name, layer)
-        sharded(layer.weight, 0, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
-    mlp.down_proj = RowParallelLinear(mlp.down_proj, cols, tp_group, True)
-    sharded(mlp.down_proj.weight, 1, tp_rank, tp, "tp", tp_group, "dp_cp", dp_cp)
+        rows = where(f"{prefix}.sinks").local(attn.sinks.shape[0])
+        attn.sinks = nn.Parameter(attn.sinks.detach()[rows].clone())
+    attn.num_heads, attn.num_kv_heads = attn.num_heads // topo.tp, kv_split(attn.num_kv_heads, topo.tp)[0]
 
 
 def build_parallel_model(model: MiMoForCausalLM, topo: Topology, p, *, fp8: bool = False, compile: bool = False):

@@ -19,10 +19,14 @@ MASTER_KEY = "master"  # the fp32 master weight of a bf16 run's parameter
 
 
 def _mesh_for(layout: ParamLayout, topo: Topology):
-    if layout.gather_kind == "ep":
+    """The ranks holding a sliced parameter's slices in order, as a 1-D mesh, from its placement in the sharding
+    plan: the ep ranks (experts), the kv dimension of a replicated KV head's mesh (each slice on `replicas` ranks,
+    one of `num_slices` = kv heads), or the tp ranks."""
+    placement = layout.placement
+    if placement.gather_kind == "ep":
         return topo.moe_mesh["ep"]
-    if layout.replicas > 1:
-        return topo.kv_mesh(layout.num_slices)["kv"]
+    if placement.replicas > 1:
+        return topo.kv_mesh(placement.num_slices)["kv"]
     return topo.attn_mesh["tp"]
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from mimo_train.config import ConfigError, Layout, ModelConfig, ParallelConfig
 from parallel.device import backend_for, resolve_device, use_device
 from parallel.pipeline import stage_ranks
+from parallel.sharding import kv_grad_kind, kv_split, kv_splits, replicated_kv_heads
 
 
 def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_len: int | None = None) -> None:
@@ -36,7 +37,7 @@ def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_
     need(model.num_attention_heads % p.tp == 0,
          f"parallel.tp={p.tp}: must divide model.num_attention_heads ({model.num_attention_heads})")
     for name, kv in (("GA", model.num_key_value_heads), ("SWA", model.swa_num_key_value_heads)):
-        need(kv % p.tp == 0 or p.tp % kv == 0,
+        need(kv_splits(kv, p.tp),
              f"parallel.tp={p.tp}: must divide the {name} KV heads ({kv}) or be a multiple of them (KV replication)")
     need(model.num_experts % p.ep == 0, f"parallel.ep={p.ep}: must divide model.num_experts ({model.num_experts})")
     need(p.etp == 1, f"parallel.etp={p.etp}: expert-tensor parallelism is not implemented yet (use 1)")
@@ -172,17 +173,17 @@ def build_topology(p: ParallelConfig, model: ModelConfig, seq_len: int | None = 
     topo.groups["tp_dp_cp"] = _subgroups(grid.reshape(p.pp, -1), topo.rank, topo.group_ranks, "tp_dp_cp")
     # The ranks holding parts of the same sequences: sequence-parallel slices and context-parallel chunks.
     topo.groups["tp_cp"] = _subgroups(grid.permute(0, 1, 2, 3).reshape(-1, p.cp * p.tp), topo.rank, topo.group_ranks, "tp_cp")
-    for kv in replicated_kv_heads(p, model):
-        topo.groups[f"kv{kv}"] = _kv_replica_group(grid, kv, topo)
-        topo.kv_meshes[kv] = _mesh((p.pp, p.dp, p.cp, kv, p.tp // kv), ("pp", "dp", "cp", "kv", "rep"))
+    for kv in replicated_kv_heads(_kv_head_counts(model), p.tp):
+        topo.groups[kv_grad_kind(kv, p.tp)] = _kv_replica_group(grid, kv, topo)
+        topo.kv_meshes[kv] = _mesh((p.pp, p.dp, p.cp, kv, kv_split(kv, p.tp)[1]), ("pp", "dp", "cp", "kv", "rep"))
     topo.groups["tied_embedding"] = _tied_embedding_group(p, model, grid, topo)
     topo.optimizer_meshes = _optimizer_meshes(p, model, topo.edp, grid)
     return topo
 
 
-def replicated_kv_heads(p: ParallelConfig, model: ModelConfig) -> list[int]:
-    """The KV head counts (GA, SWA) that are fewer than the tp ranks: each head is then held by tp / kv ranks."""
-    return sorted(kv for kv in {model.num_key_value_heads, model.swa_num_key_value_heads} if kv < p.tp)
+def _kv_head_counts(model: ModelConfig) -> tuple[int, int]:
+    """The KV heads of the model's layer types (GA, SWA)."""
+    return model.num_key_value_heads, model.swa_num_key_value_heads
 
 
 def _optimizer_meshes(p: ParallelConfig, model: ModelConfig, edp: int, grid: torch.Tensor) -> dict:
@@ -201,10 +202,9 @@ def _optimizer_meshes(p: ParallelConfig, model: ModelConfig, edp: int, grid: tor
         "dp_cp": mesh(grid.permute(0, 3, 1, 2).reshape(p.pp, p.tp, p.dp * p.cp), ("pp", "slice", "grad")),
         "edp": mesh(torch.arange(world).view(p.pp, edp, p.ep).permute(0, 2, 1), ("pp", "slice", "grad")),
     }
-    for kv in sorted({model.num_key_value_heads, model.swa_num_key_value_heads}):
-        if kv < p.tp:  # KV heads replicated over tp / kv ranks (see _kv_replica_group)
-            rows = grid.view(p.pp, p.dp, p.cp, kv, p.tp // kv).permute(0, 3, 1, 2, 4).reshape(p.pp, kv, -1)
-            meshes[f"kv{kv}"] = mesh(rows, ("pp", "slice", "grad"))
+    for kv in replicated_kv_heads(_kv_head_counts(model), p.tp):  # see _kv_replica_group
+        rows = grid.view(p.pp, p.dp, p.cp, kv, kv_split(kv, p.tp)[1]).permute(0, 3, 1, 2, 4).reshape(p.pp, kv, -1)
+        meshes[kv_grad_kind(kv, p.tp)] = mesh(rows, ("pp", "slice", "grad"))
     return meshes
 
 
@@ -222,9 +222,9 @@ def _kv_replica_group(grid: torch.Tensor, num_kv_heads: int, topo: Topology):
     """When tp > KV heads, each KV head lives on tp / KV consecutive tp ranks: the group those ranks form together
     with their dp x cp peers, over which that head's gradients are summed."""
     pp, dp, cp, tp = grid.shape
-    rep = tp // num_kv_heads
+    rep = kv_split(num_kv_heads, tp)[1]
     rows = grid.view(pp, dp, cp, num_kv_heads, rep).permute(0, 3, 1, 2, 4).reshape(-1, dp * cp * rep)
-    return _subgroups(rows, topo.rank, topo.group_ranks, f"kv{num_kv_heads}")
+    return _subgroups(rows, topo.rank, topo.group_ranks, kv_grad_kind(num_kv_heads, tp))
 
 
 def _tied_embedding_group(p: ParallelConfig, model: ModelConfig, grid: torch.Tensor, topo: Topology):

@@ -64,11 +64,13 @@ def check_layouts(cfg: Config, world_size: int, start_stage: int = 0, where: str
 def check_machine(cfg: Config) -> None:
     """What the machine a run starts on must have for the config (parallel.backend=te: a GPU, TE, cuDNN, and
     blockwise FP8 with train.precision=fp8)."""
+    from parallel.device import resolve_device
     from parallel.kernels import te, te_rules
 
-    te_rules.check_machine([s.parallel for s in StagePlan(cfg, None, check_batches=False).stages], cfg.train.device,
-                           te.probe_te, fp8=precision(cfg.train.precision).fp8_gemms,
-                           fp8_probe=te.probe_blockwise_fp8)
+    parallels = [s.parallel for s in StagePlan(cfg, None, check_batches=False).stages]
+    if te_rules.uses_te(parallels):  # (the device is resolved only then: other runs meet its errors later)
+        te_rules.check_machine(parallels, resolve_device(cfg.train.device).type, te.probe_te,
+                               fp8=precision(cfg.train.precision).fp8_gemms, fp8_probe=te.probe_blockwise_fp8)
 
 
 def check_memory_on_cuda(cfg: Config, world_size: int) -> None:

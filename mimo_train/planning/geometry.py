@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from mimo_train.config import Layout, ModelConfig, load_config
 from parallel.pipeline import stage_layers, stage_ranks
+from parallel.sharding import rule_of
 
 GB = 1e9
 
@@ -84,17 +85,12 @@ class ModelGeometry:
     cache: dict = field(default_factory=dict, repr=False)
 
 
+# The Unit field a parameter counts in, by its split in the sharding plan (`parallel/sharding.py`).
+_UNIT_OF_SPLIT = {"tp": "tp", "kv": "kv", "ep": "expert", None: "rep"}
+
+
 def _rule(name: str) -> str:
-    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        return "tp"
-    if ".experts." in name:
-        return "expert"
-    if name.endswith(("q_proj.weight", "o_proj.weight", "self_attn.sinks", "gate_proj.weight", "up_proj.weight",
-                      "down_proj.weight")):
-        return "tp"
-    if name.endswith(("k_proj.weight", "v_proj.weight")):
-        return "kv"
-    return "rep"
+    return _UNIT_OF_SPLIT[rule_of(name).split]
 
 
 def geometry(cfg: ModelConfig) -> ModelGeometry:

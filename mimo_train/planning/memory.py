@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from mimo_train.config import Layout, ModelConfig
 from mimo_train.planning.geometry import Assumptions, LayerShape, ModelGeometry, Unit, rank_units
 from mimo_train.precision import Precision
+from parallel.sharding import kv_split
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -20,11 +21,9 @@ def _local_params(u: Unit, L: Layout) -> list[tuple[float, int]]:
     """[(parameters held by this rank, size of their ZeRO-1 gradient group)] for a unit."""
     dpcp = L.dp * L.cp
     out = [(u.tp / L.tp, dpcp), (u.rep, L.tp * dpcp), (u.expert / (L.ep * L.etp), L.edp)]
-    for kv, n in u.kv.items():
-        if kv >= L.tp:
-            out.append((n / L.tp, dpcp))
-        else:  # one head per rank, replicated on tp / kv ranks, whose gradients are summed with their dp x cp peers
-            out.append((n / kv, dpcp * (L.tp // kv)))
+    for kv, n in u.kv.items():  # a replicated head's gradients are summed over its replicas and their dp x cp peers
+        per_rank, replicas = kv_split(kv, L.tp)
+        out.append((n * per_rank / kv, dpcp * replicas))
     return out
 
 
@@ -57,8 +56,9 @@ def _norm_bytes(cfg: ModelConfig, a: int, kernel: str) -> float:
     return 4 * cfg.hidden_size + a * cfg.hidden_size + 4
 
 
-def _heads(cfg: ModelConfig, kv_heads: int, tp: int) -> tuple[float, float]:
-    return cfg.num_attention_heads / tp, (kv_heads / tp if kv_heads >= tp else 1)
+def _heads(cfg: ModelConfig, kv_heads: int, tp: int) -> tuple[float, int]:
+    """(query heads, KV heads) of one tensor-parallel rank."""
+    return cfg.num_attention_heads / tp, kv_split(kv_heads, tp)[0]
 
 
 def _attention_bytes(cfg: ModelConfig, sliding: bool, kv_heads: int, s: ActShape, a: int, A: Assumptions,

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from mimo_train.config import ConfigError
-from parallel.device import resolve_device
 from parallel.kernels.fp8 import BF16_LINEARS
+from parallel.sharding import kv_split, kv_splits
 
 TE_PINNED = "2.17.1"  # the version the calls below are written against (megatron-core 0.19 pins it too)
 TE_MIN = (2, 15)  # sinks with thd (2.12) and QK != V head dims under context parallelism (2.15)
@@ -283,12 +283,12 @@ def check_layout(tp: int, cp: int, num_heads: int, swa_kv_heads: int, ga_kv_head
         raise ConfigError(f"parallel.tp={tp}: must divide model.num_attention_heads ({num_heads}) "
                           "(parallel.backend=te gives each rank whole heads)")
     for name, kv in (("SWA", swa_kv_heads), ("GA", ga_kv_heads)):
-        if kv % tp and tp % kv:
+        if not kv_splits(kv, tp):
             raise ConfigError(f"parallel.tp={tp}: must divide the {name} KV heads ({kv}) or be a multiple of them "
                               "(parallel.backend=te)")
     if cp == 1:
         return
-    per_rank_q, per_rank_kv = num_heads // tp, max(swa_kv_heads // tp, 1)
+    per_rank_q, per_rank_kv = num_heads // tp, kv_split(swa_kv_heads, tp)[0]
     if per_rank_q % cp or per_rank_kv % cp:
         raise ConfigError(f"parallel.tp x parallel.cp = {tp}x{cp} = {tp * cp} on SWA layers: TE's context "
                           f"parallelism with a sink is all-to-all only, which splits each rank's {per_rank_q} query "
@@ -299,19 +299,25 @@ def check_layout(tp: int, cp: int, num_heads: int, swa_kv_heads: int, ga_kv_head
                       "documents would attend across their boundaries; use parallel.cp=1 or parallel.backend=fused")
 
 
-def check_machine(parallels, device_setting: str, probe=None, *, fp8: bool = False, fp8_probe=None) -> None:
-    """Where a run with `parallel.backend=te` in some stage starts (not where it is submitted from): the device,
-    TE and cuDNN, and with `fp8` (train.precision=fp8) TE's blockwise FP8 on this GPU. `probe() -> (TE version,
-    cuDNN version, import error)`, `fp8_probe() -> (available, reason)`: the caller hands them in (`te.probe_te`,
-    `te.probe_blockwise_fp8` ask the installed TE), so these rules never import the module that loads TE."""
-    if not any(p.backend == "te" for p in parallels):
+def uses_te(parallels) -> bool:
+    """Whether some stage's `parallel` section runs the `te` spec."""
+    return any(p.backend == "te" for p in parallels)
+
+
+def check_machine(parallels, device_type: str, probe=None, *, fp8: bool = False, fp8_probe=None) -> None:
+    """Where a run with `parallel.backend=te` in some stage starts (not where it is submitted from): the device
+    (`device_type`, "cuda" or "cpu": the type of the device `train.device` resolves to on this machine), TE and
+    cuDNN, and with `fp8` (train.precision=fp8) TE's blockwise FP8 on this GPU. `probe() -> (TE version, cuDNN
+    version, import error)`, `fp8_probe() -> (available, reason)`: the caller hands them in (`te.probe_te`,
+    `te.probe_blockwise_fp8` ask the installed TE), as it hands in the device, so these rules import neither the
+    module that loads TE nor the one that picks devices."""
+    if not uses_te(parallels):
         return
-    device = resolve_device(device_setting)
-    if device.type != "cuda":
-        check_environment(device.type, None, None)
+    if device_type != "cuda":
+        check_environment(device_type, None, None)
     if probe is None or (fp8 and fp8_probe is None):
         raise ValueError("check_machine: pass probe (and fp8_probe with fp8), e.g. te.probe_te, te.probe_blockwise_fp8")
-    check_environment(device.type, *probe())
+    check_environment(device_type, *probe())
     if fp8:
         available, reason = fp8_probe()
         if not available:
