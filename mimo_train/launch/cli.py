@@ -98,11 +98,12 @@ def _train_rank(cfg, resume: str, world: int) -> int:
 
 
 def _run_trainer(cfg, resume: str):
+    from mimo_train.interop.init_from import load_initial_weights
     from mimo_train.training.console_log import tee_console
     from mimo_train.training.trainer import Trainer
 
     with tee_console(cfg.run.dir, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))):
-        trainer = Trainer(cfg, resume=resume)
+        trainer = Trainer(cfg, resume=resume, initial_weights=load_initial_weights)
         try:
             return trainer, trainer.fit()
         finally:

@@ -22,11 +22,10 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
 
 from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
@@ -44,7 +43,7 @@ from mimo_train.training.stopping import StopRequest
 from parallel import comm
 from parallel.device import resolve_device, use_device
 from parallel.mixed_precision import MainGradients
-from parallel.state_dict import (MASTER_KEY, copy_loaded_model_state, model_state, optimizer_state,
+from parallel.state_dict import (copy_loaded_model_state, model_state, optimizer_state,
                                  read_fp32_values_from_saved_place)
 from parallel.topology import init_distributed, validate_layout
 
@@ -97,19 +96,13 @@ def _rss_gib() -> float:
         return float("nan")
 
 
-def saved_precision(path: Path) -> str:
-    """`train.precision` of the run that wrote a checkpoint (its saved config); for checkpoints older than that
-    field, from its keys: fp32 master weights are kept by bf16 (and fp8: the same state) runs only."""
-    saved = ckpt.read_meta(path).get("config", {}).get("train", {})
-    if "precision" in saved:
-        return saved["precision"]
-    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return "bf16" if any(k.endswith(f".{MASTER_KEY}") for k in keys) else "fp32"
-
-
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto") -> None:
+    def __init__(self, cfg: Config, resume: str = "auto",
+                 initial_weights: Callable[[Trainer], None] | None = None) -> None:
+        """`initial_weights(trainer)` fills a new run's weights from `train.init_from` (the caller hands in the
+        reader, which lives above the training layer: `mimo_train.interop.init_from.load_initial_weights`)."""
         self.cfg = cfg
+        self.initial_weights = initial_weights
         t = cfg.train
         init_distributed(timeout_s=cfg.run.process_group_timeout_s, device=t.device)
         self.device = resolve_device(t.device)
@@ -172,9 +165,10 @@ class Trainer:
             self.load(path)
         else:
             if self.cfg.train.init_from:  # a new run from given weights; its resumes load its own checkpoints
-                from mimo_train.interop.init_from import load_initial_weights
-
-                load_initial_weights(self)
+                if self.initial_weights is None:
+                    raise ValueError("train.init_from: this Trainer was made without an initial-weights loader "
+                                     "(pass initial_weights=mimo_train.interop.init_from.load_initial_weights)")
+                self.initial_weights(self)
             self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
         self._apply_stage(self.stage)
         if path is not None and self.is_logger:  # the resume is fully validated: now history may be rearranged
@@ -340,7 +334,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
-        saved, precision = saved_precision(path), self.cfg.train.precision
+        saved, precision = ckpt.saved_precision(path), self.cfg.train.precision
         saved_masters = precision_named(saved).has_masters
         read_fp32_values_from_saved_place(state, self.optimizer, saved_masters)
         meta = ckpt.load_checkpoint(path, state, verified=True)  # the ranks verified it (or this run just wrote it)
