@@ -31,8 +31,9 @@ from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.training.engine import AdamSettings, build_engine
 from mimo_train.training.evaluation import Evaluator
-from mimo_train.model.loss import LossSpec
+from mimo_train.model.loss import AUX_PART, LossSpec, LossValues
 from mimo_train.training.forward_backward import forward_backward
+from mimo_train.training.host_sync import HostSync
 from mimo_train.model.info import startup_banner
 from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops
 from mimo_train.model import MiMoForCausalLM
@@ -69,8 +70,8 @@ def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float
             moe.gate.e_score_correction_bias += _bias_step(c, rate)
 
 
-def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> torch.Tensor:
-    """[2, layers] on the device: each MoE layer's correction-bias norm now and after `update_expert_bias`
+def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([layers], [layers]) on the device: each MoE layer's correction-bias norm now and after `update_expert_bias`
     (computed before the update, so both are read with the step's other values in one host sync)."""
     with torch.no_grad():
         now, after = [], []
@@ -78,7 +79,20 @@ def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float)
             b = moe.gate.e_score_correction_bias
             now.append(b.norm())
             after.append((b + _bias_step(c, rate)).norm() if rate else b.norm())
-        return torch.stack([torch.stack(now), torch.stack(after)]).double()
+        return torch.stack(now).double(), torch.stack(after).double()
+
+
+@dataclasses.dataclass
+class StepValues:
+    """What one step computed, read from the device with its one host sync (`HostSync`)."""
+
+    skipped: bool  # a non-finite loss or gradient norm on any rank: the update is skipped
+    grad_norm: float
+    router_margin: float
+    losses: LossValues
+    expert_counts: torch.Tensor | None  # [moe layers, E] over the whole step, on the device (for the bias update)
+    expert_counts_on_host: torch.Tensor | None
+    bias_norms: list[float]  # per MoE layer: after this step's bias update (before it when the step is skipped)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
@@ -399,23 +413,44 @@ class Trainer:
         return combine_sample_digests(local)
 
     def train_step(self) -> dict[str, Any]:
-        t, topo, stage = self.cfg.train, self.topo, self.stage
-        step_start = time.time()
+        stage, step_start = self.stage, time.time()
         gbs = self.batches.global_batch_size(self.samples - self.stage_start.samples)
-        mbs = stage.micro_batch_size
-        micro_batches = self.data.micro_batches(self.step, gbs, mbs, device=self.device)
+        micro_batches = self.data.micro_batches(self.step, gbs, stage.micro_batch_size, device=self.device)
         digest = self._batch_digest(gbs)
-        local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
-        # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
-        targets = _sum_over(local_targets, topo.group("dp")).clamp(min=1)
-        lm_tokens, mtp_tokens = targets[0], targets[1:]
+        spec = self._loss_spec(micro_batches, gbs)
         step_tokens = gbs * stage.seq_len
         lr = self.plan.learning_rate(stage, self.stage_start, self.step, self.tokens + step_tokens)
         self.optimizer.set_lr(lr)
+        values = self._forward_backward(micro_batches, spec)
+        if not values.skipped:
+            self.engine.update(self.cfg.train.clip_grad, values.grad_norm)
+            if values.expert_counts is not None:
+                update_expert_bias(self.model, values.expert_counts, stage.expert_bias_update_rate)
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        self.optimizer.zero_grad()
 
+        self.tokens += step_tokens
+        self.samples += gbs
+        self.step += 1
+        seconds = max(time.time() - step_start, 1e-9)
+        return self._step_record(values, lr=lr, gbs=gbs, step_tokens=step_tokens, seconds=seconds, digest=digest)
+
+    def _loss_spec(self, micro_batches: list[dict], gbs: int) -> LossSpec:
+        """The loss normalisers: target counts over the whole global batch (LM, and each MTP depth)."""
+        local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
+        # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
+        targets = _sum_over(local_targets, self.topo.group("dp")).clamp(min=1)
+        lm_tokens, mtp_tokens = targets[0], targets[1:]
+        return LossSpec(self.stage.mtp_loss_weight, self.stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
+
+    def _forward_backward(self, micro_batches: list[dict], spec: LossSpec) -> StepValues:
+        """Forward and backward of every micro-batch, gradients reduced, losses and expert loads summed over
+        ranks, and all that the update decision and the metrics need read in one host sync."""
+        topo = self.topo
         self.model.train()
-        n_mtp = len(mtp_tokens)
-        spec = LossSpec(stage.mtp_loss_weight, stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
         run = (self.pipeline.forward_backward if self.pipeline is not None
                else partial(forward_backward, self.model, sequence_layout=self.engine.sequence_layout))
         self.engine.expect_gradients(len(micro_batches))  # gradient buckets are reduced as the backward finishes them
@@ -426,46 +461,48 @@ class Trainer:
         grad_norm_sq = self.engine.reduce_gradients()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
         parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares
-        parts[1] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
+        parts[AUX_PART] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
         if expert_counts is not None:
             expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
         # A non-finite loss or gradient skips the update (every rank decides alike).
         bad = (~torch.isfinite(grad_norm_sq) | ~torch.isfinite(parts).all()).double().reshape(1)
         if topo.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        bias_norms = (expert_bias_norms(self.model, expert_counts, stage.expert_bias_update_rate)
-                      if expert_counts is not None else None)
-        # The step's one host sync: everything the update decision and the metrics need, read at once.
-        values = [bad, grad_norm_sq.reshape(1), router_margin.reshape(1), parts]
-        if expert_counts is not None:
-            values += [bias_norms.flatten(), expert_counts.flatten().double()]
-        host = torch.cat(values).tolist()
-        skipped, grad_norm, router_margin = bool(host[0]), math.sqrt(host[1]), host[2]
-        lm_loss, aux_loss, mtp_depths = host[3], host[4], host[5:5 + n_mtp]
-        if not skipped:
-            self.engine.update(t.clip_grad, grad_norm)
-            if expert_counts is not None:
-                update_expert_bias(self.model, expert_counts, stage.expert_bias_update_rate)
-            self.consecutive_skips = 0
-        else:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-        self.optimizer.zero_grad()
+        return self._read_on_host(bad, grad_norm_sq, router_margin, parts, expert_counts)
 
-        self.tokens += step_tokens
-        self.samples += gbs
-        self.step += 1
-        mtp_mean = sum(mtp_depths) / n_mtp if n_mtp else 0.0
-        seconds = max(time.time() - step_start, 1e-9)
+    def _read_on_host(self, bad: torch.Tensor, grad_norm_sq: torch.Tensor, router_margin: torch.Tensor,
+                      parts: torch.Tensor, expert_counts: torch.Tensor | None) -> StepValues:
+        """The step's one host sync: everything the update decision and the metrics need, read at once."""
+        sync = HostSync()
+        for name, tensor in (("bad", bad), ("grad_norm_sq", grad_norm_sq), ("router_margin", router_margin),
+                             ("parts", parts)):
+            sync.add(name, tensor)
+        if expert_counts is not None:
+            now, after = expert_bias_norms(self.model, expert_counts, self.stage.expert_bias_update_rate)
+            sync.add("bias_norms_now", now)
+            sync.add("bias_norms_after", after)
+            sync.add("expert_counts", expert_counts)
+        host = sync.read()
+        skipped = bool(host["bad"][0])
+        counts_on_host = (torch.tensor(host["expert_counts"], dtype=torch.int64).view(expert_counts.shape)
+                          if expert_counts is not None else None)
+        norms = host.get("bias_norms_now" if skipped else "bias_norms_after", [])
+        return StepValues(skipped, math.sqrt(host["grad_norm_sq"][0]), host["router_margin"][0],
+                          LossValues.of(host["parts"]), expert_counts, counts_on_host, norms)
+
+    def _step_record(self, values: StepValues, *, lr: float, gbs: int, step_tokens: int, seconds: float,
+                     digest: str) -> dict[str, Any]:
+        """The step's metrics (one line of metrics.jsonl)."""
+        stage, losses = self.stage, values.losses
         tflops = self._model_flops_per_token(stage.seq_len) * step_tokens / seconds / self.world / 1e12
         record = {
             "step": self.step,
-            "loss": lm_loss + stage.mtp_loss_weight * mtp_mean + aux_loss,
-            "lm_loss": lm_loss,
-            "mtp_loss": mtp_mean,
-            **{f"mtp_loss_depth{d + 1}": v for d, v in enumerate(mtp_depths)},
-            "aux_loss": aux_loss,
-            "grad_norm": grad_norm,
+            "loss": losses.total(stage.mtp_loss_weight),
+            "lm_loss": losses.lm,
+            "mtp_loss": losses.mtp_mean,
+            **{f"mtp_loss_depth{d + 1}": v for d, v in enumerate(losses.mtp_depths)},
+            "aux_loss": losses.aux,
+            "grad_norm": values.grad_norm,
             "lr": lr,
             "tokens": self.tokens,
             "samples": self.samples,
@@ -479,19 +516,17 @@ class Trainer:
             "mfu": tflops / peak_tflops(self.cfg.run),
             "memory/rss_gib": _rss_gib(),
             "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "skipped": skipped,
+            "skipped": values.skipped,
             "skipped_steps": self.skipped_steps,
             "batch_digest": digest,
-            "router/min_margin": router_margin,
+            "router/min_margin": values.router_margin,
         }
         if self.device.type == "cuda":
             record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
             record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if expert_counts is not None:
-            n_layers, rest = bias_norms.shape[1], host[5 + n_mtp:]
-            norms = rest[n_layers:2 * n_layers] if not skipped else rest[:n_layers]
-            counts_on_host = torch.tensor(rest[2 * n_layers:], dtype=torch.int64).view(expert_counts.shape)
-            record.update(expert_load_summary(counts_on_host))
+        if values.expert_counts_on_host is not None:
+            norms = values.bias_norms
+            record.update(expert_load_summary(values.expert_counts_on_host))
             record["expert_bias_norm"] = max(norms) if norms else 0.0
             record["expert_bias_norm_per_layer"] = [round(v, 6) for v in norms]
         return record
@@ -511,7 +546,6 @@ class Trainer:
         return bool(flag.item())
 
     def fit(self, log: bool = True) -> list[dict[str, Any]]:
-        t = self.cfg.train
         total = self.plan.planned_steps()
         if self.plan.done(self.step, self.tokens):
             if self.is_logger:
@@ -531,39 +565,8 @@ class Trainer:
         records = []
         ok = False
         try:
-            while True:
-                self.ckpt.poll()
-                for done_save in self.ckpt.drain_completed():  # reported with the next step
-                    logger.note({"checkpoint/write_s": done_save["write_s"], "checkpoint/written_step": done_save["step"]})
-                if self.plan.done(self.step, self.tokens) or self._agreed_stop():
-                    break
-                index = self.plan.stage_index(self.tokens)
-                if index != self.stage.index:
-                    self._cross_boundary(index)
-                    logger.note({"checkpoint/stall_s": self.last_save_seconds})
-                record = self.train_step()
-                self._evaluate_if_due(record)
-                records.append(record)
-                if self.consecutive_skips and self.is_logger:
-                    print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
-                          f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
-                done = self.plan.done(self.step, self.tokens)
-                # Skipped shards, documents and tokens (the stream's read counters are per process: not logged,
-                # so a resumed run's metrics equal an uninterrupted run's).
-                record.update({k: v for k, v in self.data.stats().items() if k.startswith("data/skipped_")})
-                logger.log(record, console=(self.step % t.log_interval == 0 or done))
-                if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
-                    if self.is_logger:
-                        print(f"stopping: {self.consecutive_skips} consecutive steps with a non-finite loss or "
-                              f"gradient norm (steps {self.step - self.consecutive_skips + 1}-{self.step}; "
-                              f"train.max_consecutive_skips={t.max_consecutive_skips}). No checkpoint was written "
-                              f"for these steps; resume from an earlier one (--resume PATH), e.g. with a lower "
-                              f"learning rate.", file=sys.stderr, flush=True)
-                    self.ckpt.wait()
-                    raise SystemExit(EXIT_DIVERGED)
-                if t.save_interval and self.step % t.save_interval == 0 and not done:
-                    self.save()
-                    logger.note({"checkpoint/stall_s": self.last_save_seconds})
+            while self._next_step_due(logger):
+                records.append(self._logged_step(logger))
             # A run always checkpoints when it ends, at the last step or on a signal.
             if self.last_saved_step != self.step:
                 self.save(block=True)
@@ -583,3 +586,44 @@ class Trainer:
             print(f"stopped by a signal at step {self.step}; checkpoint {self.ckpt_dir / ckpt.checkpoint_name(self.step)}",
                   flush=True)
         return records
+
+    def _next_step_due(self, logger: MetricsLogger) -> bool:
+        """Between steps: report finished checkpoint writes; False when the run is done or was signalled; at a
+        stage boundary, enter the next stage."""
+        self.ckpt.poll()
+        for done_save in self.ckpt.drain_completed():  # reported with the next step
+            logger.note({"checkpoint/write_s": done_save["write_s"], "checkpoint/written_step": done_save["step"]})
+        if self.plan.done(self.step, self.tokens) or self._agreed_stop():
+            return False
+        index = self.plan.stage_index(self.tokens)
+        if index != self.stage.index:
+            self._cross_boundary(index)
+            logger.note({"checkpoint/stall_s": self.last_save_seconds})
+        return True
+
+    def _logged_step(self, logger: MetricsLogger) -> dict[str, Any]:
+        """One step, its evaluation and metrics; the divergence stop and the periodic checkpoint."""
+        t = self.cfg.train
+        record = self.train_step()
+        self._evaluate_if_due(record)
+        if self.consecutive_skips and self.is_logger:
+            print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
+                  f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
+        done = self.plan.done(self.step, self.tokens)
+        # Skipped shards, documents and tokens (the stream's read counters are per process: not logged, so a
+        # resumed run's metrics equal an uninterrupted run's).
+        record.update({k: v for k, v in self.data.stats().items() if k.startswith("data/skipped_")})
+        logger.log(record, console=(self.step % t.log_interval == 0 or done))
+        if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
+            if self.is_logger:
+                print(f"stopping: {self.consecutive_skips} consecutive steps with a non-finite loss or "
+                      f"gradient norm (steps {self.step - self.consecutive_skips + 1}-{self.step}; "
+                      f"train.max_consecutive_skips={t.max_consecutive_skips}). No checkpoint was written "
+                      f"for these steps; resume from an earlier one (--resume PATH), e.g. with a lower "
+                      f"learning rate.", file=sys.stderr, flush=True)
+            self.ckpt.wait()
+            raise SystemExit(EXIT_DIVERGED)
+        if t.save_interval and self.step % t.save_interval == 0 and not done:
+            self.save()
+            logger.note({"checkpoint/stall_s": self.last_save_seconds})
+        return record
