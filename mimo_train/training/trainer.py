@@ -27,6 +27,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from data_pipeline import GlobalSampleStream, combine_sample_digests
+from data_pipeline.checks import DataConfigError, check_data_sources
 from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.training.engine import AdamSettings, build_engine
@@ -34,11 +36,13 @@ from mimo_train.training.evaluation import Evaluator
 from mimo_train.model.loss import AUX_PART, LossSpec, LossValues
 from mimo_train.training.forward_backward import forward_backward
 from mimo_train.training.host_sync import HostSync
-from mimo_train.model.info import startup_banner
-from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops
+from mimo_train.model.info import model_report, startup_banner
+from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops, truncate_after
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.precision import precision as precision_named
 from mimo_train.training.resume_config import check_resume_config
+from mimo_train.training.run_lock import RunLock, RunLocked, held_by_parent
+from mimo_train.training.schedule import learning_rate
 from mimo_train.training.stages import BatchSchedule, Stage, StagePlan, StageStart
 from mimo_train.training.stopping import StopRequest
 from parallel import comm
@@ -131,8 +135,6 @@ class Trainer:
         if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
             raise ConfigError(f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size "
                               f"({cfg.data.vocab_size}), got {cfg.model.vocab_size}")
-        from data_pipeline.checks import DataConfigError, check_data_sources
-
         try:  # sources, manifests, tokenizer and vocabulary: before the model is built
             check_data_sources(cfg.data, cfg.model.vocab_size, cfg.run.dir)
         except DataConfigError as error:
@@ -191,8 +193,6 @@ class Trainer:
     def _take_run_lock(self):
         """Rank 0 takes the run directory's lock when no launcher holds it for this job (torchrun, Slurm tasks);
         every rank learns the outcome, so all stop with the same one line when another run holds it."""
-        from mimo_train.training.run_lock import RunLock, RunLocked, held_by_parent
-
         if self.world == 1 or held_by_parent(self.cfg.run.dir):  # the single process's command line holds it
             return None
         lock, problem = None, None
@@ -215,8 +215,6 @@ class Trainer:
         """Resuming from checkpoint `path` at step s: newer checkpoints (a branch no longer followed) move into
         `checkpoints/abandoned-<time>/` and the metrics of steps after s into an archive beside them (or into
         `metrics.superseded.jsonl`), so the live history is the one this run continues, and nothing is lost."""
-        from mimo_train.training.metrics import truncate_after
-
         step = meta["trainer"]["step"]
         aside, moved = ckpt.abandon_newer(self.ckpt_dir, step)
         archive = aside / "metrics.jsonl" if aside is not None else None
@@ -230,8 +228,6 @@ class Trainer:
     def _note_schedule_change(self, meta: dict[str, Any]) -> None:
         """A resume may change train.steps and the step-based LR schedule; the cosine then spans the new length, so
         the learning rate of the remaining steps changes: said once, with the next step's LR before and after."""
-        from mimo_train.training.schedule import learning_rate
-
         saved = (meta.get("config") or {}).get("train", {})
         keys = ("steps", "lr", "min_lr", "warmup_steps", "constant_steps", "decay_steps")
         t = self.cfg.train
@@ -274,8 +270,6 @@ class Trainer:
         e = self.engine
         self.topo, self.model, self.layouts, self.pipeline = e.topo, e.model, e.layouts, e.pipeline
         self.optimizer, self.main_grads = e.optimizer, e.main_grads
-
-        from data_pipeline import GlobalSampleStream
 
         if self.data is not None:
             self.data.close()
@@ -381,8 +375,6 @@ class Trainer:
     # ---- one optimizer step -----------------------------------------------------------------------------------
     def _model_flops_per_token(self, seq_len: int) -> float:
         if seq_len not in self._flops_per_token:
-            from mimo_train.model.info import model_report
-
             self._flops_per_token[seq_len] = float(model_report(self.cfg.model, seq_len)["flops_per_token"]["total"])
         return self._flops_per_token[seq_len]
 
@@ -402,8 +394,6 @@ class Trainer:
     def _batch_digest(self, gbs: int) -> str:
         """The global batch's digest, identical for every layout: each data-parallel rank hashes only the samples
         it read, and the per-sample digests (32 bytes each) are gathered in rank order, which is sample order."""
-        from data_pipeline import combine_sample_digests
-
         local = self.data.local_sample_digests(self.step, gbs).to(self.device)  # NCCL gathers device tensors
         group = self.topo.group("dp")
         if comm.group_size(group) > 1:
