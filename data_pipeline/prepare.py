@@ -298,14 +298,7 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
                     progress: bool = True, on_decode_error: str = "replace") -> Manifest:
     """Tokenize ``inputs`` into shards under ``out_dir`` and write its manifest; resumes an interrupted run (also
     after an input was fixed: only the shards whose input bytes changed are redone)."""
-    if on_decode_error not in DECODE_POLICIES:
-        raise ValueError(f"--on-decode-error: must be one of {', '.join(DECODE_POLICIES)}, got {on_decode_error!r}")
-    if shard_docs is not None and shard_tokens is not None:
-        raise ValueError("give --shard-docs or --shard-tokens, not both")
-    if shard_docs is None and shard_tokens is None:
-        shard_tokens = DEFAULT_SHARD_TOKENS
-    if (shard_docs is not None and shard_docs < 1) or (shard_tokens is not None and shard_tokens < 1):
-        raise ValueError("--shard-docs / --shard-tokens must be >= 1")
+    shard_tokens = _checked_shard_size(on_decode_error, shard_docs, shard_tokens)
     files = expand_inputs(inputs)
     if not any(os.path.getsize(f) for f in files):
         raise ValueError(f"inputs {' '.join(inputs)}: every input file is empty; nothing to tokenize")
@@ -319,42 +312,13 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
         "shard_docs": shard_docs, "shard_tokens": shard_tokens, "text_field": text_field,
         "tokenizer_sha256": tokenizer_sha,
     }
-    plan_file = os.path.join(out_dir, WORK_DIR, "plan.json")
-    if os.path.exists(plan_file):
-        with open(plan_file) as f:
-            stored = json.load(f)
-        if {k: v for k, v in stored.items() if k != "bytes_per_token"} != plan_key:
-            raise ValueError(f"{out_dir} holds a preparation of other inputs or options; use another --out")
-        bytes_per_token = stored.get("bytes_per_token")
-    else:
-        # measured once and kept, so a fixed input does not move every shard boundary
-        bytes_per_token = estimate_bytes_per_token(files, text_field, tokenizer_path) if shard_tokens else None
-        write_atomically(plan_file, json.dumps({**plan_key, "bytes_per_token": bytes_per_token}).encode())
-
+    bytes_per_token = _stored_bytes_per_token(out_dir, plan_key, files, tokenizer_path)
     plan = plan_shards(files, text_field, shard_docs, shard_tokens * bytes_per_token if shard_tokens else None)
     fingerprints = [segments_fingerprint(segments, text_field) for segments in plan]
     results = [finished_shard(out_dir, i, fingerprints[i], on_decode_error) for i in range(len(plan))]
     todo = [(i, plan[i], out_dir, text_field, on_decode_error, fingerprints[i])
             for i, result in enumerate(results) if result is None]
-
-    with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="prepare-data", unit="shard",
-              disable=not progress) as bar:
-        if workers <= 1 or len(todo) <= 1:
-            _init_worker(tokenizer_path)
-            written = map(_write_shard, todo)
-            pool = None
-        else:
-            # each process tokenizes one shard at a time; the Rust thread pool would only oversubscribe the cores
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_path,))
-            written = pool.imap(_write_shard, todo)
-        try:
-            for (index, *_), result in zip(todo, written):
-                results[index] = result
-                bar.update(1)
-        finally:
-            if pool is not None:
-                pool.terminate()
+    _write_shards(todo, results, tokenizer_path, workers, progress)
 
     if not sum(info.tokens for info, _ in results):  # a dataset of no tokens would fail every run
         raise ValueError(f"inputs {' '.join(inputs)}: no tokens (empty records, or every document skipped by "
@@ -371,6 +335,58 @@ def prepare_dataset(inputs: list[str], out_dir: str, tokenizer_path: str, *, wor
     )
     write_atomically(os.path.join(out_dir, MANIFEST_NAME), manifest.to_json().encode())
     return manifest
+
+
+def _checked_shard_size(on_decode_error: str, shard_docs: int | None, shard_tokens: int | None) -> int | None:
+    """The options checked; `shard_tokens` as used (the default when neither shard size is given)."""
+    if on_decode_error not in DECODE_POLICIES:
+        raise ValueError(f"--on-decode-error: must be one of {', '.join(DECODE_POLICIES)}, got {on_decode_error!r}")
+    if shard_docs is not None and shard_tokens is not None:
+        raise ValueError("give --shard-docs or --shard-tokens, not both")
+    if shard_docs is None and shard_tokens is None:
+        shard_tokens = DEFAULT_SHARD_TOKENS
+    if (shard_docs is not None and shard_docs < 1) or (shard_tokens is not None and shard_tokens < 1):
+        raise ValueError("--shard-docs / --shard-tokens must be >= 1")
+    return shard_tokens
+
+
+def _stored_bytes_per_token(out_dir: str, plan_key: dict, files: list[str], tokenizer_path: str) -> float | None:
+    """The plan's bytes per token: read back from `out_dir`'s plan (refused when it was made for other inputs or
+    options), or measured once and kept, so a fixed input does not move every shard boundary."""
+    plan_file = os.path.join(out_dir, WORK_DIR, "plan.json")
+    if os.path.exists(plan_file):
+        with open(plan_file) as f:
+            stored = json.load(f)
+        if {k: v for k, v in stored.items() if k != "bytes_per_token"} != plan_key:
+            raise ValueError(f"{out_dir} holds a preparation of other inputs or options; use another --out")
+        return stored.get("bytes_per_token")
+    text_field = plan_key["text_field"]
+    bytes_per_token = (estimate_bytes_per_token(files, text_field, tokenizer_path) if plan_key["shard_tokens"]
+                       else None)
+    write_atomically(plan_file, json.dumps({**plan_key, "bytes_per_token": bytes_per_token}).encode())
+    return bytes_per_token
+
+
+def _write_shards(todo: list[tuple], results: list, tokenizer_path: str, workers: int, progress: bool) -> None:
+    """Tokenize and write the shards of `todo`, each result into its place in `results`, with a progress bar."""
+    total = len(results)
+    with tqdm(total=total, initial=total - len(todo), desc="prepare-data", unit="shard", disable=not progress) as bar:
+        if workers <= 1 or len(todo) <= 1:
+            _init_worker(tokenizer_path)
+            written = map(_write_shard, todo)
+            pool = None
+        else:
+            # each process tokenizes one shard at a time; the Rust thread pool would only oversubscribe the cores
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer_path,))
+            written = pool.imap(_write_shard, todo)
+        try:
+            for (index, *_), result in zip(todo, written):
+                results[index] = result
+                bar.update(1)
+        finally:
+            if pool is not None:
+                pool.terminate()
 
 
 def resolve_tokenizer(spec: str, cache_dir: str, vocab_size: int) -> str:

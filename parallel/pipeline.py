@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from mimo_train.config import ConfigError, ModelConfig, ParallelConfig
-from mimo_train.model.loss import LossSpec, StepResult, empty_parts, micro_batch_loss
+from mimo_train.model.loss import AUX_PART, LossSpec, StepResult, empty_parts, micro_batch_loss
 
 SCHEDULES = {
     "1f1b": "Schedule1F1B",
@@ -101,13 +101,11 @@ class StageModule(nn.Module):
 
     @property
     def parts(self):
-        parts = [p for p, _ in self.records.values()]
-        return sum(parts[1:], parts[0]) if parts else None
+        return _total([p for p, _ in self.records.values()])
 
     @property
     def expert_counts(self):
-        counts = [c for _, c in self.records.values() if c is not None]
-        return sum(counts[1:], counts[0]) if counts else None
+        return _total([c for _, c in self.records.values() if c is not None])
 
     def forward(self, hidden=None, *, input_ids, position_ids, labels):
         model = self.model[0]
@@ -121,10 +119,15 @@ class StageModule(nn.Module):
             aux = torch.stack(aux_terms).sum() if aux_terms else x.new_zeros(())
             aux = self.spec.aux_coeff * aux / self.spec.global_batch_size
             parts = empty_parts(self.spec, x.device)
-            parts[1] = aux.detach()
+            parts[AUX_PART] = aux.detach()  # a stage before the last has only balance-loss terms
             loss = _AttachLoss.apply(x, aux) if aux_terms else x  # the stage output, carrying its aux loss
         self.records[input_ids.data_ptr()] = (parts, torch.stack(counts) if counts else None)
         return loss
+
+
+def _total(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sum of the micro-batches' tensors, added in micro-batch order (None when there are none)."""
+    return sum(tensors[1:], tensors[0]) if tensors else None
 
 
 def prune_to_local_stages(model, p: ParallelConfig, pp_rank: int) -> list[tuple[int, list[int]]]:

@@ -298,6 +298,7 @@ def _fails_mid_export(src: Path, out: Path) -> bool:
 def test_init_from_starts_a_new_run_and_its_resume_ignores_it(release, tmp_path):
     """A bf16 run from the FP8 release's import (another precision, fresh optimizer, step 0): the fp32 masters
     equal the import, the bf16 weights are cast from them; its resume continues from its own checkpoint."""
+    from mimo_train.interop.init_from import load_initial_weights
     from mimo_train.training.trainer import Trainer
 
     model, _, root, imported = release
@@ -306,7 +307,7 @@ def test_init_from_starts_a_new_run_and_its_resume_ignores_it(release, tmp_path)
                  f"train.init_from={root / 'ckpt'}", "train.save_interval=1", "train.async_save=false",
                  *[f"model.{k}={v}" for k, v in ODD_DIMS.items()]]
     cfg = load_config("configs/train/tiny_cpu.yaml", overrides)
-    trainer = Trainer(cfg, resume="none")
+    trainer = Trainer(cfg, resume="none", initial_weights=load_initial_weights)
     source = _load_ours(imported, model)
     assert trainer.step == 0 and trainer.samples == 0
     for name, master in trainer.optimizer.masters.items():  # one process: each master is the whole tensor
@@ -333,7 +334,6 @@ def test_init_from_starts_a_new_run_and_its_resume_ignores_it(release, tmp_path)
 
     from mimo_train.config import ConfigError
     from mimo_train.training.engine import AdamSettings, build_engine
-    from mimo_train.interop.init_from import load_initial_weights
 
     other = load_config("configs/train/tiny_cpu.yaml", [f"train.init_from={root / 'ckpt'}"])
     e = build_engine(other.model, dataclasses.replace(other.parallel, dp=1), 64, precision="fp32",

@@ -113,7 +113,7 @@ def run(h: Harness) -> None:
 
 
 def _train(h: Harness, cfg, precision: str, seq: int):
-    from mimo_train.model.loss import LossSpec
+    from mimo_train.model.loss import LM_PART, LossSpec
     from mimo_train.training.forward_backward import forward_backward
 
     model = build_model(cfg, precision, "none", h.device)
@@ -128,7 +128,7 @@ def _train(h: Harness, cfg, precision: str, seq: int):
         optimizer.step()
         h.sync()
         times.append(time.perf_counter() - start)
-        losses.append(float(result.parts[0]))
+        losses.append(float(result.parts[LM_PART]))
     del model, optimizer
     if h.cuda:
         torch.cuda.empty_cache()

@@ -76,7 +76,7 @@ def load_initial_weights(trainer) -> None:
     kind, path = resolve_source(trainer.cfg.train.init_from, (getattr(trainer, "rank", 0), world), agree)
     state = {"model": model_state(trainer.model, trainer.layouts, trainer.topo),
              "optimizer": optimizer_state(trainer.optimizer, trainer.layouts, trainer.topo, create=True)}
-    saved_masters = kind == CHECKPOINT and precision(_saved_precision(path)).has_masters
+    saved_masters = kind == CHECKPOINT and precision(ckpt.saved_precision(path)).has_masters
     read_fp32_values_from_saved_place(state, trainer.optimizer, saved_masters)
     wanted = {"model": state["model"],
               "optimizer": {k: v for k, v in state["optimizer"].items() if k.endswith(".master")}}
@@ -91,12 +91,6 @@ def load_initial_weights(trainer) -> None:
     if trainer.is_logger:
         print(f"initialised from {path} ({kind}): weights only; step 0, fresh optimizer, schedule and data",
               flush=True)
-
-
-def _saved_precision(path: Path) -> str:
-    from mimo_train.training.trainer import saved_precision
-
-    return saved_precision(path)
 
 
 def _load_checkpoint(path: Path, wanted: dict, expected: dict[str, tuple[int, ...]]) -> None:

@@ -98,11 +98,12 @@ def _train_rank(cfg, resume: str, world: int) -> int:
 
 
 def _run_trainer(cfg, resume: str):
+    from mimo_train.interop.init_from import load_initial_weights
     from mimo_train.training.console_log import tee_console
     from mimo_train.training.trainer import Trainer
 
     with tee_console(cfg.run.dir, int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))):
-        trainer = Trainer(cfg, resume=resume)
+        trainer = Trainer(cfg, resume=resume, initial_weights=load_initial_weights)
         try:
             return trainer, trainer.fit()
         finally:
@@ -297,10 +298,8 @@ def _conversion_options(p) -> None:
     p.add_argument("--timeout", type=int, default=600, help="process-group timeout in seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimo-train", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_parser(sub) -> None:
+    """`train`: its options and the dotted overrides."""
     p = sub.add_parser("train", help="pre-train (one process, N local processes, or one Slurm task per GPU)",
                        description="Pre-train under the config's layout. The config, every stage's layout and batch "
                                    "rules are checked against the process count before any process starts. "
@@ -320,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, e.g. train.steps=10 model.num_layers=12 parallel.tp=2")
     p.set_defaults(func=_train)
 
+
+def _add_conversion_parsers(sub) -> None:
+    """hf-import, hf-export and hf-verify."""
     p = sub.add_parser("hf-import", help="Hugging Face directory -> mimo-train checkpoint",
                        description="Read a Hugging Face MiMo-V2-Flash directory (config.json + safetensors: bf16, fp32 "
                                    "or the release's FP8 E4M3 with 128x128-block weight_scale_inv, dequantised) tensor "
@@ -351,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="a directory written by hf-export")
     p.set_defaults(func=_hf_verify)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimo-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_train_parser(sub)
+    _add_conversion_parsers(sub)
     from mimo_train.model.info import add_info_parser
 
     add_info_parser(sub)

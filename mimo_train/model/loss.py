@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+# The parts vector (float64 [2 + depths] on the device) holds one rank's share of each normalised loss term, so
+# the step sums all of them over ranks with one collective and reads them with its one host sync. Its layout:
+LM_PART = 0  # the LM loss
+AUX_PART = 1  # the sequence-balance loss (already weighted by its coefficient)
+MTP_PARTS_START = 2  # the MTP loss of depth 1..K, in order
+
 
 @dataclass
 class LossSpec:
@@ -22,7 +28,7 @@ class LossSpec:
 
 @dataclass
 class StepResult:
-    parts: torch.Tensor  # float64 [2 + depths] on the device: this rank's share of (lm, aux, mtp depth 1..K)
+    parts: torch.Tensor  # this rank's share of each loss term (the layout above)
     expert_counts: torch.Tensor | None  # [moe layers, E] tokens this rank routed to each expert
 
 
@@ -32,9 +38,30 @@ def micro_batch_loss(out, spec: LossSpec):
     mtp_terms = [s / n for s, n in zip(out.mtp_loss_sums, spec.mtp_tokens)]
     mtp = torch.stack(mtp_terms).mean() if mtp_terms else lm.new_zeros(())
     aux = spec.aux_coeff * out.aux_loss_sum / spec.global_batch_size
-    parts = torch.stack([lm, aux, *mtp_terms]).detach().double()  # no host sync: read once per step
+    parts = torch.stack([lm, aux, *mtp_terms]).detach().double()  # in the layout above; no host sync
     return lm + spec.mtp_weight * mtp + aux, parts
 
 
 def empty_parts(spec: LossSpec, device) -> torch.Tensor:
-    return torch.zeros(2 + len(spec.mtp_tokens), dtype=torch.float64, device=device)
+    return torch.zeros(MTP_PARTS_START + len(spec.mtp_tokens), dtype=torch.float64, device=device)
+
+
+@dataclass(frozen=True)
+class LossValues:
+    """A step's loss terms on the host, read from a parts vector summed over ranks."""
+
+    lm: float
+    aux: float
+    mtp_depths: list[float]
+
+    @classmethod
+    def of(cls, parts: list[float]) -> LossValues:
+        return cls(parts[LM_PART], parts[AUX_PART], parts[MTP_PARTS_START:])
+
+    @property
+    def mtp_mean(self) -> float:
+        return sum(self.mtp_depths) / len(self.mtp_depths) if self.mtp_depths else 0.0
+
+    def total(self, mtp_weight: float) -> float:
+        """The objective: LM + w_mtp * mean over MTP depths + balance loss."""
+        return self.lm + mtp_weight * self.mtp_mean + self.aux

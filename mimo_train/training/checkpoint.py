@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from parallel.state_dict import MASTER_KEY
 from parallel.topology import checkpoint_group
 
 # DCP warns at every save and load without a process group that it assumes one process: that is the intent here
@@ -374,6 +375,16 @@ def find_verified(root: str | Path, set_aside: bool = True, share: tuple[int, in
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
+
+
+def saved_precision(path: Path) -> str:
+    """`train.precision` of the run that wrote a checkpoint (its saved config); for checkpoints older than that
+    field, from its keys: fp32 master weights are kept by bf16 (and fp8: the same state) runs only."""
+    saved = read_meta(path).get("config", {}).get("train", {})
+    if "precision" in saved:
+        return saved["precision"]
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return "bf16" if any(k.endswith(f".{MASTER_KEY}") for k in keys) else "fp32"
 
 
 class CheckpointError(RuntimeError):

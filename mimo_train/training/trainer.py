@@ -22,29 +22,33 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemReader
 
+from data_pipeline import GlobalSampleStream, combine_sample_digests
+from data_pipeline.checks import DataConfigError, check_data_sources
 from mimo_train.training import checkpoint as ckpt
 from mimo_train.config import Config, ConfigError, save_config
 from mimo_train.training.engine import AdamSettings, build_engine
 from mimo_train.training.evaluation import Evaluator
-from mimo_train.model.loss import LossSpec
+from mimo_train.model.loss import AUX_PART, LossSpec, LossValues
 from mimo_train.training.forward_backward import forward_backward
-from mimo_train.model.info import startup_banner
-from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops
+from mimo_train.training.host_sync import HostSync
+from mimo_train.model.info import model_report, startup_banner
+from mimo_train.training.metrics import MetricsLogger, expert_load_summary, peak_tflops, truncate_after
 from mimo_train.model import MiMoForCausalLM
 from mimo_train.precision import precision as precision_named
 from mimo_train.training.resume_config import check_resume_config
+from mimo_train.training.run_lock import RunLock, RunLocked, held_by_parent
+from mimo_train.training.schedule import learning_rate
 from mimo_train.training.stages import BatchSchedule, Stage, StagePlan, StageStart
 from mimo_train.training.stopping import StopRequest
 from parallel import comm
 from parallel.device import resolve_device, use_device
 from parallel.mixed_precision import MainGradients
-from parallel.state_dict import (MASTER_KEY, copy_loaded_model_state, model_state, optimizer_state,
+from parallel.state_dict import (copy_loaded_model_state, model_state, optimizer_state,
                                  read_fp32_values_from_saved_place)
 from parallel.topology import init_distributed, validate_layout
 
@@ -70,8 +74,8 @@ def update_expert_bias(model: MiMoForCausalLM, counts: torch.Tensor, rate: float
             moe.gate.e_score_correction_bias += _bias_step(c, rate)
 
 
-def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> torch.Tensor:
-    """[2, layers] on the device: each MoE layer's correction-bias norm now and after `update_expert_bias`
+def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([layers], [layers]) on the device: each MoE layer's correction-bias norm now and after `update_expert_bias`
     (computed before the update, so both are read with the step's other values in one host sync)."""
     with torch.no_grad():
         now, after = [], []
@@ -79,7 +83,20 @@ def expert_bias_norms(model: MiMoForCausalLM, counts: torch.Tensor, rate: float)
             b = moe.gate.e_score_correction_bias
             now.append(b.norm())
             after.append((b + _bias_step(c, rate)).norm() if rate else b.norm())
-        return torch.stack([torch.stack(now), torch.stack(after)]).double()
+        return torch.stack(now).double(), torch.stack(after).double()
+
+
+@dataclasses.dataclass
+class StepValues:
+    """What one step computed, read from the device with its one host sync (`HostSync`)."""
+
+    skipped: bool  # a non-finite loss or gradient norm on any rank: the update is skipped
+    grad_norm: float
+    router_margin: float
+    losses: LossValues
+    expert_counts: torch.Tensor | None  # [moe layers, E] over the whole step, on the device (for the bias update)
+    expert_counts_on_host: torch.Tensor | None
+    bias_norms: list[float]  # per MoE layer: after this step's bias update (before it when the step is skipped)
 
 
 def _sum_over(x: torch.Tensor, group) -> torch.Tensor:
@@ -97,19 +114,13 @@ def _rss_gib() -> float:
         return float("nan")
 
 
-def saved_precision(path: Path) -> str:
-    """`train.precision` of the run that wrote a checkpoint (its saved config); for checkpoints older than that
-    field, from its keys: fp32 master weights are kept by bf16 (and fp8: the same state) runs only."""
-    saved = ckpt.read_meta(path).get("config", {}).get("train", {})
-    if "precision" in saved:
-        return saved["precision"]
-    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return "bf16" if any(k.endswith(f".{MASTER_KEY}") for k in keys) else "fp32"
-
-
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto") -> None:
+    def __init__(self, cfg: Config, resume: str = "auto",
+                 initial_weights: Callable[[Trainer], None] | None = None) -> None:
+        """`initial_weights(trainer)` fills a new run's weights from `train.init_from` (the caller hands in the
+        reader, which lives above the training layer: `mimo_train.interop.init_from.load_initial_weights`)."""
         self.cfg = cfg
+        self.initial_weights = initial_weights
         t = cfg.train
         init_distributed(timeout_s=cfg.run.process_group_timeout_s, device=t.device)
         self.device = resolve_device(t.device)
@@ -124,8 +135,6 @@ class Trainer:
         if cfg.data.tokenizer == "builtin" and cfg.model.vocab_size < cfg.data.vocab_size:
             raise ConfigError(f"model.vocab_size: must be >= the builtin tokenizer's data.vocab_size "
                               f"({cfg.data.vocab_size}), got {cfg.model.vocab_size}")
-        from data_pipeline.checks import DataConfigError, check_data_sources
-
         try:  # sources, manifests, tokenizer and vocabulary: before the model is built
             check_data_sources(cfg.data, cfg.model.vocab_size, cfg.run.dir)
         except DataConfigError as error:
@@ -172,9 +181,10 @@ class Trainer:
             self.load(path)
         else:
             if self.cfg.train.init_from:  # a new run from given weights; its resumes load its own checkpoints
-                from mimo_train.interop.init_from import load_initial_weights
-
-                load_initial_weights(self)
+                if self.initial_weights is None:
+                    raise ValueError("train.init_from: this Trainer was made without an initial-weights loader "
+                                     "(pass initial_weights=mimo_train.interop.init_from.load_initial_weights)")
+                self.initial_weights(self)
             self.data.set_stage(self.stage.seq_len, self.stage.data_weights or None)
         self._apply_stage(self.stage)
         if path is not None and self.is_logger:  # the resume is fully validated: now history may be rearranged
@@ -183,8 +193,6 @@ class Trainer:
     def _take_run_lock(self):
         """Rank 0 takes the run directory's lock when no launcher holds it for this job (torchrun, Slurm tasks);
         every rank learns the outcome, so all stop with the same one line when another run holds it."""
-        from mimo_train.training.run_lock import RunLock, RunLocked, held_by_parent
-
         if self.world == 1 or held_by_parent(self.cfg.run.dir):  # the single process's command line holds it
             return None
         lock, problem = None, None
@@ -207,8 +215,6 @@ class Trainer:
         """Resuming from checkpoint `path` at step s: newer checkpoints (a branch no longer followed) move into
         `checkpoints/abandoned-<time>/` and the metrics of steps after s into an archive beside them (or into
         `metrics.superseded.jsonl`), so the live history is the one this run continues, and nothing is lost."""
-        from mimo_train.training.metrics import truncate_after
-
         step = meta["trainer"]["step"]
         aside, moved = ckpt.abandon_newer(self.ckpt_dir, step)
         archive = aside / "metrics.jsonl" if aside is not None else None
@@ -222,8 +228,6 @@ class Trainer:
     def _note_schedule_change(self, meta: dict[str, Any]) -> None:
         """A resume may change train.steps and the step-based LR schedule; the cosine then spans the new length, so
         the learning rate of the remaining steps changes: said once, with the next step's LR before and after."""
-        from mimo_train.training.schedule import learning_rate
-
         saved = (meta.get("config") or {}).get("train", {})
         keys = ("steps", "lr", "min_lr", "warmup_steps", "constant_steps", "decay_steps")
         t = self.cfg.train
@@ -266,8 +270,6 @@ class Trainer:
         e = self.engine
         self.topo, self.model, self.layouts, self.pipeline = e.topo, e.model, e.layouts, e.pipeline
         self.optimizer, self.main_grads = e.optimizer, e.main_grads
-
-        from data_pipeline import GlobalSampleStream
 
         if self.data is not None:
             self.data.close()
@@ -340,7 +342,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = self._tensor_state(for_load=True)
-        saved, precision = saved_precision(path), self.cfg.train.precision
+        saved, precision = ckpt.saved_precision(path), self.cfg.train.precision
         saved_masters = precision_named(saved).has_masters
         read_fp32_values_from_saved_place(state, self.optimizer, saved_masters)
         meta = ckpt.load_checkpoint(path, state, verified=True)  # the ranks verified it (or this run just wrote it)
@@ -373,8 +375,6 @@ class Trainer:
     # ---- one optimizer step -----------------------------------------------------------------------------------
     def _model_flops_per_token(self, seq_len: int) -> float:
         if seq_len not in self._flops_per_token:
-            from mimo_train.model.info import model_report
-
             self._flops_per_token[seq_len] = float(model_report(self.cfg.model, seq_len)["flops_per_token"]["total"])
         return self._flops_per_token[seq_len]
 
@@ -394,8 +394,6 @@ class Trainer:
     def _batch_digest(self, gbs: int) -> str:
         """The global batch's digest, identical for every layout: each data-parallel rank hashes only the samples
         it read, and the per-sample digests (32 bytes each) are gathered in rank order, which is sample order."""
-        from data_pipeline import combine_sample_digests
-
         local = self.data.local_sample_digests(self.step, gbs).to(self.device)  # NCCL gathers device tensors
         group = self.topo.group("dp")
         if comm.group_size(group) > 1:
@@ -405,23 +403,44 @@ class Trainer:
         return combine_sample_digests(local)
 
     def train_step(self) -> dict[str, Any]:
-        t, topo, stage = self.cfg.train, self.topo, self.stage
-        step_start = time.time()
+        stage, step_start = self.stage, time.time()
         gbs = self.batches.global_batch_size(self.samples - self.stage_start.samples)
-        mbs = stage.micro_batch_size
-        micro_batches = self.data.micro_batches(self.step, gbs, mbs, device=self.device)
+        micro_batches = self.data.micro_batches(self.step, gbs, stage.micro_batch_size, device=self.device)
         digest = self._batch_digest(gbs)
-        local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
-        # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
-        targets = _sum_over(local_targets, topo.group("dp")).clamp(min=1)
-        lm_tokens, mtp_tokens = targets[0], targets[1:]
+        spec = self._loss_spec(micro_batches, gbs)
         step_tokens = gbs * stage.seq_len
         lr = self.plan.learning_rate(stage, self.stage_start, self.step, self.tokens + step_tokens)
         self.optimizer.set_lr(lr)
+        values = self._forward_backward(micro_batches, spec)
+        if not values.skipped:
+            self.engine.update(self.cfg.train.clip_grad, values.grad_norm)
+            if values.expert_counts is not None:
+                update_expert_bias(self.model, values.expert_counts, stage.expert_bias_update_rate)
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        self.optimizer.zero_grad()
 
+        self.tokens += step_tokens
+        self.samples += gbs
+        self.step += 1
+        seconds = max(time.time() - step_start, 1e-9)
+        return self._step_record(values, lr=lr, gbs=gbs, step_tokens=step_tokens, seconds=seconds, digest=digest)
+
+    def _loss_spec(self, micro_batches: list[dict], gbs: int) -> LossSpec:
+        """The loss normalisers: target counts over the whole global batch (LM, and each MTP depth)."""
+        local_targets = sum(self.model.count_targets(mb["labels"], mb["position_ids"]) for mb in micro_batches)
+        # Context-parallel ranks share their micro-batches (each computes a part of every sequence): count over dp.
+        targets = _sum_over(local_targets, self.topo.group("dp")).clamp(min=1)
+        lm_tokens, mtp_tokens = targets[0], targets[1:]
+        return LossSpec(self.stage.mtp_loss_weight, self.stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
+
+    def _forward_backward(self, micro_batches: list[dict], spec: LossSpec) -> StepValues:
+        """Forward and backward of every micro-batch, gradients reduced, losses and expert loads summed over
+        ranks, and all that the update decision and the metrics need read in one host sync."""
+        topo = self.topo
         self.model.train()
-        n_mtp = len(mtp_tokens)
-        spec = LossSpec(stage.mtp_loss_weight, stage.aux_loss_coeff, gbs, lm_tokens, mtp_tokens)
         run = (self.pipeline.forward_backward if self.pipeline is not None
                else partial(forward_backward, self.model, sequence_layout=self.engine.sequence_layout))
         self.engine.expect_gradients(len(micro_batches))  # gradient buckets are reduced as the backward finishes them
@@ -432,46 +451,48 @@ class Trainer:
         grad_norm_sq = self.engine.reduce_gradients()
         # Losses: data-parallel ranks hold disjoint shares of each normalised term; tensor-parallel ranks agree.
         parts = _sum_over(_sum_over(parts, topo.group("dp_cp")), topo.group("pp"))  # pipeline: per-stage shares
-        parts[1] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
+        parts[AUX_PART] /= topo.cp  # every context-parallel rank computed the whole balance loss of its sequences
         if expert_counts is not None:
             expert_counts = _sum_over(expert_counts, topo.group("tp_dp_cp"))
         # A non-finite loss or gradient skips the update (every rank decides alike).
         bad = (~torch.isfinite(grad_norm_sq) | ~torch.isfinite(parts).all()).double().reshape(1)
         if topo.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        bias_norms = (expert_bias_norms(self.model, expert_counts, stage.expert_bias_update_rate)
-                      if expert_counts is not None else None)
-        # The step's one host sync: everything the update decision and the metrics need, read at once.
-        values = [bad, grad_norm_sq.reshape(1), router_margin.reshape(1), parts]
-        if expert_counts is not None:
-            values += [bias_norms.flatten(), expert_counts.flatten().double()]
-        host = torch.cat(values).tolist()
-        skipped, grad_norm, router_margin = bool(host[0]), math.sqrt(host[1]), host[2]
-        lm_loss, aux_loss, mtp_depths = host[3], host[4], host[5:5 + n_mtp]
-        if not skipped:
-            self.engine.update(t.clip_grad, grad_norm)
-            if expert_counts is not None:
-                update_expert_bias(self.model, expert_counts, stage.expert_bias_update_rate)
-            self.consecutive_skips = 0
-        else:
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-        self.optimizer.zero_grad()
+        return self._read_on_host(bad, grad_norm_sq, router_margin, parts, expert_counts)
 
-        self.tokens += step_tokens
-        self.samples += gbs
-        self.step += 1
-        mtp_mean = sum(mtp_depths) / n_mtp if n_mtp else 0.0
-        seconds = max(time.time() - step_start, 1e-9)
+    def _read_on_host(self, bad: torch.Tensor, grad_norm_sq: torch.Tensor, router_margin: torch.Tensor,
+                      parts: torch.Tensor, expert_counts: torch.Tensor | None) -> StepValues:
+        """The step's one host sync: everything the update decision and the metrics need, read at once."""
+        sync = HostSync()
+        for name, tensor in (("bad", bad), ("grad_norm_sq", grad_norm_sq), ("router_margin", router_margin),
+                             ("parts", parts)):
+            sync.add(name, tensor)
+        if expert_counts is not None:
+            now, after = expert_bias_norms(self.model, expert_counts, self.stage.expert_bias_update_rate)
+            sync.add("bias_norms_now", now)
+            sync.add("bias_norms_after", after)
+            sync.add("expert_counts", expert_counts)
+        host = sync.read()
+        skipped = bool(host["bad"][0])
+        counts_on_host = (torch.tensor(host["expert_counts"], dtype=torch.int64).view(expert_counts.shape)
+                          if expert_counts is not None else None)
+        norms = host.get("bias_norms_now" if skipped else "bias_norms_after", [])
+        return StepValues(skipped, math.sqrt(host["grad_norm_sq"][0]), host["router_margin"][0],
+                          LossValues.of(host["parts"]), expert_counts, counts_on_host, norms)
+
+    def _step_record(self, values: StepValues, *, lr: float, gbs: int, step_tokens: int, seconds: float,
+                     digest: str) -> dict[str, Any]:
+        """The step's metrics (one line of metrics.jsonl)."""
+        stage, losses = self.stage, values.losses
         tflops = self._model_flops_per_token(stage.seq_len) * step_tokens / seconds / self.world / 1e12
         record = {
             "step": self.step,
-            "loss": lm_loss + stage.mtp_loss_weight * mtp_mean + aux_loss,
-            "lm_loss": lm_loss,
-            "mtp_loss": mtp_mean,
-            **{f"mtp_loss_depth{d + 1}": v for d, v in enumerate(mtp_depths)},
-            "aux_loss": aux_loss,
-            "grad_norm": grad_norm,
+            "loss": losses.total(stage.mtp_loss_weight),
+            "lm_loss": losses.lm,
+            "mtp_loss": losses.mtp_mean,
+            **{f"mtp_loss_depth{d + 1}": v for d, v in enumerate(losses.mtp_depths)},
+            "aux_loss": losses.aux,
+            "grad_norm": values.grad_norm,
             "lr": lr,
             "tokens": self.tokens,
             "samples": self.samples,
@@ -485,19 +506,17 @@ class Trainer:
             "mfu": tflops / peak_tflops(self.cfg.run),
             "memory/rss_gib": _rss_gib(),
             "memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "skipped": skipped,
+            "skipped": values.skipped,
             "skipped_steps": self.skipped_steps,
             "batch_digest": digest,
-            "router/min_margin": router_margin,
+            "router/min_margin": values.router_margin,
         }
         if self.device.type == "cuda":
             record["memory/gpu_allocated_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
             record["memory/gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if expert_counts is not None:
-            n_layers, rest = bias_norms.shape[1], host[5 + n_mtp:]
-            norms = rest[n_layers:2 * n_layers] if not skipped else rest[:n_layers]
-            counts_on_host = torch.tensor(rest[2 * n_layers:], dtype=torch.int64).view(expert_counts.shape)
-            record.update(expert_load_summary(counts_on_host))
+        if values.expert_counts_on_host is not None:
+            norms = values.bias_norms
+            record.update(expert_load_summary(values.expert_counts_on_host))
             record["expert_bias_norm"] = max(norms) if norms else 0.0
             record["expert_bias_norm_per_layer"] = [round(v, 6) for v in norms]
         return record
@@ -517,7 +536,6 @@ class Trainer:
         return bool(flag.item())
 
     def fit(self, log: bool = True) -> list[dict[str, Any]]:
-        t = self.cfg.train
         total = self.plan.planned_steps()
         if self.plan.done(self.step, self.tokens):
             if self.is_logger:
@@ -537,39 +555,8 @@ class Trainer:
         records = []
         ok = False
         try:
-            while True:
-                self.ckpt.poll()
-                for done_save in self.ckpt.drain_completed():  # reported with the next step
-                    logger.note({"checkpoint/write_s": done_save["write_s"], "checkpoint/written_step": done_save["step"]})
-                if self.plan.done(self.step, self.tokens) or self._agreed_stop():
-                    break
-                index = self.plan.stage_index(self.tokens)
-                if index != self.stage.index:
-                    self._cross_boundary(index)
-                    logger.note({"checkpoint/stall_s": self.last_save_seconds})
-                record = self.train_step()
-                self._evaluate_if_due(record)
-                records.append(record)
-                if self.consecutive_skips and self.is_logger:
-                    print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
-                          f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
-                done = self.plan.done(self.step, self.tokens)
-                # Skipped shards, documents and tokens (the stream's read counters are per process: not logged,
-                # so a resumed run's metrics equal an uninterrupted run's).
-                record.update({k: v for k, v in self.data.stats().items() if k.startswith("data/skipped_")})
-                logger.log(record, console=(self.step % t.log_interval == 0 or done))
-                if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
-                    if self.is_logger:
-                        print(f"stopping: {self.consecutive_skips} consecutive steps with a non-finite loss or "
-                              f"gradient norm (steps {self.step - self.consecutive_skips + 1}-{self.step}; "
-                              f"train.max_consecutive_skips={t.max_consecutive_skips}). No checkpoint was written "
-                              f"for these steps; resume from an earlier one (--resume PATH), e.g. with a lower "
-                              f"learning rate.", file=sys.stderr, flush=True)
-                    self.ckpt.wait()
-                    raise SystemExit(EXIT_DIVERGED)
-                if t.save_interval and self.step % t.save_interval == 0 and not done:
-                    self.save()
-                    logger.note({"checkpoint/stall_s": self.last_save_seconds})
+            while self._next_step_due(logger):
+                records.append(self._logged_step(logger))
             # A run always checkpoints when it ends, at the last step or on a signal.
             if self.last_saved_step != self.step:
                 self.save(block=True)
@@ -589,3 +576,44 @@ class Trainer:
             print(f"stopped by a signal at step {self.step}; checkpoint {self.ckpt_dir / ckpt.checkpoint_name(self.step)}",
                   flush=True)
         return records
+
+    def _next_step_due(self, logger: MetricsLogger) -> bool:
+        """Between steps: report finished checkpoint writes; False when the run is done or was signalled; at a
+        stage boundary, enter the next stage."""
+        self.ckpt.poll()
+        for done_save in self.ckpt.drain_completed():  # reported with the next step
+            logger.note({"checkpoint/write_s": done_save["write_s"], "checkpoint/written_step": done_save["step"]})
+        if self.plan.done(self.step, self.tokens) or self._agreed_stop():
+            return False
+        index = self.plan.stage_index(self.tokens)
+        if index != self.stage.index:
+            self._cross_boundary(index)
+            logger.note({"checkpoint/stall_s": self.last_save_seconds})
+        return True
+
+    def _logged_step(self, logger: MetricsLogger) -> dict[str, Any]:
+        """One step, its evaluation and metrics; the divergence stop and the periodic checkpoint."""
+        t = self.cfg.train
+        record = self.train_step()
+        self._evaluate_if_due(record)
+        if self.consecutive_skips and self.is_logger:
+            print(f"step {self.step}: non-finite loss or gradient norm, update skipped "
+                  f"({self.consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
+        done = self.plan.done(self.step, self.tokens)
+        # Skipped shards, documents and tokens (the stream's read counters are per process: not logged, so a
+        # resumed run's metrics equal an uninterrupted run's).
+        record.update({k: v for k, v in self.data.stats().items() if k.startswith("data/skipped_")})
+        logger.log(record, console=(self.step % t.log_interval == 0 or done))
+        if t.max_consecutive_skips and self.consecutive_skips >= t.max_consecutive_skips:
+            if self.is_logger:
+                print(f"stopping: {self.consecutive_skips} consecutive steps with a non-finite loss or "
+                      f"gradient norm (steps {self.step - self.consecutive_skips + 1}-{self.step}; "
+                      f"train.max_consecutive_skips={t.max_consecutive_skips}). No checkpoint was written "
+                      f"for these steps; resume from an earlier one (--resume PATH), e.g. with a lower "
+                      f"learning rate.", file=sys.stderr, flush=True)
+            self.ckpt.wait()
+            raise SystemExit(EXIT_DIVERGED)
+        if t.save_interval and self.step % t.save_interval == 0 and not done:
+            self.save()
+            logger.note({"checkpoint/stall_s": self.last_save_seconds})
+        return record

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from bench.gpu.train import synthetic_batch
 from mimo_train.config import CONFIG_ROOT, load_config
 from mimo_train.training.engine import AdamSettings, build_engine
-from mimo_train.model.loss import LossSpec
+from mimo_train.model.loss import LossSpec, LossValues
 from mimo_train.training.forward_backward import forward_backward
 from parallel import comm
 
@@ -56,9 +56,9 @@ def train(overrides: list[str], device: torch.device, steps: int = 2):
         parts = _sum_over(result.parts, topo.group("dp_cp")).tolist()
         engine.update(t.clip_grad, grad_norm)
         engine.optimizer.zero_grad()
-        mtp = sum(parts[2:]) / max(1, len(parts) - 2)
-        records.append({"loss": parts[0] + t.mtp_loss_weight * mtp + parts[1], "lm_loss": parts[0],
-                        "mtp_loss": mtp, "grad_norm": grad_norm,
+        losses = LossValues.of(parts)
+        records.append({"loss": losses.total(t.mtp_loss_weight), "lm_loss": losses.lm,
+                        "mtp_loss": losses.mtp_mean, "grad_norm": grad_norm,
                         "gpu_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                         else None})
     return model, records
