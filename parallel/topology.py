@@ -31,7 +31,7 @@ def validate_layout(p: ParallelConfig, model: ModelConfig, world_size: int, seq_
         if not ok:
             raise ConfigError(msg)
 
-    product = p.tp * p.pp * p.dp * p.cp
+    product = p.world_size
     need(product == world_size,
          f"parallel: tp x pp x dp x cp = {p.tp}x{p.pp}x{p.dp}x{p.cp} = {product} must equal the world size {world_size}")
     need(model.num_attention_heads % p.tp == 0,

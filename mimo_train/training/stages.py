@@ -16,7 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from mimo_train.config import Config, ConfigError, LRScheduleConfig, ParallelConfig
+from mimo_train.config import Config, ConfigError, Layout, LRScheduleConfig, ParallelConfig
 from mimo_train.training.schedule import learning_rate, stage_learning_rate
 
 
@@ -42,7 +42,7 @@ class Stage:
 
     def layout_str(self) -> str:
         p = self.parallel
-        return " ".join(f"{k}={getattr(p, k)}" for k in ("tp", "pp", "dp", "cp", "ep", "etp"))
+        return " ".join(f"{k}={getattr(p, k)}" for k in Layout.DEGREES)
 
 
 @dataclass
