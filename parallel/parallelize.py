@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch.distributed as dist
-
 import torch.nn as nn
 
 from mimo_train.model import MiMoForCausalLM
